@@ -1,0 +1,239 @@
+"""Typed run configuration: a modality preset, then a user YAML, then dotted overrides.
+
+Resolution order (later wins)::
+
+    configs/<modality>.yaml  →  --config FILE  →  --set section.key=value (repeatable)
+
+Every key and value is validated before any work starts; an unknown key or a bad value raises
+:class:`~medtransfer.errors.ConfigError` with a "did you mean" hint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtransfer._suggest import did_you_mean
+from medtransfer.errors import ConfigError
+
+
+def _choices(*options: str) -> dict[str, Any]:
+    return {"choices": options}
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from and how they become tensors."""
+
+    size: int = field(default=128, metadata={"min": 8})
+    """Images are padded to square and resized to size × size pixels."""
+    window: str = field(default="tags", metadata=_choices("tags", "percentile", "none"))
+    """Intensity window: the DICOM VOI tags (falling back to percentiles), percentiles, or none."""
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    val_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 0.9})
+    test_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 0.9})
+    cache: bool = True
+    """Keep decoded, resized images in memory (small datasets)."""
+    num_workers: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation; defaults are safe for the modality (no L/R flip for chest X-ray)."""
+
+    hflip: bool = False
+    rotate_degrees: float = field(default=5.0, metadata={"min": 0.0, "max": 180.0})
+    scale: float = field(default=0.05, metadata={"min": 0.0, "max": 0.5})
+    brightness: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0})
+    contrast: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, its weights and the new head."""
+
+    backbone: str = "efficientnet_lite0.in1k"
+    weights: str = "pretrained"
+    """'pretrained' (the registry's weights), 'none' (random initialisation) or a file path."""
+    head: str = field(default="linear", metadata=_choices("linear", "mlp"))
+    dropout: float = field(default=0.2, metadata={"min": 0.0, "max": 0.95})
+
+
+@dataclass
+class TrainConfig:
+    """The fine-tuning recipe: head-only epochs, then the whole network at a lower learning rate."""
+
+    batch_size: int = field(default=16, metadata={"min": 1})
+    head_epochs: int = field(default=3, metadata={"min": 0})
+    finetune_epochs: int = field(default=5, metadata={"min": 0})
+    lr: float = field(default=1e-3, metadata={"min": 0.0})
+    """Learning rate of the new head."""
+    backbone_lr_mult: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    """Backbone learning rate after unfreezing = lr × this."""
+    weight_decay: float = field(default=1e-4, metadata={"min": 0.0})
+    bn_policy: str = field(default="auto", metadata=_choices("auto", "frozen", "train"))
+    """'frozen': BatchNorm keeps its pretrained statistics while fine-tuning (small batches);
+    'train': statistics and affine parameters adapt; 'auto': frozen for pretrained weights,
+    train for random initialisation (whose statistics mean nothing)."""
+    class_weighting: bool = True
+    patience: int = field(default=0, metadata={"min": 0})
+    """Early stopping after this many epochs without a better validation AUC (0: off)."""
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; saved as ``config.yaml`` in every run directory."""
+
+    modality: str = "xray"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def available_presets() -> list[str]:
+    """Names of the modality presets shipped in ``medtransfer/configs``."""
+    root = resources.files("medtransfer.configs")
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_dict(modality: str) -> dict[str, Any]:
+    presets = available_presets()
+    if modality not in presets:
+        raise ConfigError(
+            f"Unknown modality preset '{modality}'.{did_you_mean(modality, presets)} "
+            f"Available presets: {', '.join(presets)}."
+        )
+    text = resources.files("medtransfer.configs").joinpath(f"{modality}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.epochs=3"`` → ``{"train": {"epochs": 3}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' must look like section.key=value, e.g. train.head_epochs=2.")
+    dotted, raw = text.split("=", 1)
+    keys = [k.strip() for k in dotted.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"Override '{text}' has an empty key; use section.key=value.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Override '{text}': the value is not valid YAML ({exc}).") from None
+    out: dict[str, Any] = {keys[-1]: value}
+    for key in reversed(keys[:-1]):
+        out = {key: out}
+    return out
+
+
+def _coerce(value: Any, typ: Any, where: str, meta: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item_type,) = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        return [_coerce(v, item_type, f"{where}[{i}]", {}) for i, v in enumerate(value)]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}.")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        value = float(value)
+    elif typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, got {value!r}.")
+        value = str(value)
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(
+            f"{where} = {value!r} is not allowed.{did_you_mean(str(value), choices)} "
+            f"Valid values: {', '.join(choices)}."
+        )
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{where} = {value!r} is below its minimum {meta['min']}.")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{where} = {value!r} is above its maximum {meta['max']}.")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(
+                f"Unknown config key '{dotted}'.{did_you_mean(str(key), fields)} "
+                f"Valid keys{' in ' + where if where else ''}: {', '.join(fields)}."
+            )
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, dotted)
+        else:
+            kwargs[key] = _coerce(value, typ, dotted, fields[key].metadata)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict (e.g. a saved ``config.yaml``) into a :class:`RunConfig`."""
+    cfg = _build(RunConfig, values, "")
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 0.95:
+        raise ConfigError(
+            "data.val_fraction + data.test_fraction must leave at least 5% of patients for training."
+        )
+    return cfg
+
+
+def load_config(
+    modality: str = "xray",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Resolve preset → user YAML → overrides into a validated :class:`RunConfig`."""
+    values = preset_dict(modality)
+    values["modality"] = modality
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist.")
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping of sections.")
+        values = _deep_merge(values, user)
+    for text in overrides or []:
+        values = _deep_merge(values, parse_override(text))
+    return config_from_dict(values)

@@ -1,0 +1,120 @@
+"""Preset preprocessing: decoded image → ``[0, 1]`` → square ``size × size`` → the weights' contract.
+
+Training, evaluation and ``predict`` all go through :func:`load_unit_image` and :class:`Preprocessor`,
+so a run directory reproduces exactly the tensors its model was trained on.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medtransfer.io import ImageData, MedIOError, percentile_window, read_dicom
+
+
+@dataclass
+class PreprocessSpec:
+    """Everything needed to turn a file into a model input; saved inside every checkpoint."""
+
+    size: int
+    channels: int
+    window: str
+    percentiles: tuple[float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["percentiles"] = list(self.percentiles)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+        return cls(
+            int(d["size"]), int(d["channels"]), str(d["window"]), tuple(d["percentiles"]),
+            tuple(d["mean"]), tuple(d["std"]),
+        )
+
+
+def dicom_to_unit(image: ImageData, spec: PreprocessSpec) -> np.ndarray:
+    """A decoded 2D DICOM image (physical units, higher = brighter) → ``(C, H, W)`` in ``[0, 1]``."""
+    a = image.array
+    if a.ndim == 3 and a.shape[-1] == 3:  # RGB
+        unit = np.clip(a / 255.0 if a.max() > 1.0 else a, 0, 1).transpose(2, 0, 1)
+        return _match_channels(unit, spec.channels, image)
+    if a.ndim != 2:
+        raise MedIOError(image.meta.get("path", "?"), f"expected a 2D image, got an array of shape {a.shape}")
+    lo_p, hi_p = spec.percentiles
+    c, w = image.meta.get("window_center"), image.meta.get("window_width")
+    if spec.window == "tags" and c is not None and w:
+        from medtransfer.io import apply_window
+
+        unit = apply_window(a, c, w)
+    elif spec.window in ("tags", "percentile"):
+        unit = percentile_window(a, lo_p, hi_p)
+    else:  # "none": the representable range of the file
+        lo, hi = image.meta.get("value_range") or (float(a.min()), float(a.max()))
+        unit = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
+    return _match_channels(unit[None].astype(np.float32), spec.channels, image)
+
+
+def _match_channels(unit: np.ndarray, channels: int, image: ImageData | None = None) -> np.ndarray:
+    if unit.shape[0] == channels:
+        return unit
+    if unit.shape[0] == 1:
+        return np.repeat(unit, channels, axis=0)
+    if channels == 1 and unit.shape[0] == 3:
+        # ITU-R BT.601 luma
+        return (0.299 * unit[0:1] + 0.587 * unit[1:2] + 0.114 * unit[2:3]).astype(np.float32)
+    where = image.meta.get("path", "?") if image else "?"
+    raise MedIOError(where, f"image has {unit.shape[0]} channels, the model expects {channels}")
+
+
+def npz_to_unit(array: np.ndarray, channels: int) -> np.ndarray:
+    """A MedMNIST image (uint8, ``(H, W)`` or ``(H, W, 3)``) → ``(C, H, W)`` in ``[0, 1]``."""
+    a = array.astype(np.float32) / 255.0
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return _match_channels(a, channels)
+
+
+def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad ``(C, H, W)`` (or ``(N, C, H, W)``) with zeros to a centred square, then resize to ``size``."""
+    squeeze = x.ndim == 3
+    if squeeze:
+        x = x[None]
+    h, w = x.shape[-2:]
+    if h != w:
+        m = max(h, w)
+        top, left = (m - h) // 2, (m - w) // 2
+        x = F.pad(x, (left, m - w - left, top, m - h - top))
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+    return x[0] if squeeze else x
+
+
+class Preprocessor:
+    """Turns a sample source into a resized ``[0, 1]`` tensor and normalises batches."""
+
+    def __init__(self, spec: PreprocessSpec):
+        self.spec = spec
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def load_dicom(self, path: str) -> torch.Tensor:
+        image = read_dicom(path)
+        image.meta["path"] = path
+        return resize_square(torch.from_numpy(dicom_to_unit(image, self.spec)), self.spec.size)
+
+    def load_npz(self, array: np.ndarray) -> torch.Tensor:
+        return resize_square(torch.from_numpy(npz_to_unit(array, self.spec.channels)), self.spec.size)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[0, 1]`` batch ``(N, C, H, W)`` → the intensity contract of the weights."""
+        mean, std = self._mean.to(batch.device), self._std.to(batch.device)
+        if mean.shape[1] != batch.shape[1]:
+            mean, std = mean.mean(1, keepdim=True), std.mean(1, keepdim=True)
+        return (batch - mean) / std

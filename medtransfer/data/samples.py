@@ -1,0 +1,222 @@
+"""Samples tables: which image, which label, which patient, which split.
+
+Sources: a folder + labels CSV (DICOM or PNG files), a MedMNIST ``.npz`` file (official splits),
+or the built-in synthetic demo. Splits are always grouped by patient.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtransfer.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Sample:
+    """One labelled image. ``path`` is absolute; for ``.npz`` sources ``index`` points into the array."""
+
+    path: str
+    label: int
+    patient_id: str
+    split: str | None = None
+    index: int | None = None
+
+
+@dataclass
+class SampleTable:
+    """Samples plus what is needed to decode them (``source`` is ``"dicom"`` or ``"npz"``)."""
+
+    samples: list[Sample]
+    label_names: list[str]
+    source: str
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """For ``npz`` sources: the image array of each split, keyed by split name."""
+
+    def subset(self, split: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == split]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+def _read_labels_csv(labels_csv: Path) -> list[dict[str, str]]:
+    if not labels_csv.is_file():
+        raise DataError(f"Labels file '{labels_csv}' does not exist.")
+    with open(labels_csv, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    path_col = next((c for c in ("path", "file", "filename", "image") if c in fields), None)
+    if path_col is None or "label" not in fields:
+        raise DataError(
+            f"Labels file '{labels_csv}' needs a 'path' column (file path relative to --data, or absolute) "
+            f"and a 'label' column; it has: {', '.join(fields) or 'no header'}."
+        )
+    for row in rows:
+        row["path"] = row.pop(path_col)
+    return rows
+
+
+def samples_from_folder(data_dir: str | Path, labels_csv: str | Path) -> SampleTable:
+    """A folder of DICOM files and a CSV with ``path,label[,patient_id][,split]`` columns.
+
+    Labels may be integers or names (sorted names become class indices). Without a
+    ``patient_id`` column the DICOM PatientID is read from each file's header.
+    """
+    from medtransfer.io import MedIOError, read_dicom_header
+
+    root = Path(data_dir)
+    rows = _read_labels_csv(Path(labels_csv))
+    if not rows:
+        raise DataError(f"Labels file '{labels_csv}' has no rows.")
+    raw_labels = [r["label"] for r in rows]
+    if all(lab.lstrip("-").isdigit() for lab in raw_labels):
+        values = sorted({int(v) for v in raw_labels})
+        if values[0] < 0:
+            raise DataError(f"Labels in '{labels_csv}' must be non-negative class indices.")
+        label_names = [str(v) for v in range(values[-1] + 1)]
+        to_index = {str(v): v for v in range(values[-1] + 1)}
+        to_index.update({lab: int(lab) for lab in raw_labels})
+    else:
+        label_names = sorted(set(raw_labels))
+        to_index = {name: i for i, name in enumerate(label_names)}
+    samples = []
+    missing = []
+    for row in rows:
+        path = Path(row["path"])
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            missing.append(str(path))
+            continue
+        pid = row.get("patient_id") or ""
+        if not pid:
+            try:
+                pid = str(read_dicom_header(path).get("PatientID", "") or "")
+            except MedIOError as exc:
+                raise DataError(f"Cannot read the PatientID of {exc.path}: {exc.reason}") from None
+        if not pid:
+            raise DataError(
+                f"{path} has no PatientID and the labels CSV has no patient_id column; "
+                "add one so that splits can be grouped by patient."
+            )
+        split = row.get("split") or None
+        if split is not None and split not in SPLITS:
+            raise DataError(f"Row for {path}: split '{split}' must be one of {', '.join(SPLITS)}.")
+        samples.append(Sample(str(path.resolve()), to_index[row["label"]], pid, split))
+    if missing:
+        shown = "; ".join(missing[:5])
+        raise DataError(
+            f"{len(missing)} file(s) listed in '{labels_csv}' do not exist under '{root}' (e.g. {shown}). "
+            "Paths in the CSV are relative to --data unless absolute."
+        )
+    return SampleTable(samples, label_names, "dicom")
+
+
+def samples_from_npz(path: str | Path) -> SampleTable:
+    """A MedMNIST ``.npz`` file with its official train/val/test splits.
+
+    MedMNIST has no patient identifiers; every image is its own "patient" (as in the official
+    benchmark). Only single-label tasks are read here.
+    """
+    p = Path(path)
+    try:
+        npz = np.load(p)
+    except Exception as exc:
+        raise DataError(f"Cannot read '{p}' as a .npz file: {exc}") from None
+    keys = set(npz.files)
+    needed = {f"{s}_{k}" for s in SPLITS for k in ("images", "labels")}
+    if not needed <= keys:
+        raise DataError(
+            f"'{p}' is not a MedMNIST-style file: it needs the arrays {', '.join(sorted(needed))}; "
+            f"it has {', '.join(sorted(keys))}."
+        )
+    arrays: dict[str, np.ndarray] = {}
+    samples: list[Sample] = []
+    max_label = 0
+    for split in SPLITS:
+        images = npz[f"{split}_images"]
+        labels = npz[f"{split}_labels"]
+        if labels.ndim == 2 and labels.shape[1] > 1:
+            raise DataError(f"'{p}' holds multi-label targets ({labels.shape[1]} columns); not supported here yet.")
+        labels = labels.reshape(-1).astype(int)
+        arrays[split] = images
+        max_label = max(max_label, int(labels.max()))
+        for i, lab in enumerate(labels):
+            samples.append(Sample(f"{p.resolve()}#{split}/{i}", int(lab), f"{split}-{i}", split, i))
+    label_names = [str(i) for i in range(max_label + 1)]
+    return SampleTable(samples, label_names, "npz", arrays)
+
+
+def split_by_patient(
+    table: SampleTable, val_fraction: float, test_fraction: float, seed: int = 0
+) -> SampleTable:
+    """Assign splits to samples that have none, grouped by patient and stratified by label.
+
+    Each patient's stratum is their most frequent label. Samples that already carry a split keep
+    it; :func:`check_leakage` then guarantees no patient sits in two splits.
+    """
+    rng = np.random.default_rng(seed)
+    by_patient: dict[str, list[Sample]] = defaultdict(list)
+    for s in table.samples:
+        by_patient[s.patient_id].append(s)
+    fixed = {pid for pid, ss in by_patient.items() if any(s.split for s in ss)}
+    strata: dict[int, list[str]] = defaultdict(list)
+    for pid in sorted(set(by_patient) - fixed):
+        labels = Counter(s.label for s in by_patient[pid])
+        strata[max(labels, key=lambda k: (labels[k], k))].append(pid)
+    for stratum in sorted(strata):
+        pids = strata[stratum]
+        rng.shuffle(pids)
+        n = len(pids)
+        n_test = int(round(n * test_fraction))
+        n_val = int(round(n * val_fraction))
+        if n >= 3 and val_fraction > 0 and n_val == 0:
+            n_val = 1
+        if n >= 3 and test_fraction > 0 and n_test == 0:
+            n_test = 1
+        for i, pid in enumerate(pids):
+            split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+            for s in by_patient[pid]:
+                s.split = split
+    check_leakage(table.samples)
+    return table
+
+
+def check_leakage(samples: list[Sample]) -> None:
+    """Raise :class:`DataError` when a patient appears in more than one split."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        if s.split:
+            seen[s.patient_id].add(s.split)
+    leaked = {pid: splits for pid, splits in seen.items() if len(splits) > 1}
+    if leaked:
+        examples = ", ".join(f"{pid} ({'/'.join(sorted(sp))})" for pid, sp in list(leaked.items())[:5])
+        raise DataError(
+            f"{len(leaked)} patient(s) appear in more than one split: {examples}. "
+            "Images of one patient must stay in one split; fix the 'split' column or drop it."
+        )
+
+
+def split_report(table: SampleTable) -> dict[str, Any]:
+    """Patients and images per split and per class."""
+    report: dict[str, Any] = {}
+    for split in SPLITS:
+        ss = table.subset(split)
+        counts = Counter(s.label for s in ss)
+        report[split] = {
+            "images": len(ss),
+            "patients": len({s.patient_id for s in ss}),
+            "per_class": {name: counts.get(i, 0) for i, name in enumerate(table.label_names)},
+        }
+    return report

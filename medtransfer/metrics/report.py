@@ -1,0 +1,283 @@
+"""Run-directory reports: ``metrics.json``, prediction CSVs, plots and the model card, in one call."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtransfer.metrics._utils import (
+    as_numpy,
+    nan_to_none,
+    write_csv_atomic,
+    write_json_atomic,
+)
+from medtransfer.metrics.calibration import _check_task, apply_temperature, expected_calibration_error, fit_temperature
+from medtransfer.metrics.classification import (
+    THRESHOLD_METHODS,
+    binary_metrics_at,
+    choose_threshold,
+    evaluate_classification,
+)
+from medtransfer.metrics.model_card import write_model_card
+from medtransfer.metrics.segmentation import SegmentationEvaluator
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["write_classification_report", "write_segmentation_report"]
+
+_FALLBACK_THRESHOLD = 0.5
+
+
+def _split(d: Mapping[str, Any], name: str, task: str, n_classes: int) -> dict[str, Any]:
+    """Validated copy of a split dict: y, prob (N, C), patient_ids (list or None), paths (list)."""
+    for key in ("y", "prob"):
+        if key not in d:
+            raise ValueError(f"{name} is missing the key {key!r}; it needs 'y', 'prob', 'patient_ids' and 'paths'.")
+    prob = as_numpy(d["prob"], dtype=np.float64)
+    if task == "binary" and prob.ndim == 1:
+        prob = np.column_stack([1.0 - prob, prob])
+    if prob.ndim != 2 or prob.shape[1] != n_classes:
+        raise ValueError(f"{name}['prob'] must have shape (N, {n_classes}) (one column per label name), "
+                         f"got {prob.shape}.")
+    y = as_numpy(d["y"])
+    if task != "multilabel":
+        y = y.reshape(-1)
+    n = prob.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"{name}['y'] has {y.shape[0]} entries but {name}['prob'] has {n} rows.")
+    ids = d.get("patient_ids")
+    paths = d.get("paths")
+    for key, seq in (("patient_ids", ids), ("paths", paths)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{name}[{key!r}] has {len(seq)} entries but there are {n} predictions.")
+    out = {"y": y, "prob": prob, "patient_ids": None if ids is None else list(ids),
+           "paths": [""] * n if paths is None else [str(p) for p in paths]}
+    if d.get("logits") is not None:
+        out["logits"] = as_numpy(d["logits"], dtype=np.float64)
+    return out
+
+
+def _flatten_auc(block: dict[str, Any]) -> dict[str, Any]:
+    """Split dict as written to metrics.json: ``auc`` a plain float, ``auc_ci`` = [low, high]."""
+    auc = block.pop("auc")
+    block.pop("operating_point", None)  # the report keeps one operating point section at the top level
+    return {"auc": auc["value"], "auc_ci": [auc.get("ci_low"), auc.get("ci_high")],
+            "auc_ci_info": {k: v for k, v in auc.items() if k not in ("value", "ci_low", "ci_high")}, **block}
+
+
+def _predictions_rows(s: Mapping[str, Any], names: list[str], task: str,
+                      threshold: float | np.ndarray | None) -> tuple[list[dict[str, Any]], list[str]]:
+    prob, y = s["prob"], s["y"]
+    ids = s["patient_ids"] or [""] * len(y)
+    prob_cols = [f"prob_{n}" for n in names]
+    rows = []
+    if task == "multilabel":
+        label_cols, pred_cols = [f"label_{n}" for n in names], [f"pred_{n}" for n in names]
+        thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(names),))
+        for i in range(len(y)):
+            row = {"path": s["paths"][i], "patient_id": ids[i]}
+            row.update({c: (None if not (y[i, k] >= 0) else int(y[i, k])) for k, c in enumerate(label_cols)})
+            row.update({c: float(prob[i, k]) for k, c in enumerate(prob_cols)})
+            row.update({c: int(prob[i, k] >= thr[k]) for k, c in enumerate(pred_cols)})
+            rows.append(row)
+        return rows, ["path", "patient_id", *label_cols, *prob_cols, *pred_cols]
+    pred = (prob[:, 1] >= float(threshold)).astype(int) if task == "binary" else prob.argmax(axis=1)  # type: ignore[arg-type]
+    for i in range(len(y)):
+        row = {"path": s["paths"][i], "patient_id": ids[i], "label": int(y[i])}
+        row.update({c: float(prob[i, k]) for k, c in enumerate(prob_cols)})
+        row["predicted"] = int(pred[i])
+        rows.append(row)
+    return rows, ["path", "patient_id", "label", *prob_cols, "predicted"]
+
+
+def _choose_thresholds(s: Mapping[str, Any], task: str, names: list[str], method: str,
+                       target: float | None) -> tuple[Any, bool]:
+    """Threshold(s) chosen on validation; falls back to 0.5 (flagged) where validation has one class."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if task == "binary":
+            t: Any = choose_threshold(s["y"], s["prob"][:, 1], method=method, target=target)
+            thresholds = np.array([t])
+        else:
+            y = s["y"].astype(np.float64)
+            thresholds = np.array([
+                choose_threshold(y[y[:, c] >= 0, c], s["prob"][y[:, c] >= 0, c], method=method, target=target)
+                for c in range(len(names))
+            ])
+    fallback = bool(np.isnan(thresholds).any())
+    if fallback:
+        warnings.warn(
+            f"The operating point could not be chosen on validation ({caught[0].message if caught else ''}); "
+            f"using {_FALLBACK_THRESHOLD} instead. Add validation cases of both classes.",
+            UserWarning, stacklevel=3)
+        thresholds = np.where(np.isnan(thresholds), _FALLBACK_THRESHOLD, thresholds)
+    return (float(thresholds[0]) if task == "binary" else thresholds), fallback
+
+
+def write_classification_report(
+    out_dir: str | os.PathLike,
+    *,
+    val: Mapping[str, Any],
+    test: Mapping[str, Any] | None,
+    label_names: Sequence[str],
+    task: str,
+    history: str | os.PathLike | Sequence[Mapping[str, Any]] | None = None,
+    extra_info: Mapping[str, Any] | None = None,
+    threshold_method: str = "youden",
+    threshold_target: float | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    n_bins: int = 10,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Evaluate validation and test predictions and write the report files into ``out_dir``.
+
+    ``val``/``test`` hold ``y`` (labels), ``prob`` ((N, C) class probabilities; binary C=2 or (N,) for the
+    positive class), ``patient_ids`` (list or None) and ``paths`` (list), and optionally ``logits`` for
+    temperature scaling (fitted on val, reported on test). The operating point is chosen on val with
+    ``threshold_method`` (``youden``, ``sensitivity`` or ``specificity`` with ``threshold_target``) and applied
+    unchanged to test (binary: one threshold; multilabel: one per class; multiclass: argmax).
+
+    Writes ``metrics.json``, ``predictions_val.csv``/``predictions_test.csv`` (``path, patient_id, label,
+    prob_<label>..., predicted``; multilabel: ``label_<name>``/``pred_<name>`` columns), ``plots/*.png``
+    and ``model_card.md`` (from ``extra_info`` + the metrics; see :func:`write_model_card`).
+
+    Returns the dict written to ``metrics.json``: ``task, label_names, val, test`` (None without a test set),
+    ``operating_point``, ``calibration``, ``plots``. ``val``/``test`` hold the keys of
+    :func:`evaluate_classification` except that ``auc`` is a plain float (None if undefined) with
+    ``auc_ci = [low, high]`` and ``auc_ci_info`` beside it. Undefined values are None.
+    """
+    _check_task(task)
+    if threshold_method not in THRESHOLD_METHODS:
+        raise ValueError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}; got {threshold_method!r}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [str(n) for n in label_names]
+    splits = {"val": _split(val, "val", task, len(names))}
+    if test is not None:
+        splits["test"] = _split(test, "test", task, len(names))
+
+    if task == "multiclass":
+        threshold, fallback = None, False
+        op: dict[str, Any] = {"method": "argmax", "chosen_on": None, "threshold": None}
+    else:
+        threshold, fallback = _choose_thresholds(splits["val"], task, names, threshold_method, threshold_target)
+        op = {"method": threshold_method, "target": threshold_target, "chosen_on": "val", "fallback": fallback,
+              "threshold": threshold if task == "binary" else dict(zip(names, np.asarray(threshold).tolist()))}
+        if task == "binary":
+            op["positive_label"] = names[1]
+
+    metrics: dict[str, Any] = {"task": task, "label_names": names, "val": None, "test": None}
+    for name, s in splits.items():
+        prob_arg = s["prob"][:, 1] if task == "binary" else s["prob"]
+        ev = evaluate_classification(s["y"], prob_arg, task=task, label_names=names, patient_ids=s["patient_ids"],
+                                     threshold=threshold, n_boot=n_boot, seed=seed, alpha=alpha, n_bins=n_bins)
+        if task != "multiclass":
+            op[name] = ev.get("operating_point")
+        metrics[name] = _flatten_auc(ev)
+        rows, cols = _predictions_rows(s, names, task, threshold)
+        write_csv_atomic(out / f"predictions_{name}.csv", rows, cols)
+    metrics["operating_point"] = op
+
+    calib: dict[str, Any] = {"n_bins": n_bins, "binning": "equal-width",
+                             **{f"ece_{k}": (metrics[k] or {}).get("ece") for k in ("val", "test")}}
+    if "logits" in splits["val"] and "logits" in splits.get("test", {}):
+        temp = fit_temperature(splits["val"]["logits"], splits["val"]["y"], task=task)
+        calibrated = apply_temperature(splits["test"]["logits"], temp, task=task)
+        calib["temperature"] = temp
+        calib["ece_test_after_temperature"] = expected_calibration_error(
+            splits["test"]["y"], calibrated, task=task, n_bins=n_bins)
+    metrics["calibration"] = calib
+
+    metrics["plots"] = _classification_plots(out, splits, task, names, metrics, history, n_boot, alpha, seed,
+                                             n_bins) if plots else []
+    metrics = nan_to_none(metrics)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_model_card(out / "model_card.md", info={**(extra_info or {}), "metrics": metrics,
+                                                  "task": task, "label_names": names})
+    logger.info("classification report written to %s", out)
+    return metrics
+
+
+def _classification_plots(out: Path, splits: Mapping[str, Any], task: str, names: list[str],
+                          metrics: Mapping[str, Any], history: Any, n_boot: int, alpha: float, seed: int,
+                          n_bins: int) -> list[str]:
+    from medtransfer.metrics import plots as P
+
+    written: list[Path] = []
+    pdir = out / "plots"
+    for name, s in splits.items():
+        y, prob = s["y"], s["prob"]
+        p_arg = prob[:, 1] if task == "binary" else prob
+        op = nan_to_none((metrics.get("operating_point") or {}).get(name)) if task == "binary" else None
+        written.append(P.plot_roc(pdir / f"roc_{name}.png", y, p_arg, task=task, label_names=names,
+                                  groups=s["patient_ids"], n_boot=min(n_boot, 200), alpha=alpha, seed=seed,
+                                  operating_point=op, title=f"ROC ({name})"))
+        written.append(P.plot_precision_recall(pdir / f"pr_{name}.png", y, p_arg, task=task, label_names=names,
+                                               title=f"Precision-recall ({name})"))
+        written.append(P.plot_reliability(pdir / f"reliability_{name}.png", y, p_arg, task=task, n_bins=n_bins,
+                                          title=None))
+        block = metrics.get(name) or {}
+        cm = block.get("confusion_matrix") if task == "multiclass" else (op or {}).get("confusion_matrix")
+        if cm is not None:
+            written.append(P.plot_confusion_matrix(pdir / f"confusion_{name}.png", cm, names,
+                                                   title=f"Confusion matrix ({name})"))
+    if history is not None:
+        try:
+            written.append(P.plot_learning_curves(pdir / "learning_curves.png", history))
+        except ValueError as exc:
+            warnings.warn(f"Learning curves not plotted: {exc}", UserWarning, stacklevel=3)
+    return [str(p.relative_to(out)) for p in written]
+
+
+def write_segmentation_report(
+    out_dir: str | os.PathLike,
+    *,
+    cases: Sequence[tuple[str, Any, Any, Any]],
+    label_names: Sequence[str] | Mapping[int, str],
+    split: str = "test",
+    nsd_tolerance_mm: float | Sequence[float] = 1.0,
+    images: Mapping[str, Any] | None = None,
+    n_overlay: int = 4,
+    n_boot: int = 1000,
+    seed: int = 0,
+    extra_info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score ``(case_id, pred, true, spacing)`` cases and write the segmentation report into ``out_dir``.
+
+    Writes ``segmentation_<split>.csv`` (one row per case, see
+    :class:`~medtransfer.metrics.segmentation.SegmentationEvaluator`), ``metrics.json`` =
+    ``{"task": "segmentation", "label_names": ..., split: summary, "plots": [...]}``, an overlay figure of the
+    first ``n_overlay`` cases when ``images`` (case_id -> image array) is given, and ``model_card.md``.
+    Returns the dict written to ``metrics.json``.
+    """
+    out = Path(out_dir)
+    ev = SegmentationEvaluator(label_names, nsd_tolerance_mm=nsd_tolerance_mm, n_boot=n_boot, seed=seed)
+    cases = list(cases)
+    for case_id, pred, true, spacing in cases:
+        ev.update(case_id, pred, true, spacing)
+    rows, summary = ev.aggregate()
+    write_csv_atomic(out / f"segmentation_{split}.csv", rows, ev.columns)
+    plots: list[str] = []
+    if images:
+        from medtransfer.metrics.plots import plot_segmentation_overlay
+
+        chosen = [(cid, images[cid], true, pred) for cid, pred, true, _ in cases if cid in images][:n_overlay]
+        if chosen:
+            p = plot_segmentation_overlay(out / "plots" / f"overlay_{split}.png", chosen, label_names=label_names)
+            plots.append(str(p.relative_to(out)))
+    names = list(ev.labels_.values())
+    metrics = nan_to_none({"task": "segmentation", "label_names": names, split: summary, "plots": plots})
+    write_json_atomic(out / "metrics.json", metrics)
+    write_model_card(out / "model_card.md", info={**(extra_info or {}), "task": "segmentation",
+                                                  "label_names": names, "metrics": {**summary}})
+    if math.isnan(float(summary.get("mean_dice") or float("nan"))):
+        logger.warning("no label could be scored (every label empty in every case)")
+    return metrics
