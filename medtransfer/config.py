@@ -164,6 +164,11 @@ def _coerce(value: Any, typ: Any, where: str, meta: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}.")
     elif typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}.")
         value = float(value)
@@ -194,7 +199,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         dotted = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(
-                f"Unknown config key '{dotted}'.{did_you_mean(str(key), fields)} "
+                f"Unknown config key '{dotted}'.{did_you_mean(str(key), fields, where + '.' if where else '')} "
                 f"Valid keys{' in ' + where if where else ''}: {', '.join(fields)}."
             )
         typ = hints[key]

@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from medtransfer.io import ImageData, MedIOError, percentile_window, read_dicom
 
 
+class UnsupportedImageError(MedIOError):
+    """A readable image this model cannot take (e.g. a multi-frame volume into a 2D model)."""
+
+
 @dataclass
 class PreprocessSpec:
     """Everything needed to turn a file into a model input; saved inside every checkpoint."""
@@ -47,7 +51,10 @@ def dicom_to_unit(image: ImageData, spec: PreprocessSpec) -> np.ndarray:
         unit = np.clip(a / 255.0 if a.max() > 1.0 else a, 0, 1).transpose(2, 0, 1)
         return _match_channels(unit, spec.channels, image)
     if a.ndim != 2:
-        raise MedIOError(image.meta.get("path", "?"), f"expected a 2D image, got an array of shape {a.shape}")
+        raise UnsupportedImageError(
+            image.meta.get("path", "?"),
+            f"not a single 2D image (array shape {tuple(a.shape)}); this model takes 2D images",
+        )
     lo_p, hi_p = spec.percentiles
     c, w = image.meta.get("window_center"), image.meta.get("window_width")
     if spec.window == "tags" and c is not None and w:
@@ -71,7 +78,7 @@ def _match_channels(unit: np.ndarray, channels: int, image: ImageData | None = N
         # ITU-R BT.601 luma
         return (0.299 * unit[0:1] + 0.587 * unit[1:2] + 0.114 * unit[2:3]).astype(np.float32)
     where = image.meta.get("path", "?") if image else "?"
-    raise MedIOError(where, f"image has {unit.shape[0]} channels, the model expects {channels}")
+    raise UnsupportedImageError(where, f"image has {unit.shape[0]} channels, the model expects {channels}")
 
 
 def npz_to_unit(array: np.ndarray, channels: int) -> np.ndarray:
@@ -105,9 +112,13 @@ class Preprocessor:
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def load_dicom(self, path: str) -> torch.Tensor:
+        return self.load_dicom_with_meta(path)[0]
+
+    def load_dicom_with_meta(self, path: str) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A DICOM file → resized ``[0, 1]`` tensor ``(C, S, S)`` and its metadata."""
         image = read_dicom(path)
         image.meta["path"] = path
-        return resize_square(torch.from_numpy(dicom_to_unit(image, self.spec)), self.spec.size)
+        return resize_square(torch.from_numpy(dicom_to_unit(image, self.spec)), self.spec.size), image.meta
 
     def load_npz(self, array: np.ndarray) -> torch.Tensor:
         return resize_square(torch.from_numpy(npz_to_unit(array, self.spec.channels)), self.spec.size)

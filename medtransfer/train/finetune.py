@@ -112,6 +112,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def preprocess_spec(cfg: RunConfig, channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> PreprocessSpec:
+    """The preprocessing of this run; the weights' per-channel mean/std are averaged when the input
+    channels differ from the weights' (exact for mean = std = 0.5 with summed stem kernels)."""
+    if len(mean) != channels:
+        mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
     return PreprocessSpec(
         size=cfg.data.size, channels=channels, window=cfg.data.window,
         percentiles=tuple(cfg.data.percentiles), mean=tuple(mean), std=tuple(std),
@@ -182,7 +186,7 @@ def save_checkpoint(path: Path, model: TransferModel, cfg: RunConfig, spec: Prep
         "backbone": cfg.model.backbone,
         "versions": {
             "medtransfer": medtransfer.__version__,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "python": platform.python_version(),
         },
         **(extra or {}),

@@ -1,0 +1,196 @@
+"""The ``medtransfer`` command line. Thin: it parses options and calls plain library functions.
+
+Exit codes: 0 success; 1 the job failed (message says why); 2 bad usage or configuration.
+"""
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from medtransfer.config import available_presets
+from medtransfer.errors import ConfigError, MedTransferError
+
+app = typer.Typer(
+    name="medtransfer",
+    help=(
+        "Transfer learning for medical imaging: adapt a pretrained backbone to DICOM / NIfTI / MedMNIST data, "
+        "fine-tune it, report clinical metrics, and predict over DICOM folders.\n\n"
+        "Start here: 'medtransfer finetune --modality xray' trains on built-in SYNTHETIC demo data, offline."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+Modality = Enum("Modality", {name: name for name in available_presets()}, type=str)  # type: ignore[misc]
+
+
+def _setup_logging(quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    root = logging.getLogger("medtransfer")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _fail(exc: Exception, code: int) -> "typer.Exit":
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def finetune(
+    modality: Modality = typer.Option("xray", "--modality", "-m", help="Modality preset: preprocessing, windows, augmentation, backbone, recipe."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", "-d",
+        help="A folder of DICOM files (with --labels), or a MedMNIST .npz file (official splits). "
+        "Omitted: the built-in SYNTHETIC chest-radiograph demo set (generated once into the cache).",
+    ),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", "-l",
+        help="CSV with columns path,label[,patient_id][,split]; paths relative to --data or absolute. "
+        "Without patient_id the DICOM PatientID is used; splits are always grouped by patient.",
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<timestamp>-<modality>)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file overriding the preset (same sections: data, augment, model, train)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Dotted override, repeatable: --set train.finetune_epochs=3 --set data.size=96."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="'pretrained' (default), 'none' (random initialisation) or a weights file."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone from 'medtransfer backbones' (e.g. efficientnet_lite0.in1k)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and the final summary."),
+) -> None:
+    """Fine-tune a pretrained backbone and evaluate it on a patient-grouped test split.
+
+    The recipe: read images in physical units (rescale slope/intercept, MONOCHROME1, VOI window),
+    adapt the backbone's first conv to the input channels, train a new head on the frozen backbone,
+    then unfreeze it at a lower learning rate; keep the epoch with the best validation AUC.
+
+    The run directory holds model.pt (self-describing), config.yaml, metrics.json, history.csv,
+    predictions_*.csv, split_report.json and load_report.json.
+
+    Examples:
+
+      medtransfer finetune --modality xray                      # synthetic demo data, offline
+
+      medtransfer finetune --data breastmnist.npz --out runs/breast
+
+      medtransfer finetune --data dicoms/ --labels labels.csv --set train.finetune_epochs=10
+    """
+    from medtransfer.config import load_config
+
+    _setup_logging(quiet)
+    overrides = list(set_)
+    if weights is not None:
+        overrides.append(f"model.weights={weights}")
+    if backbone is not None:
+        overrides.append(f"model.backbone={backbone}")
+    try:
+        cfg = load_config(modality.value, config, overrides)
+        from medtransfer.backbones import get_weight_spec
+
+        get_weight_spec(cfg.model.backbone)
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    if data is None:
+        console.print("Using the built-in [bold]SYNTHETIC[/] demo data (not patient data).")
+    from medtransfer.train.finetune import finetune as run_finetune
+
+    try:
+        result = run_finetune(cfg, data=data, labels=labels, out_dir=out, progress=not quiet)
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    except MedTransferError as exc:
+        raise _fail(exc, 1) from None
+    m = result.metrics
+    val_auc = m.get("val", {}).get("auc")
+    console.print(f"[bold green]done[/] in {m['minutes']:.1f} min; best epoch {m['best_epoch']}; "
+                  f"val AUC {val_auc:.3f}" if val_auc is not None else "")
+    if "test" in m:
+        t = m["test"]
+        ci = t.get("auc_ci")
+        ci_txt = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci and None not in ci else ""
+        console.print(f"test AUC {t['auc']:.3f}{ci_txt} on {t['n']} images / {t.get('n_patients', '?')} patients")
+    typer.echo(str(result.run_dir))
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="Run directory written by 'medtransfer finetune'."),
+    input_dir: Path = typer.Argument(..., help="Folder of DICOM files (searched recursively; any file name)."),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="Output CSV (written atomically)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Predict every file under INPUT_DIR; one CSV row per file.
+
+    Columns: path, status (ok / skipped / error), reason, sop_instance_uid, one prob_<class> column
+    per class, predicted. Broken files are 'error', DICOM objects without an image (SR, RTSTRUCT)
+    'skipped'; the batch always finishes. No patient names or birth dates are written.
+
+    Exit code 0 when at least one file was predicted, 1 otherwise.
+    """
+    from medtransfer.inference import predict_folder
+
+    _setup_logging(quiet)
+    try:
+        summary = predict_folder(run_dir, input_dir, out, batch_size=batch_size, device=device, progress=not quiet)
+    except MedTransferError as exc:
+        raise _fail(exc, 1) from None
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
+    console.print(f"{len(summary.rows)} files: {counts} -> {summary.out_csv}")
+    if summary.n_ok == 0:
+        console.print("[bold red]no file could be predicted[/]; see the reason column.")
+        raise typer.Exit(1)
+
+
+@app.command()
+def backbones() -> None:
+    """List registered backbones and weights: source, dims, parameters, available offline."""
+    from rich.table import Table
+
+    from medtransfer.backbones import count_parameters, list_weights
+
+    table = Table(title="medtransfer backbones")
+    for col in ("name", "dims", "in ch", "params", "input", "source", "offline", "licence"):
+        table.add_column(col)
+    for spec in list_weights():
+        sources = "; ".join(s.describe() for s in spec.sources) or "random init only"
+        offline = "yes" if not spec.sources or any(getattr(s, "available", lambda: False)() for s in spec.sources) else "no"
+        table.add_row(spec.name, f"{spec.dims}D", str(spec.in_channels), f"{count_parameters(spec) / 1e6:.2f}M",
+                      spec.intensity, sources, offline, spec.license)
+    Console().print(table)
+
+
+@app.command("demo-data")
+def demo_data(
+    out_dir: Path = typer.Argument(..., help="Folder to write the SYNTHETIC demo DICOM files and labels.csv into."),
+    patients: int = typer.Option(72, "--patients", min=2, help="Number of synthetic patients (3–4 images each)."),
+    seed: int = typer.Option(2024, "--seed"),
+) -> None:
+    """Write the built-in SYNTHETIC chest-radiograph-like DICOM dataset (not patient data).
+
+    DX/CR images with 12–16-bit stored values, rescale slope/intercept, window tags, a mix of
+    MONOCHROME1 and MONOCHROME2, several images per patient, a binary 'opacity' finding, and a
+    labels.csv (path,label,patient_id).
+    """
+    from medtransfer.data.demo import generate_demo_dataset
+
+    path = generate_demo_dataset(out_dir, n_patients=patients, seed=seed)
+    typer.echo(str(path))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

