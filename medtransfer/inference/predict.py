@@ -39,6 +39,20 @@ class LoadedRun:
     device: torch.device
     checkpoint: dict[str, Any] = field(repr=False, default_factory=dict)
 
+    @property
+    def threshold(self) -> float | None:
+        """The binary operating point chosen on validation during training (None: argmax)."""
+        op = self.checkpoint.get("operating_point") or {}
+        t = op.get("threshold")
+        return float(t) if isinstance(t, (int, float)) and len(self.label_names) == 2 else None
+
+    def decide(self, prob) -> int:
+        """Class index for one probability row: the validation operating point for binary models."""
+        t = self.threshold
+        if t is not None:
+            return int(prob[1] >= t)
+        return int(prob.argmax())
+
 
 def load_run(run_dir: str | os.PathLike[str], device: str = "auto") -> LoadedRun:
     """Rebuild the model of a run directory from its self-describing ``model.pt`` (no network)."""
@@ -116,7 +130,7 @@ def predict_folder(
             probs = run.model.probabilities(run.model(run.pre.normalize(x))).cpu().numpy()
         for (row, _), p in zip(pending, probs):
             row.update({c: f"{v:.6f}" for c, v in zip(prob_cols, p)})
-            row["predicted"] = run.label_names[int(p.argmax())]
+            row["predicted"] = run.label_names[run.decide(p)]
         pending.clear()
 
     from rich.progress import Progress

@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "delong_test": "stats",
     "DeLongResult": "stats",
     "paired_bootstrap_auc_diff": "stats",
+    "roc_points": "stats",
     "PairedBootstrapResult": "stats",
     # segmentation
     "dice_per_label": "segmentation",

@@ -13,6 +13,7 @@ What is binned depends on the task:
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["apply_temperature", "expected_calibration_error", "fit_temperature", "reliability_curve"]
 
 _TASKS = ("binary", "multiclass", "multilabel")
+_T_MIN, _T_MAX = 1e-2, 1e3  # search range of the temperature
 
 
 def _check_task(task: str) -> str:
@@ -91,52 +93,62 @@ def _infer_logit_task(logits: np.ndarray, task: str | None) -> str:
     return "binary" if logits.ndim == 1 or logits.shape[1] == 1 else "multiclass"
 
 
-def fit_temperature(logits_val: Any, y_val: Any, *, task: str | None = None, max_iter: int = 200) -> float:
+def _nll_and_grad(z: np.ndarray, y: np.ndarray, mask: np.ndarray | None, softmax: bool, beta: float
+                  ) -> tuple[float, float]:
+    """Mean NLL of ``beta * z`` and its derivative in ``beta`` (sigmoid per entry, or softmax per row)."""
+    if softmax:
+        bz = beta * z
+        m = bz.max(axis=1, keepdims=True)
+        e = np.exp(bz - m)
+        lse = m[:, 0] + np.log(e.sum(axis=1))
+        zy = z[np.arange(z.shape[0]), y]
+        p = e / e.sum(axis=1, keepdims=True)
+        return float(np.mean(lse - beta * zy)), float(np.mean((p * z).sum(axis=1) - zy))
+    zz, yy = (z[mask], y[mask]) if mask is not None else (z, y)
+    bz = beta * zz
+    sig = 0.5 * (1.0 + np.tanh(0.5 * bz))
+    return float(np.mean(np.logaddexp(0.0, bz) - yy * bz)), float(np.mean((sig - yy) * zz))
+
+
+def fit_temperature(logits_val: Any, y_val: Any, *, task: str | None = None) -> float:
     """Temperature ``T > 0`` minimising the validation negative log-likelihood of ``logits / T``.
 
     ``logits_val`` is (N,) or (N, 1) for a single-logit binary model (sigmoid), (N, C) for softmax models
     (binary with C=2 or multiclass) or, with ``task="multilabel"``, (N, C) sigmoid logits with missing labels
-    as NaN or -1. Optimised with L-BFGS on ``log T``. Apply it with :func:`apply_temperature`.
+    as NaN or -1. Optimised with L-BFGS-B (SciPy) on ``log T`` with the exact gradient, T in [0.01, 1000]. Apply it with
+    :func:`apply_temperature`.
     """
-    import torch
+    from scipy.optimize import minimize
 
     z = as_numpy(logits_val, dtype=np.float64)
     task = _infer_logit_task(z, task)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    zt = torch.as_tensor(z, dtype=torch.float64)
-    if task == "multilabel" or (task == "binary" and (z.ndim == 1 or z.shape[1] == 1)):
-        if task == "binary":
-            y = torch.as_tensor(binary_labels(y_val), dtype=torch.float64)
-            zt = zt.reshape(-1)
-            mask = torch.ones_like(y, dtype=torch.bool)
-        else:
-            y_np = as_numpy(y_val, dtype=np.float64)
-            known = np.isfinite(y_np) & (y_np >= 0)
-            y, mask = torch.as_tensor(np.where(known, y_np, 0.0)), torch.as_tensor(known)
-
-        def nll() -> torch.Tensor:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(zt / log_t.exp(), y, reduction="none")
-            return loss[mask].mean()
+    mask = None
+    if task == "binary" and (z.ndim == 1 or z.shape[1] == 1):
+        softmax, z, y = False, z.reshape(-1), binary_labels(y_val).astype(np.float64)
+    elif task == "multilabel":
+        y_raw = as_numpy(y_val, dtype=np.float64)
+        mask = np.isfinite(y_raw) & (y_raw >= 0)
+        softmax, y = False, np.where(mask, y_raw, 0.0)
     else:
-        y = torch.as_tensor(as_numpy(y_val).reshape(-1).astype(np.int64))
-        if zt.ndim != 2 or zt.shape[0] != y.shape[0]:
-            raise ValueError(f"logits must have shape (N, C) with N={y.shape[0]}, got {tuple(zt.shape)}.")
+        softmax, y = True, as_numpy(y_val).reshape(-1).astype(np.int64)
+        if z.ndim != 2 or z.shape[0] != y.shape[0]:
+            raise ValueError(f"logits must have shape (N, C) with N={y.shape[0]}, got {z.shape}.")
+    if z.shape[0] != y.shape[0]:
+        raise ValueError(f"logits and labels differ in length: {z.shape[0]} and {y.shape[0]}.")
 
-        def nll() -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(zt / log_t.exp(), y)
+    def objective(u: np.ndarray) -> tuple[float, np.ndarray]:
+        beta = float(np.exp(-u[0]))  # beta = 1 / T, T = exp(u)
+        nll, d_beta = _nll_and_grad(z, y, mask, softmax, beta)
+        return nll, np.array([-beta * d_beta])
 
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nll()
-        loss.backward()
-        return loss
-
-    before = float(nll().detach())
-    opt.step(closure)
-    temperature = float(log_t.detach().exp())
-    logger.info("temperature scaling: T=%.4f, NLL %.4f -> %.4f", temperature, before, float(nll().detach()))
+    bounds = [(np.log(_T_MIN), np.log(_T_MAX))]
+    res = minimize(objective, x0=np.zeros(1), jac=True, method="L-BFGS-B", bounds=bounds)
+    temperature = float(np.exp(res.x[0]))
+    if not _T_MIN * 1.01 < temperature < _T_MAX / 1.01:
+        warnings.warn(f"Temperature scaling hit its bound (T={temperature:.3g}): the validation logits carry "
+                      "almost no information about the labels (or are degenerate); check the model.",
+                      UserWarning, stacklevel=2)
+    logger.info("temperature scaling: T=%.4f, NLL %.4f -> %.4f", temperature, objective(np.zeros(1))[0], res.fun)
     return temperature
 
 

@@ -46,11 +46,13 @@ from medtransfer.metrics.stats import (  # noqa: F401  (re-exported)
     delong_ci,
     delong_test,
     paired_bootstrap_auc_diff,
+    roc_points,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    # defined here
     "average_precision",
     "binary_metrics_at",
     "choose_threshold",
@@ -58,6 +60,20 @@ __all__ = [
     "multiclass_metrics",
     "roc_auc",
     "THRESHOLD_METHODS",
+    # re-exported from calibration and stats so that the classification toolkit is importable from one place
+    "apply_temperature",
+    "expected_calibration_error",
+    "fit_temperature",
+    "reliability_curve",
+    "BootstrapCI",
+    "DeLongResult",
+    "PairedBootstrapResult",
+    "binary_auc",
+    "bootstrap_ci",
+    "delong_ci",
+    "delong_test",
+    "paired_bootstrap_auc_diff",
+    "roc_points",
 ]
 
 THRESHOLD_METHODS = ("youden", "sensitivity", "specificity")
@@ -147,7 +163,9 @@ def _binary_ap(y: np.ndarray, s: np.ndarray) -> float:
     return float(average_precision_score(y, s))
 
 
-def average_precision(y_true: Any, prob: Any, task: str = "binary", average: str | None = "macro") -> float | np.ndarray:
+def average_precision(
+    y_true: Any, prob: Any, task: str = "binary", average: str | None = "macro"
+) -> float | np.ndarray:
     """Average precision (area under the precision-recall curve, scikit-learn's step definition).
 
     Undefined (NaN, with a warning) when a class has no positive case. Same shapes and averaging as
@@ -175,8 +193,6 @@ def choose_threshold(y_val: Any, p_val: Any, method: str = "youden", target: flo
     The threshold is always one of the observed scores, or just above the highest score when no case should
     be called positive. Returns NaN (with a warning) when ``y_val`` holds only one class.
     """
-    from sklearn.metrics import roc_curve
-
     if method not in THRESHOLD_METHODS:
         from medtransfer._suggest import did_you_mean
 
@@ -192,7 +208,7 @@ def choose_threshold(y_val: Any, p_val: Any, method: str = "youden", target: flo
         warnings.warn("Cannot choose an operating threshold: only one class is present in y_val; returning NaN.",
                       UndefinedMetricWarning, stacklevel=2)
         return float("nan")
-    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)  # thresholds decreasing, thr[0] = +inf
+    fpr, tpr, thr = roc_points(y, s)  # thresholds decreasing, thr[0] = +inf
     if method == "youden":
         i = int(np.argmax(tpr - fpr))
     elif method == "sensitivity":

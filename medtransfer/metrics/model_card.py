@@ -148,11 +148,12 @@ def render_model_card(info: Mapping[str, Any]) -> str:
     calibration = info.get("calibration") or metrics.get("calibration")
     op = info.get("operating_point") or metrics.get("operating_point")
     data = info.get("data") or {}
+    labels = info.get("label_names") or metrics.get("label_names") or []
     lines = [
         f"# Model card: {info.get('model_name') or 'medtransfer model'}",
         "",
         f"- **task**: {_fmt(info.get('task') or metrics.get('task'))}",
-        f"- **labels**: {', '.join(map(str, info.get('label_names') or metrics.get('label_names') or [])) or NOT_RECORDED}",
+        f"- **labels**: {', '.join(map(str, labels)) or NOT_RECORDED}",
         f"- **modality**: {_fmt(info.get('modality'))}",
         f"- **created**: {_fmt(info.get('created'))}; medtransfer {_fmt(info.get('medtransfer_version'))}",
         "",

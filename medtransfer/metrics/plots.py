@@ -19,7 +19,7 @@ import numpy as np
 
 from medtransfer.metrics._utils import as_numpy, binary_labels, positive_scores
 from medtransfer.metrics.calibration import _check_task, reliability_curve
-from medtransfer.metrics.stats import _group_codes, _resample_counts, binary_auc
+from medtransfer.metrics.stats import _group_codes, _resample_counts, binary_auc, roc_points
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +39,15 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "lr")
 _DPI = 120
 
 
-def _figure(width: float = 5.0, height: float = 4.5) -> Any:
+def _figure(width: float = 5.0, height: float = 4.5, *, constrained: bool = False) -> Any:
+    """A new figure; simple plots get fixed margins (a layout engine would cost an extra draw per save)."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    if constrained:
+        return Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.93, hspace=0.25)
+    return fig
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
@@ -81,10 +86,8 @@ def roc_curve_band(
     Resamples patients when ``groups`` are given. Returns ``fpr, tpr, thresholds`` (the empirical curve),
     ``auc``, ``grid``, ``tpr_low``, ``tpr_high``, ``n_boot`` and ``n_skipped`` (single-class resamples).
     """
-    from sklearn.metrics import roc_curve
-
     y, s = binary_labels(y_true), positive_scores(prob)
-    fpr, tpr, thr = roc_curve(y, s)
+    fpr, tpr, thr = roc_points(y, s)
     grid = np.linspace(0.0, 1.0, n_grid)
     codes = None if groups is None else _group_codes(groups, y.size)
     rng = np.random.default_rng(seed)
@@ -96,7 +99,7 @@ def roc_curve_band(
         if yb.min() == yb.max():
             skipped += 1
             continue
-        f, t, _ = roc_curve(yb, sb)
+        f, t, _ = roc_points(yb, sb)
         curves.append(np.interp(grid, f, t))
     if curves:
         low, high = np.quantile(np.vstack(curves), [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
@@ -135,8 +138,6 @@ def plot_roc(
 ) -> Path:
     """ROC curve; binary gets a bootstrap band (:func:`roc_curve_band`) and an optional operating point
     (a dict with ``sensitivity`` and ``specificity``); multiclass/multilabel get one curve per class."""
-    from sklearn.metrics import roc_curve
-
     _check_task(task)
     fig = _figure()
     ax = fig.add_subplot()
@@ -155,7 +156,7 @@ def plot_roc(
         for c, (yc, sc) in enumerate(_one_vs_rest(y_true, prob, task)):
             if yc.size == 0 or yc.min() == yc.max():
                 continue
-            f, t, _ = roc_curve(yc, sc)
+            f, t, _ = roc_points(yc, sc)
             name = names[c] if names else str(c)
             ax.plot(f, t, lw=1.5, label=f"{name} ({binary_auc(yc, sc):.3f})")
     ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", xlim=(0, 1), ylim=(0, 1.01),
@@ -243,7 +244,7 @@ def plot_confusion_matrix(
     rows = cm.sum(axis=1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
     size = max(4.0, 0.8 * k + 2.5)
-    fig = _figure(size, size)
+    fig = _figure(size, size, constrained=True)
     ax = fig.add_subplot()
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
@@ -351,7 +352,7 @@ def plot_segmentation_overlay(
         names = {i: str(n) for i, n in enumerate(label_names) if i}
     else:
         names = {}
-    fig = _figure(3.2 * len(cases), 3.6)
+    fig = _figure(3.2 * len(cases), 3.6, constrained=True)
     axes = np.atleast_1d(fig.subplots(1, len(cases), squeeze=False)[0])
     for ax, (case_id, image, true, pred) in zip(axes, cases):
         img, t, p = as_numpy(image, np.float64), as_numpy(true), as_numpy(pred)

@@ -20,7 +20,6 @@ from medtransfer.metrics._utils import (
 from medtransfer.metrics.calibration import _check_task, apply_temperature, expected_calibration_error, fit_temperature
 from medtransfer.metrics.classification import (
     THRESHOLD_METHODS,
-    binary_metrics_at,
     choose_threshold,
     evaluate_classification,
 )
@@ -66,7 +65,8 @@ def _split(d: Mapping[str, Any], name: str, task: str, n_classes: int) -> dict[s
 def _flatten_auc(block: dict[str, Any]) -> dict[str, Any]:
     """Split dict as written to metrics.json: ``auc`` a plain float, ``auc_ci`` = [low, high]."""
     auc = block.pop("auc")
-    block.pop("operating_point", None)  # the report keeps one operating point section at the top level
+    for key in ("operating_point", "task", "label_names"):  # kept once, at the top level of the report
+        block.pop(key, None)
     return {"auc": auc["value"], "auc_ci": [auc.get("ci_low"), auc.get("ci_high")],
             "auc_ci_info": {k: v for k, v in auc.items() if k not in ("value", "ci_low", "ci_high")}, **block}
 
@@ -87,7 +87,10 @@ def _predictions_rows(s: Mapping[str, Any], names: list[str], task: str,
             row.update({c: int(prob[i, k] >= thr[k]) for k, c in enumerate(pred_cols)})
             rows.append(row)
         return rows, ["path", "patient_id", *label_cols, *prob_cols, *pred_cols]
-    pred = (prob[:, 1] >= float(threshold)).astype(int) if task == "binary" else prob.argmax(axis=1)  # type: ignore[arg-type]
+    if task == "binary":
+        pred = (prob[:, 1] >= float(threshold)).astype(int)  # type: ignore[arg-type]
+    else:
+        pred = prob.argmax(axis=1)
     for i in range(len(y)):
         row = {"path": s["paths"][i], "patient_id": ids[i], "label": int(y[i])}
         row.update({c: float(prob[i, k]) for k, c in enumerate(prob_cols)})

@@ -31,6 +31,7 @@ __all__ = [
     "delong_ci",
     "delong_test",
     "paired_bootstrap_auc_diff",
+    "roc_points",
 ]
 
 # Above this fraction of skipped resamples the CI describes a conditional distribution; say so.
@@ -48,7 +49,7 @@ def _midrank(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def rankdata(x: np.ndarray, axis: int | None = None) -> np.ndarray:
+def _rankdata(x: np.ndarray, axis: int | None = None) -> np.ndarray:
     """Average ranks (ties share the mean rank) of a 1D array, or row-wise with ``axis=1``."""
     x = np.asarray(x, dtype=np.float64)
     if axis is None:
@@ -67,8 +68,26 @@ def binary_auc(y: Any, score: Any) -> float:
     n_neg = y.shape[0] - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(score)
+    ranks = _midrank(score)
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_points(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every ROC vertex ``(fpr, tpr, thresholds)``, thresholds decreasing from ``+inf``; positive if ``s >= t``.
+
+    The same points as ``sklearn.metrics.roc_curve(y, score, drop_intermediate=False)``, without its input
+    validation overhead (used inside bootstrap loops). Needs both classes present.
+    """
+    y = np.asarray(y)
+    score = np.asarray(score, dtype=np.float64)
+    order = np.argsort(-score, kind="mergesort")
+    s_sorted, y_sorted = score[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), y.size - 1]  # last index of each distinct score
+    tps = np.cumsum(y_sorted)[last]
+    fps = last + 1 - tps
+    tpr = np.r_[0.0, tps] / tps[-1]
+    fpr = np.r_[0.0, fps] / fps[-1]
+    return fpr, tpr, np.r_[np.inf, s_sorted[last]]
 
 
 # --------------------------------------------------------------------------------------------- bootstrap
@@ -92,6 +111,12 @@ class BootstrapCI:
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.point, self.low, self.high, self.n_images, self.n_groups))
+
+    def __getitem__(self, i: int) -> Any:
+        return tuple(self)[i]
+
+    def __len__(self) -> int:
+        return 5
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a plain dict."""
@@ -240,9 +265,9 @@ def _fast_delong(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndar
     """AUCs (k,) and their DeLong covariance (k, k) for k score rows of shape (k, N); Sun & Xu (2014)."""
     pos, neg = scores[:, y == 1], scores[:, y == 0]
     m, n = pos.shape[1], neg.shape[1]
-    tx = rankdata(pos, axis=1)
-    ty = rankdata(neg, axis=1)
-    tz = rankdata(np.concatenate([pos, neg], axis=1), axis=1)
+    tx = _rankdata(pos, axis=1)
+    ty = _rankdata(neg, axis=1)
+    tz = _rankdata(np.concatenate([pos, neg], axis=1), axis=1)
     aucs = tz[:, :m].sum(axis=1) / m / n - (m + 1.0) / 2.0 / n
     v01 = (tz[:, :m] - tx) / n  # structural components of the positives
     v10 = 1.0 - (tz[:, m:] - ty) / m  # ... and of the negatives

@@ -157,14 +157,10 @@ def predict_loader(
 
 
 def _auc(y: np.ndarray, prob: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+    """Validation AUC for model selection (binary, or macro one-vs-rest); NaN when undefined."""
+    from medtransfer.metrics import roc_auc
 
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    if prob.shape[1] == 2:
-        return float(roc_auc_score(y, prob[:, 1]))
-    present = np.unique(y)
-    return float(np.mean([roc_auc_score(y == c, prob[:, c]) for c in present]))
+    return float(roc_auc(y, prob, task="binary" if prob.shape[1] == 2 else "multiclass"))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -333,12 +329,40 @@ def finetune(
             "y": np.array([s.label for s in ss]), "prob": prob,
             "patient_ids": [s.patient_id for s in ss], "paths": [s.path for s in ss],
         }
-    metrics = write_evaluation(run_dir, results, table.label_names, history)
+    info = {
+        "model_name": f"{cfg.model.backbone} fine-tuned ({cfg.modality})",
+        "modality": cfg.modality,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "medtransfer_version": medtransfer.__version__,
+        "label_names": table.label_names,
+        "data": {
+            "source": "built-in SYNTHETIC demo data (not patient data)" if data is None else str(data),
+            "splits": {k: {"n_patients": v["patients"], "n_images": v["images"]} for k, v in splits.items()},
+        },
+        "preprocessing": spec.to_dict(),
+        "weights": {"architecture": wspec.architecture, "name": report.weights, "source": report.source,
+                    "licence": wspec.license if cfg.model.weights == "pretrained" else "n/a",
+                    "sha256": report.sha256},
+        "training": {"head_epochs": cfg.train.head_epochs, "finetune_epochs": cfg.train.finetune_epochs,
+                     "best_epoch": best["epoch"], "lr": cfg.train.lr,
+                     "backbone_lr_mult": cfg.train.backbone_lr_mult, "bn_policy": cfg.train.bn_policy},
+    }
+    metrics = write_evaluation(run_dir, results, table.label_names, history, info)
+    # The operating point chosen on validation travels with the model, so predict applies it unchanged.
+    model.cpu()
+    save_checkpoint(run_dir / "model.pt", model, cfg, spec, table.label_names,
+                    {"epoch": best["epoch"], "load_report": report.to_dict(),
+                     "operating_point": _plain(metrics.get("operating_point"))})
     metrics["best_epoch"] = best["epoch"]
     metrics["minutes"] = (time.perf_counter() - t_start) / 60
     metrics["split"] = splits
     _atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
     return FinetuneResult(run_dir, metrics, history, report, splits)
+
+
+def _plain(obj: Any) -> Any:
+    """JSON round trip: only plain containers and numbers (safe for ``weights_only`` loading)."""
+    return json.loads(json.dumps(obj, default=_json_default)) if obj is not None else None
 
 
 def _json_default(obj: Any) -> Any:
@@ -359,21 +383,13 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def write_evaluation(run_dir: Path, results: dict[str, dict[str, Any]], label_names: list[str],
-                     history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Metrics, per-image predictions and plots of the evaluated splits."""
-    metrics: dict[str, Any] = {}
-    for name, r in results.items():
-        metrics[name] = {"auc": _auc(r["y"], r["prob"]), "n": int(len(r["y"])),
-                         "n_patients": len(set(r["patient_ids"]))}
-        _write_predictions(run_dir / f"predictions_{name}.csv", r, label_names)
-    return metrics
+                     history: list[dict[str, Any]], info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics with patient-level CIs, the operating point chosen on validation and applied to test,
+    per-image predictions, plots and the model card (see :mod:`medtransfer.metrics.report`)."""
+    from medtransfer.metrics import write_classification_report
 
-
-def _write_predictions(path: Path, r: dict[str, Any], label_names: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "patient_id", "label", *[f"prob_{n}" for n in label_names], "predicted"])
-        for path_i, pid, y, p in zip(r["paths"], r["patient_ids"], r["y"], r["prob"]):
-            writer.writerow([path_i, pid, label_names[int(y)], *[f"{v:.6f}" for v in p], label_names[int(np.argmax(p))]])
-    os.replace(tmp, path)
+    task = "binary" if len(label_names) == 2 else "multiclass"
+    return write_classification_report(
+        run_dir, val=results["val"], test=results.get("test"), label_names=label_names, task=task,
+        history=history, extra_info=info,
+    )

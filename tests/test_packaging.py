@@ -1,0 +1,24 @@
+"""The wheel ships the CLI and the presets inside the medtransfer package (non-editable installs)."""
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_contains_cli_and_presets(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )
+    wheel = next(tmp_path.glob("medtransfer-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "medtransfer/configs/xray.yaml" in names
+    assert "medtransfer/cli/main.py" in names
+    assert "medtransfer/io/dicom.py" in names
+    top = {n.split("/")[0] for n in names}
+    # nothing but the medtransfer package (and its metadata) goes into site-packages
+    assert {t for t in top if not t.endswith(".dist-info")} == {"medtransfer"}
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "medtransfer = medtransfer.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
