@@ -125,30 +125,49 @@ def finetune(
 def predict(
     run_dir: Path = typer.Argument(..., help="Run directory written by 'medtransfer finetune'."),
     input_dir: Path = typer.Argument(..., help="Folder of DICOM files (searched recursively; any file name)."),
-    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="Output CSV (written atomically)."),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="Output CSV (streamed to OUT.partial, moved into place when done)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", "-j", min=0, help="Decoding processes running beside the model (0: decode in the main process)."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the rows of a previous or interrupted run in OUT and do only the rest."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: do the i-th (0-based) of n contiguous blocks of the sorted inputs; outputs of 0/n … n-1/n concatenate to the full run."),
+    modality: list[str] = typer.Option([], "--modality", help="Only these DICOM Modality codes (repeatable), e.g. --modality DX --modality CR."),
+    series_description: Optional[str] = typer.Option(None, "--series-description", help="Only series whose SeriesDescription matches this regular expression."),
+    min_slices: int = typer.Option(1, "--min-slices", min=1, help="3D models: skip series with fewer slices."),
+    parquet: bool = typer.Option(False, "--parquet", help="Also write OUT with a .parquet suffix (needs pyarrow)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Predict every file under INPUT_DIR; one CSV row per file.
+    """Predict every file under INPUT_DIR; one CSV row per file (per series for 3D models).
 
-    Columns: path, status (ok / skipped / error), reason, sop_instance_uid, one prob_<class> column
-    per class, predicted. Broken files are 'error', DICOM objects without an image (SR, RTSTRUCT)
-    'skipped'; the batch always finishes. No patient names or birth dates are written.
+    Columns: path, status (ok / skipped / error), reason, SOP/study/series instance UIDs, one
+    prob_<class> column per class, predicted (at the operating point chosen on validation).
+    Broken files are 'error', DICOM objects without an image (SR, RTSTRUCT) and images outside the
+    selection 'skipped'; the batch always finishes. No patient names or birth dates are written.
 
-    Exit code 0 when at least one file was predicted, 1 otherwise.
+    Exit code 0 when at least one input was predicted, 1 otherwise.
+
+    Examples:
+
+      medtransfer predict runs/demo /data/inbox --out preds.csv --workers 2
+
+      medtransfer predict runs/demo /data/inbox --out part0.csv --shard 0/4   # on machine 0 of 4
     """
     from medtransfer.inference import predict_folder
+    from medtransfer.inference.batch import SeriesFilter, parse_shard
 
     _setup_logging(quiet)
     try:
-        summary = predict_folder(run_dir, input_dir, out, batch_size=batch_size, device=device, progress=not quiet)
+        summary = predict_folder(
+            run_dir, input_dir, out, batch_size=batch_size, device=device, progress=not quiet, workers=workers,
+            resume=resume, shard=parse_shard(shard), parquet=parquet,
+            series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices),
+        )
     except MedTransferError as exc:
         raise _fail(exc, 1) from None
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
-    console.print(f"{len(summary.rows)} files: {counts} -> {summary.out_csv}")
+    console.print(f"{sum(summary.counts.values())} inputs: {counts} -> {summary.out_csv}")
     if summary.n_ok == 0:
-        console.print("[bold red]no file could be predicted[/]; see the reason column.")
+        console.print("[bold red]no input could be predicted[/]; see the reason column.")
         raise typer.Exit(1)
 
 
@@ -217,14 +236,18 @@ def backbones() -> None:
 
     from medtransfer.backbones import count_parameters, list_weights
 
+    from medtransfer.backbones.sources import CacheSource
+
     table = Table(title="medtransfer backbones")
     for col in ("name", "dims", "in ch", "params", "input", "source", "offline", "licence"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name")
     for spec in list_weights():
         sources = "; ".join(s.describe() for s in spec.sources) or "random init only"
-        offline = "yes" if not spec.sources or any(getattr(s, "available", lambda: False)() for s in spec.sources) else "no"
+        local = [s for s in spec.sources if not hasattr(s, "url") and not hasattr(s, "repo_id")]
+        offline = (not spec.sources or CacheSource().available(spec.name)
+                   or any(s.available(spec.name) for s in local))
         table.add_row(spec.name, f"{spec.dims}D", str(spec.in_channels), f"{count_parameters(spec) / 1e6:.2f}M",
-                      spec.intensity, sources, offline, spec.license)
+                      spec.intensity, sources, "yes" if offline else "no", spec.license)
     Console().print(table)
 
 
@@ -247,8 +270,10 @@ def demo_data(
 
 
 from medtransfer.cli.inspect_cmd import inspect_command  # noqa: E402
+from medtransfer.cli.weights_cmd import weights_app  # noqa: E402
 
 app.command("inspect")(inspect_command)
+app.add_typer(weights_app, name="weights")
 
 
 def main() -> None:

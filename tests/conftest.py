@@ -5,7 +5,12 @@ import os
 import socket
 from pathlib import Path
 
+import shutil
+
+import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 SHARED_DATA = Path(os.environ.get("MEDTRANSFER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -14,26 +19,54 @@ class NetworkBlocked(RuntimeError):
     pass
 
 
-def _blocked(*args, **kwargs):
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0", ""}
+
+
+def _is_local(address) -> bool:
+    if isinstance(address, (str, bytes)):  # AF_UNIX path (multiprocessing, DataLoader workers)
+        return True
+    host = str(address[0]) if isinstance(address, tuple) and address else ""
+    return host in _LOCAL_HOSTS or host.startswith("127.")
+
+
+def _refuse(what) -> None:
     raise NetworkBlocked(
-        "A test tried to open a network connection; tests must run offline. "
+        f"A test tried to reach the network ({what}); tests must run offline. "
         "Write the checkpoint/data the test needs into tmp_path instead."
     )
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_network(tmp_path_factory):
-    """Block outbound connections and keep every cache inside a temporary folder."""
+    """Block connections beyond this machine (loopback and Unix sockets stay allowed for worker
+    processes and the gloo backend) and keep every cache inside a temporary folder."""
     home = tmp_path_factory.mktemp("medtransfer_home")
     mp = pytest.MonkeyPatch()
     mp.setenv("MEDTRANSFER_HOME", str(home))
     mp.setenv("MEDTRANSFER_OFFLINE", "1")
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("TORCH_HOME", str(home / "torch"))
-    mp.setattr(socket.socket, "connect", _blocked)
-    mp.setattr(socket.socket, "connect_ex", _blocked)
-    mp.setattr(socket, "create_connection", _blocked)
-    mp.setattr(socket, "getaddrinfo", _blocked)
+    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def connect(self, address):
+        if not _is_local(address):
+            _refuse(address)
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if not _is_local(address):
+            _refuse(address)
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        h = host.decode() if isinstance(host, bytes) else str(host or "")
+        if h not in _LOCAL_HOSTS and not h.startswith("127."):
+            _refuse(h)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    mp.setattr(socket.socket, "connect", connect)
+    mp.setattr(socket.socket, "connect_ex", connect_ex)
+    mp.setattr(socket, "getaddrinfo", getaddrinfo)
     yield home
     mp.undo()
 
@@ -52,3 +85,39 @@ def small_demo(tmp_path_factory) -> Path:
     from medtransfer.data.demo import generate_demo_dataset
 
     return generate_demo_dataset(tmp_path_factory.mktemp("demo"), n_patients=12, seed=7, size=128)
+
+
+def _write_sr(path):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "SR"
+    ds.PatientID = "SR001"
+    ds.PatientName = "SYNTHETIC^SRPATIENT"
+    ds.save_as(path, enforce_file_format=True)
+    return ds.SOPInstanceUID
+
+
+@pytest.fixture
+def messy_folder(small_demo, tmp_path):
+    """A folder of 3 good DICOM files (one without suffix, nested), broken files and an SR."""
+    folder = tmp_path / "inbox"
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    good = sorted((small_demo / "images").rglob("*.dcm"))[:3]
+    shutil.copy(good[0], folder / "good1.dcm")
+    shutil.copy(good[1], folder / "nested" / "IMG0002")  # no suffix
+    shutil.copy(good[2], folder / "nested" / "deeper" / "good3.dcm")
+    (folder / "empty.dcm").write_bytes(b"")
+    (folder / "notes.txt").write_text("this is not DICOM\n")
+    data = good[0].read_bytes()
+    (folder / "truncated.dcm").write_bytes(data[: len(data) // 3])
+    ds = pydicom.dcmread(good[0])
+    ds.PixelData = ds.PixelData[:-1000]
+    ds.save_as(folder / "short_pixels.dcm")
+    sr_uid = _write_sr(folder / "report.dcm")
+    return folder, sr_uid

@@ -1,14 +1,10 @@
 """End to end: finetune → run directory → predict, on the synthetic demo data and MedMNIST files."""
 import csv
 import json
-import shutil
 
 import numpy as np
-import pydicom
 import pytest
 import torch
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
 
 from conftest import shared_data
@@ -82,41 +78,6 @@ def test_pretrained_stem_equals_summed_pip_kernel():
     # and a deep tensor is copied as it is
     assert torch.equal(model.model.bn2.running_var, upstream["_bn1.running_var"])
     assert report.sha256 == "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-
-
-def _write_sr(path):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "SR"
-    ds.PatientID = "SR001"
-    ds.PatientName = "SYNTHETIC^SRPATIENT"
-    ds.save_as(path, enforce_file_format=True)
-    return ds.SOPInstanceUID
-
-
-@pytest.fixture
-def messy_folder(small_demo, tmp_path):
-    folder = tmp_path / "inbox"
-    (folder / "nested" / "deeper").mkdir(parents=True)
-    good = sorted((small_demo / "images").rglob("*.dcm"))[:3]
-    shutil.copy(good[0], folder / "good1.dcm")
-    shutil.copy(good[1], folder / "nested" / "IMG0002")  # no suffix
-    shutil.copy(good[2], folder / "nested" / "deeper" / "good3.dcm")
-    (folder / "empty.dcm").write_bytes(b"")
-    (folder / "notes.txt").write_text("this is not DICOM\n")
-    data = good[0].read_bytes()
-    (folder / "truncated.dcm").write_bytes(data[: len(data) // 3])
-    ds = pydicom.dcmread(good[0])
-    ds.PixelData = ds.PixelData[:-1000]
-    ds.save_as(folder / "short_pixels.dcm")
-    sr_uid = _write_sr(folder / "report.dcm")
-    return folder, sr_uid
 
 
 def test_predict_accounts_for_every_file(lite0_run, messy_folder, tmp_path):

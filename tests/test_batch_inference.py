@@ -1,0 +1,103 @@
+"""Batch inference at scale: every input accounted for, workers, resume, shards, 3D per series."""
+import csv
+
+import pytest
+import torch
+
+from conftest import shared_data
+from medtransfer.backbones import get_weight_spec, load_backbone
+from medtransfer.config import load_config
+from medtransfer.data.preprocess import PreprocessSpec
+from medtransfer.inference import predict_folder
+from medtransfer.inference.batch import SeriesFilter, parse_shard, shard_slice
+from medtransfer.train.finetune import save_checkpoint
+from medtransfer.transfer import TransferModel
+
+
+def make_run(path, backbone="tiny_cnn.random", dims=2, size=32, seed=0):
+    """A run directory with an untrained tiny model (prediction plumbing only)."""
+    torch.manual_seed(seed)
+    cfg = load_config("xray", overrides=[f"model.backbone={backbone}", "model.weights=none", f"data.size={size}"])
+    backbone_module, _ = load_backbone(get_weight_spec(backbone), 1, "none")
+    model = TransferModel(backbone_module, 2)
+    spec = PreprocessSpec(size, 1, "tags", (0.5, 99.5), (0.5,), (0.5,), dims)
+    path.mkdir(parents=True)
+    save_checkpoint(path / "model.pt", model, cfg, spec, ["negative", "positive"],
+                    {"operating_point": {"threshold": 0.5}})
+    return path
+
+
+def _csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def run2d(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny2d")
+
+
+def test_every_file_once_with_workers(run2d, messy_folder, tmp_path):
+    folder, _ = messy_folder
+    a = predict_folder(run2d, folder, tmp_path / "a.csv", batch_size=3, workers=0)
+    b = predict_folder(run2d, folder, tmp_path / "b.csv", batch_size=3, workers=2)
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    assert sorted(r["path"] for r in _csv(tmp_path / "a.csv")) == files
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    assert a.counts == b.counts == {"ok": 3, "error": 4, "skipped": 1}
+    assert not (tmp_path / "a.csv.partial").exists()
+
+
+def test_resume_after_crash_equals_uninterrupted_run(run2d, small_demo, tmp_path):
+    full = tmp_path / "full.csv"
+    predict_folder(run2d, small_demo, full, batch_size=4)
+    text = full.read_text()
+    lines = text.splitlines(keepends=True)
+    assert len(lines) - 1 == sum(1 for p in small_demo.rglob("*") if p.is_file())
+    # A crash after 10 rows, in the middle of writing the 11th: the partial file has a torn line.
+    out = tmp_path / "resumed.csv"
+    partial = tmp_path / "resumed.csv.partial"
+    partial.write_text("".join(lines[:11]) + lines[11][:25])
+    summary = predict_folder(run2d, small_demo, out, batch_size=4, resume=True)
+    assert out.read_text() == text
+    assert not partial.exists()
+    assert sum(summary.counts.values()) == len(lines) - 1
+    # resuming a finished output does nothing new and changes nothing
+    predict_folder(run2d, small_demo, out, batch_size=4, resume=True)
+    assert out.read_text() == text
+
+
+def test_shards_concatenate_to_the_full_run(run2d, small_demo, tmp_path):
+    full = _csv(predict_folder(run2d, small_demo, tmp_path / "full.csv").out_csv)
+    parts = []
+    for i in range(3):
+        parts += _csv(predict_folder(run2d, small_demo, tmp_path / f"s{i}.csv", shard=(i, 3)).out_csv)
+    assert parts == full
+    assert shard_slice(list(range(10)), (2, 3)) == [6, 7, 8, 9]
+    assert parse_shard("1/4") == (1, 4)
+    with pytest.raises(Exception, match="0 <= i < n"):
+        parse_shard("4/4")
+
+
+def test_selection_skips_with_a_reason(run2d, small_demo, tmp_path):
+    s = predict_folder(run2d, small_demo / "images", tmp_path / "p.csv", series_filter=SeriesFilter(("CT",)))
+    rows = _csv(s.out_csv)
+    assert s.counts == {"skipped": len(rows)}
+    assert all("modality" in r["reason"] and "not selected" in r["reason"] for r in rows)
+
+
+def test_3d_model_predicts_per_series(tmp_path):
+    studies = shared_data("brain_mr_dicom_studies")
+    run3d = make_run(tmp_path / "tiny3d", backbone="tiny_cnn3d.random", dims=3, size=16)
+    s = predict_folder(run3d, studies, tmp_path / "series.csv", batch_size=2, workers=2)
+    rows = _csv(s.out_csv)
+    assert s.counts == {"ok": 7}
+    n_files = sorted(len(r["files"].split(";")) for r in rows)
+    assert n_files == [22, 22, 22, 22, 32, 35, 40]
+    assert sum(n_files) == sum(1 for p in studies.rglob("*") if p.is_file())
+    assert all(r["series_instance_uid"] and r["prob_positive"] for r in rows)
+    # selection by series description and minimum slices
+    s2 = predict_folder(run3d, studies, tmp_path / "hippo.csv",
+                        series_filter=SeriesFilter(description="hippo", min_slices=33))
+    kept = sorted(len(r["files"].split(";")) for r in _csv(s2.out_csv) if r["status"] == "ok")
+    assert kept == [35, 40]
