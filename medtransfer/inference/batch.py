@@ -264,6 +264,9 @@ def run_batch(
                         prefetch_factor=4 if workers else None)
     from rich.progress import Progress
 
+    from medtransfer.backbones import check_input_contract
+
+    checked = False
     with open(partial, "w", newline="") as fh, Progress(disable=not progress, transient=True) as bar:
         writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         writer.writeheader()
@@ -276,9 +279,12 @@ def run_batch(
                 x = torch.stack([b["tensor"] for b in ready])
                 if pin:
                     x = x.pin_memory()
-                x = x.to(run.device, non_blocking=pin)
+                x = run.pre.normalize(x.to(run.device, non_blocking=pin))
+                if not checked:  # a real batch against the weights' contract, once per job
+                    check_input_contract(x, run.checkpoint["backbone"], channels=run.pre.spec.channels, dims=dims)
+                    checked = True
                 with torch.no_grad(), torch.autocast(run.device.type, enabled=run.device.type == "cuda"):
-                    logits = run.model(run.pre.normalize(x))
+                    logits = run.model(x)
                 probs = run.model.probabilities(logits).cpu().numpy()
                 for b, p in zip(ready, probs):
                     b["probs"] = p
