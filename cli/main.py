@@ -66,6 +66,8 @@ def finetune(
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="'pretrained' (default), 'none' (random initialisation) or a weights file."),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone from 'medtransfer backbones' (e.g. efficientnet_lite0.in1k)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and the final summary."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in RUN_DIR from its last.pt (its own config and data)."),
+    folds: Optional[int] = typer.Option(None, "--folds", min=2, help="K-fold cross-validation grouped by patient: OUT/fold<i> runs and OUT/folds.json (mean ± sd)."),
 ) -> None:
     """Fine-tune a pretrained backbone and evaluate it on a patient-grouped test split.
 
@@ -104,7 +106,18 @@ def finetune(
     from medtransfer.train.finetune import finetune as run_finetune
 
     try:
-        result = run_finetune(cfg, data=data, labels=labels, out_dir=out, progress=not quiet)
+        if folds is not None:
+            from medtransfer.train.folds import finetune_folds
+
+            cv = finetune_folds(cfg, folds, data=data, labels=labels, out_dir=out, progress=not quiet)
+            for f in cv.summary["folds"]:
+                console.print(f"fold {f['fold']}: val AUC {f['val_auc']:.3f}, test AUC {f['test_auc'] or float('nan'):.3f}")
+            for key in ("val_auc", "test_auc"):
+                if key in cv.summary:
+                    console.print(f"{key.replace('_', ' ')} {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} ({folds} folds)")
+            typer.echo(str(cv.out_dir))
+            return
+        result = run_finetune(cfg, data=data, labels=labels, out_dir=out, progress=not quiet, resume=resume)
     except ConfigError as exc:
         raise _fail(exc, 2) from None
     except MedTransferError as exc:

@@ -61,7 +61,12 @@ class ModelConfig:
     weights: str = "pretrained"
     """'pretrained' (the registry's weights), 'none' (random initialisation) or a file path."""
     head: str = field(default="linear", metadata=_choices("linear", "mlp"))
+    """'linear': Dropout + Linear; 'mlp': Linear(128) + ReLU + Dropout(0.5) + Linear."""
     dropout: float = field(default=0.2, metadata={"min": 0.0, "max": 0.95})
+    task: str = field(default="auto", metadata=_choices("auto", "binary", "multiclass", "multilabel",
+                                                         "ordinal", "regression"))
+    """'auto': binary for two classes (sigmoid), multiclass otherwise (softmax); 'ordinal': K-1
+    cumulative logits for ordered grades (see medtransfer.transfer.model)."""
 
 
 @dataclass
@@ -76,10 +81,44 @@ class TrainConfig:
     backbone_lr_mult: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
     """Backbone learning rate after unfreezing = lr × this."""
     weight_decay: float = field(default=1e-4, metadata={"min": 0.0})
-    bn_policy: str = field(default="auto", metadata=_choices("auto", "frozen", "train"))
-    """'frozen': BatchNorm keeps its pretrained statistics while fine-tuning (small batches);
-    'train': statistics and affine parameters adapt; 'auto': frozen for pretrained weights,
-    train for random initialisation (whose statistics mean nothing)."""
+    bn_policy: str = field(default="auto", metadata=_choices("auto", "frozen", "eval-stats", "train"))
+    """BatchNorm in trainable layer groups. 'frozen': pretrained statistics used and not updated, no
+    affine gradients (small batches); 'eval-stats': statistics fixed, affine parameters train;
+    'train': both adapt; 'auto': frozen for pretrained weights, train for random initialisation.
+    Norms in frozen groups are always frozen."""
+    freeze: str = field(default="none", metadata=_choices("none", "backbone", "all_but_last", "pattern"))
+    """What stays frozen after the head-only epochs: nothing, the whole backbone (linear probe),
+    all but the last `trainable_stages` layer groups, or the parameters matching `freeze_pattern`."""
+    trainable_stages: int = field(default=1, metadata={"min": 0})
+    freeze_pattern: str = ""
+    """Regular expression on backbone parameter names (e.g. '^model\\.blocks\\.[0-2]\\.'), for freeze: pattern."""
+    schedule: str = field(default="fine_tune", metadata=_choices("fine_tune", "gradual"))
+    """'fine_tune': head-only epochs, then every allowed group at once; 'gradual': one more layer
+    group (from the top) every `unfreeze_every` epochs."""
+    unfreeze_every: int = field(default=1, metadata={"min": 1})
+    layer_lr_ratio: float = field(default=1.0, metadata={"min": 1e-6, "max": 1.0})
+    """Discriminative LRs: the first layer group trains at lr × backbone_lr_mult × this, the last at
+    lr × backbone_lr_mult, geometric in between (fastai's slice(lr/100, lr) is 0.01)."""
+    lr_schedule: str = field(default="cosine", metadata=_choices("cosine", "onecycle", "plateau", "constant"))
+    """After the head-only epochs: per-step cosine decay, one-cycle (30% warm-up from lr/25, cosine
+    down to lr/1e4), ReduceLROnPlateau per epoch, or constant."""
+    plateau_monitor: str = field(default="val_loss", metadata=_choices("val_loss", "val_auc"))
+    plateau_factor: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
+    plateau_patience: int = field(default=5, metadata={"min": 0})
+    min_lr: float = field(default=1e-6, metadata={"min": 0.0})
+    grad_accum: int = field(default=1, metadata={"min": 1})
+    """Optimizer step every this many batches (effective batch = batch_size × grad_accum)."""
+    amp: str = field(default="auto", metadata=_choices("auto", "off", "bf16", "fp16"))
+    """Mixed precision on CUDA only ('auto': bf16 where supported, else fp16 with a GradScaler)."""
+    channels_last: bool = True
+    """channels-last memory format on CUDA for 2D models."""
+    feature_cache: str = field(default="auto", metadata=_choices("auto", "on", "off"))
+    """Head-only epochs on features computed once by the frozen backbone; 'auto': on when
+    head_augment is false."""
+    head_augment: bool = True
+    """Augment during the head-only epochs (off lets the feature cache work)."""
+    tensorboard: bool = False
+    """Also log to RUN_DIR/tensorboard (needs the tensorboard package)."""
     class_weighting: bool = True
     patience: int = field(default=0, metadata={"min": 0})
     """Early stopping after this many epochs without a better validation AUC (0: off)."""
@@ -173,6 +212,8 @@ def _coerce(value: Any, typ: Any, where: str, meta: Any) -> Any:
             raise ConfigError(f"{where} must be a number, got {value!r}.")
         value = float(value)
     elif typ is str:
+        if isinstance(value, bool) and {"on", "off"} <= set(meta.get("choices", ())):
+            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where} must be a string, got {value!r}.")
         value = str(value)

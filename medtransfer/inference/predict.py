@@ -50,6 +50,14 @@ class LoadedRun:
             return int(prob[1] >= t)
         return int(prob.argmax())
 
+    def predicted_label(self, prob) -> str:
+        """The predicted class name; for multi-label models the names at or above their
+        per-label thresholds chosen on validation, joined by ';'."""
+        if self.model.task != "multilabel":
+            return self.label_names[self.decide(prob)]
+        per_label = (self.checkpoint.get("operating_point") or {}).get("threshold") or {}
+        return ";".join(n for n, p in zip(self.label_names, prob) if p >= float(per_label.get(n, 0.5)))
+
 
 def load_run(run_dir: str | os.PathLike[str], device: str = "auto") -> LoadedRun:
     """Rebuild the model of a run directory from its self-describing ``model.pt`` (no network)."""
@@ -68,7 +76,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str = "auto") -> LoadedRun
     cfg = config_from_dict(ckpt["config"])
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
     backbone, _ = load_backbone(get_weight_spec(ckpt["backbone"]), spec.channels, "none")
-    model = TransferModel(backbone, int(ckpt["num_classes"]), cfg.model.head, cfg.model.dropout)
+    model = TransferModel(backbone, int(ckpt["num_classes"]), cfg.model.head, cfg.model.dropout, cfg.model.task)
     model.load_state_dict(ckpt["state_dict"])
     dev = pick_device(device)
     model.to(dev).eval()

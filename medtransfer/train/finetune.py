@@ -2,15 +2,24 @@
 
 1. samples table (demo / folder + CSV / MedMNIST .npz) → patient-grouped split
 2. backbone + weights (load report) → new head
-3. head-only epochs with the backbone frozen (BatchNorm in inference mode)
-4. unfreeze: the backbone trains at ``lr × backbone_lr_mult``, the head at ``lr``, cosine decay
-5. model selection on validation AUC; the best model is saved as a self-describing checkpoint
+3. head-only epochs with the backbone frozen (BatchNorm in inference mode), optionally on features
+   computed once (``train.feature_cache``)
+4. unfreeze (all at once or gradually, by layer group; :mod:`medtransfer.transfer.plan`): the
+   backbone groups train at ``lr × backbone_lr_mult`` (discriminative: ``× layer_lr_ratio`` for the
+   first group), the head at ``lr``; cosine / one-cycle / ReduceLROnPlateau
+5. model selection and early stopping on validation AUC; the best model is saved as a
+   self-describing checkpoint (``model.pt``), the resumable state every epoch (``last.pt``)
 6. validation and test metrics, predictions and plots in the run directory
+
+One process, or one per device under ``torchrun`` (DDP: rank 0 writes, validation predictions are
+gathered from every rank). On CUDA: AMP, channels-last, pinned memory.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import functools
 import json
 import logging
 import math
@@ -18,6 +27,7 @@ import os
 import platform
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,20 +36,28 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 import medtransfer
 from medtransfer.backbones import LoadReport, get_weight_spec, load_backbone
-from medtransfer.config import RunConfig
+from medtransfer.config import RunConfig, config_from_dict
 from medtransfer.data.preprocess import Preprocessor, PreprocessSpec
-from medtransfer.data.samples import Sample, SampleTable, split_by_patient, split_report
-from medtransfer.errors import DataError
+from medtransfer.data.samples import Sample, SampleTable, check_leakage, split_by_patient, split_report
+from medtransfer.errors import ConfigError, DataError
 from medtransfer.train.augment import augment_batch
-from medtransfer.transfer import TransferModel, set_backbone_trainable
+from medtransfer.transfer import (
+    TaskLoss,
+    TransferModel,
+    apply_plan,
+    class_weights,
+    group_learning_rates,
+    layer_groups,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "medtransfer-run/1"
+LAST_FORMAT = "medtransfer-last/1"
 
 
 @dataclass
@@ -69,12 +87,16 @@ class ImageSet(Dataset):
             return self.pre.load_npz(self.table.arrays[s.split][s.index])
         return self.pre.load_dicom(s.path)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def label(self, i: int) -> int | torch.Tensor:
+        y = self.samples[i].label
+        return torch.tensor(y, dtype=torch.float32) if isinstance(y, tuple) else y
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         if self._cache is None:
-            return self.load(i), self.samples[i].label
+            return self.load(i), self.label(i)
         if i not in self._cache:
             self._cache[i] = self.load(i)
-        return self._cache[i], self.samples[i].label
+        return self._cache[i], self.label(i)
 
 
 def resolve_samples(data: str | os.PathLike[str] | None, labels: str | os.PathLike[str] | None) -> SampleTable:
@@ -123,44 +145,71 @@ def preprocess_spec(cfg: RunConfig, channels: int, mean: tuple[float, ...], std:
 
 
 def _input_channels(table: SampleTable) -> int:
+    """1 for grayscale, 3 for colour, D for ``(D, H, W)`` volumes (their slices become channels)."""
     if table.source == "npz":
         first = next(iter(table.arrays.values()))
-        return 3 if first.ndim == 4 and first.shape[-1] == 3 else 1
+        if first.ndim == 4:
+            return 3 if first.shape[-1] in (3, 4) and first.shape[1] not in (3, 4) else int(first.shape[1])
+        return 1
     return 1
 
 
 def _loss_fn(model: TransferModel, train: list[Sample], weighting: bool, device: torch.device) -> nn.Module:
-    counts = np.bincount([s.label for s in train], minlength=model.num_classes).astype(np.float64)
-    if model.num_classes == 2:
-        pos_weight = counts[0] / max(counts[1], 1.0) if weighting else 1.0
-        return nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], dtype=torch.float32, device=device))
-    weights = counts.sum() / (len(counts) * np.maximum(counts, 1.0)) if weighting else np.ones_like(counts)
-    return nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
-
-
-def _targets(model: TransferModel, y: torch.Tensor) -> torch.Tensor:
-    return y.float().view(-1, 1) if model.num_classes == 2 else y.long()
+    weight = class_weights(model.task, [s.label for s in train], model.num_classes) if weighting else None
+    return TaskLoss(model.task, model.num_classes, weight).to(device)
 
 
 @torch.no_grad()
 def predict_loader(
-    model: TransferModel, loader: DataLoader, pre: Preprocessor, device: torch.device
+    model: TransferModel, loader: DataLoader, pre: Preprocessor | None, device: torch.device,
+    forward: Any = None, autocast: Any = contextlib.nullcontext,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities ``(N, C)`` and logits for every sample of ``loader``, in order."""
+    """Class probabilities ``(N, C)`` and logits for every sample of ``loader``, in dataset order.
+
+    ``forward`` replaces ``model`` (e.g. ``model.head`` over cached features; ``pre`` is then None).
+    Under DDP with a :class:`DistributedSampler`, each rank predicts its shard and the shards are
+    gathered, so every rank returns the whole set.
+    """
     model.eval()
+    forward = forward or model
     probs, logits = [], []
     for x, _ in loader:
-        out = model(pre.normalize(x.to(device)))
+        x = x.to(device)
+        with autocast():
+            out = forward(pre.normalize(x) if pre is not None else x)
         logits.append(out.float().cpu())
         probs.append(model.probabilities(out).cpu())
-    return torch.cat(probs).numpy(), torch.cat(logits).numpy()
+    prob, logit = torch.cat(probs).numpy(), torch.cat(logits).numpy()
+    if isinstance(loader.sampler, DistributedSampler):
+        prob, logit = _gather_shards(prob, len(loader.dataset)), _gather_shards(logit, len(loader.dataset))
+    return prob, logit
 
 
-def _auc(y: np.ndarray, prob: np.ndarray) -> float:
+def _gather_shards(part: np.ndarray, n: int) -> np.ndarray:
+    """Undo :class:`DistributedSampler` (``shuffle=False``): rank ``r`` holds items ``r, r + W, …``."""
+    import torch.distributed as tdist
+
+    world = tdist.get_world_size()
+    parts: list[Any] = [None] * world
+    tdist.all_gather_object(parts, part)
+    out = np.empty((len(parts[0]) * world, *part.shape[1:]), dtype=part.dtype)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out[:n]
+
+
+def _task_of(model_or_task: Any, prob: np.ndarray) -> str:
+    task = getattr(model_or_task, "task", model_or_task)
+    if task in ("binary", "multiclass", "multilabel"):
+        return task
+    return "binary" if prob.shape[1] == 2 else "multiclass"
+
+
+def _auc(y: np.ndarray, prob: np.ndarray, task: str | None = None) -> float:
     """Validation AUC for model selection (binary, or macro one-vs-rest); NaN when undefined."""
     from medtransfer.metrics import roc_auc
 
-    return float(roc_auc(y, prob, task="binary" if prob.shape[1] == 2 else "multiclass"))
+    return float(roc_auc(y, prob, task=_task_of(task, prob)))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -196,28 +245,152 @@ def default_run_dir(modality: str) -> Path:
     return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{modality}"
 
 
+@dataclass
+class Distributed:
+    """This process's place in a ``torchrun`` job (``world == 1``: a plain single-process run)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group ``torchrun`` describes in the environment (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _broadcast(obj: Any, dist: Distributed) -> Any:
+    if dist.world == 1:
+        return obj
+    import torch.distributed as tdist
+
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(), "torch": torch.get_rng_state(), "generator": gen.get_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["generator"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_last_checkpoint(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The resumable state of a run directory (``last.pt``, written atomically every epoch)."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise DataError(f"Cannot resume '{run_dir}': it has no last.pt (written after each finished epoch). "
+                        "Pass the --out folder of a run that finished at least one epoch.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != LAST_FORMAT:
+        raise DataError(f"{path} has format {ckpt.get('format')!r}; expected {LAST_FORMAT!r}.")
+    return ckpt
+
+
+def _lr_factor(kind: str, total: int) -> Any:
+    """Per-step LR multiplier after the head-only epochs (``t`` = optimizer steps since unfreezing)."""
+    def cosine(t: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(t, total) / max(total, 1)))
+
+    def onecycle(t: int) -> float:  # linear warm-up from 1/25 over 30% of the steps, cosine down to 1e-4
+        warm = max(int(0.3 * total), 1)
+        if t < warm:
+            return 1 / 25 + (1 - 1 / 25) * t / warm
+        frac = min(t - warm, total - warm) / max(total - warm, 1)
+        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return {"cosine": cosine, "onecycle": onecycle}[kind]
+
+
+def build_optimizer(model: TransferModel, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW with one param group per backbone layer group (input → output, discriminative LRs) and
+    the head last. Frozen parameters stay in their group: with no gradient they are not stepped, so
+    unfreezing and resuming never rebuild or reorder the groups."""
+    groups = layer_groups(model.backbone)
+    lrs = group_learning_rates(len(groups), cfg.train.lr * cfg.train.backbone_lr_mult, cfg.train.layer_lr_ratio)
+    return torch.optim.AdamW(
+        [{"params": g.params, "lr": lr, "name": g.name} for g, lr in zip(groups, lrs)]
+        + [{"params": list(model.head.parameters()), "lr": cfg.train.lr, "name": "head"}],
+        weight_decay=cfg.train.weight_decay,
+    )
+
+
 def finetune(
     cfg: RunConfig,
     data: str | os.PathLike[str] | None = None,
     labels: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    resume: str | os.PathLike[str] | None = None,
+    samples: SampleTable | None = None,
 ) -> FinetuneResult:
-    """Run the whole recipe (see the module docstring) and write the run directory."""
-    t_start = time.perf_counter()
-    run_dir = Path(out_dir) if out_dir else default_run_dir(cfg.modality)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    gen = seed_everything(cfg.train.seed)
-    device = pick_device(cfg.train.device)
+    """Run the whole recipe (see the module docstring) and write the run directory.
 
-    table = resolve_samples(data, labels)
+    ``resume``: a run directory whose ``last.pt`` is continued exactly (its config and data are
+    used; ``cfg`` is ignored). ``samples``: a ready samples table (e.g. one cross-validation fold)
+    instead of ``data``/``labels``.
+    """
+    t_start = time.perf_counter()
+    cfg = copy.deepcopy(cfg)  # settings resolved from the data are recorded on this copy
+    ckpt = None
+    if resume is not None:
+        ckpt = load_last_checkpoint(resume)
+        cfg = config_from_dict(ckpt["config"])
+        out_dir = resume
+        if samples is None and data is None:
+            data, labels = ckpt["data"], ckpt["labels"]
+    device = pick_device(cfg.train.device)
+    dist = init_distributed(device)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    run_dir = Path(_broadcast(str(out_dir) if out_dir else str(default_run_dir(cfg.modality)), dist))
+    main = dist.main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    gen = seed_everything(cfg.train.seed)
+
+    table = samples if samples is not None else resolve_samples(data, labels)
     if table.num_classes < 2:
         raise DataError("The labels hold a single class; fine-tuning needs at least two.")
+    if cfg.model.task == "regression":
+        raise ConfigError("model.task = regression needs real-valued labels; the samples table holds class "
+                          "indices. Use auto, binary, multiclass, ordinal or multilabel.")
+    if table.task == "multilabel" and cfg.model.task in ("auto", "multilabel"):
+        cfg.model.task = "multilabel"  # resolved from the data; saved with the run
+        if main:
+            _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    elif cfg.model.task == "multilabel":
+        raise ConfigError("model.task = multilabel needs 0/1 label vectors (e.g. a .npz with (N, K) labels).")
     if any(s.split is None for s in table.samples):
         split_by_patient(table, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed)
+    check_leakage(table.samples)  # also when the user supplied every split
     splits = split_report(table)
-    _atomic_write_text(run_dir / "split_report.json", json.dumps(splits, indent=2))
     train_s, val_s, test_s = (table.subset(s) for s in ("train", "val", "test"))
     if not train_s or not val_s:
         raise DataError(f"Need training and validation samples; the split gave {splits}.")
@@ -225,110 +398,208 @@ def finetune(
     wspec = get_weight_spec(cfg.model.backbone)
     channels = _input_channels(table)
     backbone, report = load_backbone(wspec, channels, cfg.model.weights)
-    _atomic_write_text(run_dir / "load_report.json", json.dumps(report.to_dict(), indent=2))
-    model = TransferModel(backbone, table.num_classes, cfg.model.head, cfg.model.dropout).to(device)
+    model = TransferModel(backbone, table.num_classes, cfg.model.head, cfg.model.dropout, cfg.model.task).to(device)
     spec = preprocess_spec(cfg, channels, wspec.mean, wspec.std)
     pre = Preprocessor(spec)
+    if main:
+        _atomic_write_text(run_dir / "split_report.json", json.dumps(splits, indent=2))
+        _atomic_write_text(run_dir / "load_report.json", json.dumps(report.to_dict(), indent=2))
 
-    pin = device.type == "cuda"
-    loader_kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, pin_memory=pin)
+    # ---- CUDA-only speed paths (guarded by device type; CPU runs take none of them) ----
+    cuda = device.type == "cuda"
+    amp_dtype = None
+    if cuda and cfg.train.amp != "off":
+        bf16 = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and torch.cuda.is_bf16_supported())
+        amp_dtype = torch.bfloat16 if bf16 else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    channels_last = cuda and cfg.train.channels_last and wspec.dims == 2
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    loader_kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, pin_memory=cuda)
     train_set = ImageSet(table, train_s, pre, cfg.data.cache)
-    train_loader = DataLoader(train_set, shuffle=True, generator=gen, drop_last=len(train_s) > cfg.train.batch_size, **loader_kw)
-    eval_loaders = {
-        name: DataLoader(ImageSet(table, ss, pre, cfg.data.cache), shuffle=False, **loader_kw)
-        for name, ss in (("val", val_s), ("test", test_s)) if ss
-    }
-    y_val = np.array([s.label for s in val_s])
+    drop_last = len(train_s) > cfg.train.batch_size * dist.world
+    sampler = DistributedSampler(train_set, seed=cfg.train.seed, drop_last=drop_last) if dist.world > 1 else None
+    train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, generator=gen,
+                              drop_last=drop_last, **loader_kw)
+    eval_loaders = {}
+    for name, ss in (("val", val_s), ("test", test_s)):
+        if ss:
+            ds = ImageSet(table, ss, pre, cfg.data.cache)
+            es = DistributedSampler(ds, shuffle=False) if dist.world > 1 else None
+            eval_loaders[name] = DataLoader(ds, shuffle=False, sampler=es, **loader_kw)
+    y_val = torch.tensor(np.array([s.label for s in val_s], dtype=np.float32 if table.task == "multilabel" else np.int64),
+                         device=device)
     loss_fn = _loss_fn(model, train_s, cfg.train.class_weighting, device)
 
-    phases = [("head", cfg.train.head_epochs), ("finetune", cfg.train.finetune_epochs)]
+    # ---- transfer plan: one optimizer param group per backbone layer group, the head last ----
+    bn_policy = cfg.train.bn_policy
+    if bn_policy == "auto":
+        bn_policy = "train" if cfg.model.weights == "none" else "frozen"
+    opt = build_optimizer(model, cfg)
+    accum = cfg.train.grad_accum
+    steps_per_epoch = math.ceil(len(train_loader) / accum)
+    total_epochs = cfg.train.head_epochs + cfg.train.finetune_epochs
+    sched = plateau = None  # the per-step schedule starts when the head-only epochs end
+    if cfg.train.lr_schedule == "plateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min" if cfg.train.plateau_monitor == "val_loss" else "max",
+            factor=cfg.train.plateau_factor, patience=cfg.train.plateau_patience, min_lr=cfg.train.min_lr)
+
+    def unfrozen_at(epoch: int) -> int | None:
+        """Layer groups (from the top) that may train in ``epoch``; None: all the freeze mode allows."""
+        if epoch <= cfg.train.head_epochs:
+            return 0
+        if cfg.train.schedule == "gradual":
+            return 1 + (epoch - cfg.train.head_epochs - 1) // cfg.train.unfreeze_every
+        return None
+
+    use_cache = (cfg.train.feature_cache == "on"
+                 or (cfg.train.feature_cache == "auto" and not cfg.train.head_augment))
+    if use_cache and dist.world > 1:
+        logger.info("feature cache off under DDP (each rank would cache a different shard)")
+        use_cache = False
+    feature_loaders: dict[str, DataLoader] | None = None
+
     history: list[dict[str, Any]] = []
     best = {"auc": -math.inf, "loss": math.inf, "state": copy.deepcopy(model.state_dict()), "epoch": 0}
-    total_steps = sum(n for _, n in phases) * len(train_loader)
+    start_epoch, stale = 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if plateau is not None:
+            plateau.load_state_dict(ckpt["plateau"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"], gen)
+        history, best, start_epoch, stale = list(ckpt["history"]), dict(ckpt["best"]), ckpt["epoch"], ckpt["stale"]
+        logger.info("resuming %s after epoch %d", run_dir, start_epoch)
+
+    writer = None
+    if cfg.train.tensorboard and main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            warnings.warn("train.tensorboard is on but tensorboard is not installed (pip install tensorboard); "
+                          "logging to history.csv only.", stacklevel=2)
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not progress, transient=False)
-    epoch = 0
-    stale = 0
+                   TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not (progress and main),
+                   transient=False)
+    stage: Any = "unset"
+    net: nn.Module = model
     with bar:
-        task = bar.add_task("fine-tuning", total=total_steps, status="")
-        for phase, n_epochs in phases:
-            if n_epochs == 0:
-                continue
-            if phase == "head":
-                set_backbone_trainable(model, False)
-                groups = [{"params": list(model.head.parameters()), "lr": cfg.train.lr, "name": "head"}]
-            else:
-                bn_policy = cfg.train.bn_policy
-                if bn_policy == "auto":
-                    bn_policy = "train" if cfg.model.weights == "none" else "frozen"
-                set_backbone_trainable(model, True, bn_policy)
-                groups = [
-                    {"params": [p for p in model.backbone.parameters() if p.requires_grad],
-                     "lr": cfg.train.lr * cfg.train.backbone_lr_mult, "name": "backbone"},
-                    {"params": list(model.head.parameters()), "lr": cfg.train.lr, "name": "head"},
-                ]
-            opt = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_epochs * len(train_loader)) if phase == "finetune" else None
-            for _ in range(n_epochs):
-                epoch += 1
-                t0 = time.perf_counter()
-                model.train()
-                losses = []
-                for x, y in train_loader:
-                    x = x.to(device, non_blocking=pin)
-                    x = pre.normalize(augment_batch(x, cfg.augment, gen))
-                    loss = loss_fn(model(x), _targets(model, y.to(device)))
+        task = bar.add_task("fine-tuning", total=total_epochs * len(train_loader),
+                            completed=start_epoch * len(train_loader), status="")
+        for epoch in range(start_epoch + 1, total_epochs + 1):
+            phase = "head" if epoch <= cfg.train.head_epochs else "finetune"
+            if unfrozen_at(epoch) != stage:
+                stage = unfrozen_at(epoch)
+                apply_plan(model, "backbone" if stage == 0 else cfg.train.freeze, bn_policy,
+                           cfg.train.trainable_stages, cfg.train.freeze_pattern, stage)
+                if dist.world > 1:  # DDP hooks only the parameters that train when it wraps the model
+                    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+            if phase == "finetune" and sched is None and cfg.train.lr_schedule in ("cosine", "onecycle"):
+                factor = _lr_factor(cfg.train.lr_schedule, cfg.train.finetune_epochs * steps_per_epoch)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+                if ckpt is not None and ckpt["scheduler"] is not None:
+                    sched.load_state_dict(ckpt["scheduler"])
+                    for group, saved in zip(opt.param_groups, ckpt["optimizer"]["param_groups"]):
+                        group["lr"] = saved["lr"]  # LambdaLR's constructor reset them to factor(0)
+            cached = phase == "head" and use_cache
+            if cached and feature_loaders is None:
+                feature_loaders = _feature_loaders(model, train_set, eval_loaders["val"], pre, device, autocast,
+                                                   gen, drop_last, loader_kw)
+            batches = feature_loaders["train"] if cached else train_loader
+            augment = phase == "finetune" or cfg.train.head_augment
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            model.train()
+            losses = []
+            opt.zero_grad(set_to_none=True)
+            for i, (x, y) in enumerate(batches):
+                x, y = x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
+                if not cached:
+                    x = pre.normalize(augment_batch(x, cfg.augment, gen) if augment else x)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                step_now = (i + 1) % accum == 0 or i + 1 == len(batches)
+                no_sync = net.no_sync() if dist.world > 1 and not step_now else contextlib.nullcontext()
+                with no_sync:
+                    with autocast():
+                        loss = loss_fn(model.head(x) if cached else net(x), y)
+                    scaler.scale(loss / accum).backward()
+                if step_now:
+                    scaler.step(opt)
+                    scaler.update()
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
                     if sched is not None:
                         sched.step()
-                    losses.append(loss.item())
-                    bar.update(task, advance=1, status=f"{phase} epoch {epoch} loss {loss.item():.3f}")
-                prob_val, logit_val = predict_loader(model, eval_loaders["val"], pre, device)
-                with torch.no_grad():
-                    val_loss = float(loss_fn(torch.from_numpy(logit_val).to(device),
-                                             _targets(model, torch.from_numpy(y_val).to(device))))
-                val_auc = _auc(y_val, prob_val)
-                row = {
-                    "epoch": epoch, "phase": phase, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-                    "val_auc": val_auc, "lr": opt.param_groups[-1]["lr"], "seconds": time.perf_counter() - t0,
-                }
-                history.append(row)
-                logger.info("epoch %d (%s): train loss %.4f, val loss %.4f, val AUC %.4f", epoch, phase,
-                            row["train_loss"], val_loss, val_auc)
-                bar.update(task, status=f"{phase} epoch {epoch} val AUC {val_auc:.3f}")
-                better = (val_auc > best["auc"]) or (
-                    (math.isnan(val_auc) or val_auc == best["auc"]) and val_loss < best["loss"]
-                )
-                if better:
-                    best.update(auc=val_auc if not math.isnan(val_auc) else best["auc"], loss=val_loss,
-                                state=copy.deepcopy(model.state_dict()), epoch=epoch)
+                losses.append(loss.item())
+                bar.update(task, advance=1, status=f"{phase} epoch {epoch} loss {losses[-1]:.3f}")
+            if cached:
+                prob_val, logit_val = predict_loader(model, feature_loaders["val"], None, device, model.head, autocast)
+            else:
+                prob_val, logit_val = predict_loader(model, eval_loaders["val"], pre, device, None, autocast)
+            with torch.no_grad():
+                val_loss = float(loss_fn(torch.from_numpy(logit_val).to(device), y_val))
+            val_auc = _auc(y_val.cpu().numpy(), prob_val, model.task)
+            if plateau is not None and phase == "finetune":
+                plateau.step(val_loss if cfg.train.plateau_monitor == "val_loss" else val_auc)
+            row = {
+                "epoch": epoch, "phase": phase, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                "val_auc": val_auc, "lr": opt.param_groups[-1]["lr"], "seconds": time.perf_counter() - t0,
+            }
+            history.append(row)
+            logger.info("epoch %d (%s): train loss %.4f, val loss %.4f, val AUC %.4f", epoch, phase,
+                        row["train_loss"], val_loss, val_auc)
+            bar.update(task, status=f"{phase} epoch {epoch} val AUC {val_auc:.3f}")
+            better = (val_auc > best["auc"]) or (
+                (math.isnan(val_auc) or val_auc == best["auc"]) and val_loss < best["loss"]
+            )
+            stale = 0 if better else stale + 1
+            if better:
+                best.update(auc=val_auc if not math.isnan(val_auc) else best["auc"], loss=val_loss,
+                            state=copy.deepcopy(model.state_dict()), epoch=epoch)
+                if main:
                     save_checkpoint(run_dir / "model.pt", model, cfg, spec, table.label_names,
                                     {"epoch": epoch, "load_report": report.to_dict()})
-                    stale = 0
-                else:
-                    stale += 1
+            if main:
                 _write_history(run_dir / "history.csv", history)
-                if cfg.train.patience and stale >= cfg.train.patience and phase == "finetune":
-                    logger.info("early stopping after %d epochs without a better validation AUC", stale)
-                    break
+                if writer is not None:
+                    for key in ("train_loss", "val_loss", "val_auc", "lr"):
+                        writer.add_scalar(key, row[key], epoch)
+                _atomic_save({
+                    "format": LAST_FORMAT, "epoch": epoch, "stale": stale, "history": history, "best": best,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "plateau": plateau.state_dict() if plateau is not None else None,
+                    "scaler": scaler.state_dict(), "rng": _rng_state(gen), "config": cfg.to_dict(),
+                    "unfrozen": -1 if stage is None else stage,
+                    "data": None if data is None else str(data), "labels": None if labels is None else str(labels),
+                }, run_dir / "last.pt")
+            if cfg.train.patience and stale >= cfg.train.patience and phase == "finetune":
+                logger.info("early stopping after %d epochs without a better validation AUC", stale)
+                break
+    if writer is not None:
+        writer.close()
 
     model.load_state_dict(best["state"])
-    if not (run_dir / "model.pt").exists():
-        save_checkpoint(run_dir / "model.pt", model, cfg, spec, table.label_names,
-                        {"epoch": best["epoch"], "load_report": report.to_dict()})
     results = {}
     for name, loader in eval_loaders.items():
         ss = loader.dataset.samples
-        prob, _ = predict_loader(model, loader, pre, device)
+        prob, _ = predict_loader(model, loader, pre, device, None, autocast)
         results[name] = {
             "y": np.array([s.label for s in ss]), "prob": prob,
             "patient_ids": [s.patient_id for s in ss], "paths": [s.path for s in ss],
         }
+    if not main:
+        return FinetuneResult(run_dir, {}, history, report, splits)
     info = {
         "model_name": f"{cfg.model.backbone} fine-tuned ({cfg.modality})",
         "modality": cfg.modality,
@@ -336,7 +607,8 @@ def finetune(
         "medtransfer_version": medtransfer.__version__,
         "label_names": table.label_names,
         "data": {
-            "source": "built-in SYNTHETIC demo data (not patient data)" if data is None else str(data),
+            "source": "built-in SYNTHETIC demo data (not patient data)" if data is None and samples is None
+            else str(data),
             "splits": {k: {"n_patients": v["patients"], "n_images": v["images"]} for k, v in splits.items()},
         },
         "preprocessing": spec.to_dict(),
@@ -345,7 +617,9 @@ def finetune(
                     "sha256": report.sha256},
         "training": {"head_epochs": cfg.train.head_epochs, "finetune_epochs": cfg.train.finetune_epochs,
                      "best_epoch": best["epoch"], "lr": cfg.train.lr,
-                     "backbone_lr_mult": cfg.train.backbone_lr_mult, "bn_policy": cfg.train.bn_policy},
+                     "backbone_lr_mult": cfg.train.backbone_lr_mult, "bn_policy": cfg.train.bn_policy,
+                     "freeze": cfg.train.freeze, "schedule": cfg.train.schedule,
+                     "lr_schedule": cfg.train.lr_schedule, "world_size": dist.world},
     }
     metrics = write_evaluation(run_dir, results, table.label_names, history, info)
     # The operating point chosen on validation travels with the model, so predict applies it unchanged.
@@ -358,6 +632,35 @@ def finetune(
     metrics["split"] = splits
     _atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
     return FinetuneResult(run_dir, metrics, history, report, splits)
+
+
+@torch.no_grad()
+def _feature_loaders(model: TransferModel, train_set: ImageSet, val_loader: DataLoader, pre: Preprocessor,
+                     device: torch.device, autocast: Any, gen: torch.Generator, drop_last: bool,
+                     loader_kw: dict[str, Any]) -> dict[str, DataLoader]:
+    """Pooled features of the frozen backbone (inference mode), computed once, as loaders for the head."""
+    model.eval()
+
+    def features(loader: DataLoader) -> TensorDataset:
+        xs, ys = [], []
+        for x, y in loader:
+            with autocast():
+                xs.append(model.backbone(pre.normalize(x.to(device))).float())
+            ys.append(y.to(device))
+        return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+    kw = dict(batch_size=loader_kw["batch_size"])
+    ordered = DataLoader(train_set, shuffle=False, **loader_kw)
+    return {
+        "train": DataLoader(features(ordered), shuffle=True, generator=gen, drop_last=drop_last, **kw),
+        "val": DataLoader(features(val_loader), shuffle=False, **kw),
+    }
+
+
+def _atomic_save(payload: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
 
 
 def _plain(obj: Any) -> Any:
@@ -388,7 +691,8 @@ def write_evaluation(run_dir: Path, results: dict[str, dict[str, Any]], label_na
     per-image predictions, plots and the model card (see :mod:`medtransfer.metrics.report`)."""
     from medtransfer.metrics import write_classification_report
 
-    task = "binary" if len(label_names) == 2 else "multiclass"
+    task = "multilabel" if any(np.ndim(r["y"]) == 2 for r in results.values()) else (
+        "binary" if len(label_names) == 2 else "multiclass")
     return write_classification_report(
         run_dir, val=results["val"], test=results.get("test"), label_names=label_names, task=task,
         history=history, extra_info=info,

@@ -1,4 +1,28 @@
-"""Transfer plan: new heads, freezing and the BatchNorm policy."""
-from medtransfer.transfer.model import TransferModel, build_head, set_backbone_trainable
+"""Transfer plan: new heads and task losses, layer groups, freezing, the BatchNorm policy and
+discriminative learning rates."""
+from medtransfer.transfer.model import (
+    HEADS,
+    TASKS,
+    TaskLoss,
+    TransferModel,
+    build_head,
+    class_weights,
+    ordinal_targets,
+    resolve_task,
+    set_backbone_trainable,
+    task_probabilities,
+)
+from medtransfer.transfer.plan import (
+    BN_POLICIES,
+    FREEZE_MODES,
+    LayerGroup,
+    apply_plan,
+    group_learning_rates,
+    layer_groups,
+)
 
-__all__ = ["TransferModel", "build_head", "set_backbone_trainable"]
+__all__ = [
+    "BN_POLICIES", "FREEZE_MODES", "HEADS", "TASKS", "LayerGroup", "TaskLoss", "TransferModel", "apply_plan",
+    "build_head", "class_weights", "group_learning_rates", "layer_groups", "ordinal_targets", "resolve_task",
+    "set_backbone_trainable", "task_probabilities",
+]

@@ -1,0 +1,127 @@
+"""Engine benchmarks → benchmarks/results/engine.json.
+
+1. ``engine_vs_minimal_loop_ratio``: seconds per epoch (train + validation predictions) of
+   ``medtransfer.train.finetune`` over a minimal hand-written PyTorch loop on the same model
+   (tiny_cnn at 64 px, fine-tune phase, no augmentation), data and batch size; the two are
+   interleaved, the median of the per-epoch times is compared.
+2. ``feature_cache_speedup``: head-only epochs on a frozen EfficientNet-Lite0 (pip weights) at
+   64 px, without and with the feature cache; median epoch seconds (the one-off cache build is
+   reported separately).
+
+Run: ``python benchmarks/engine_bench.py`` (CPU; about 3 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_train_engine import toy_npz  # noqa: E402
+
+from medtransfer.backbones import get_weight_spec, load_backbone  # noqa: E402
+from medtransfer.config import load_config  # noqa: E402
+from medtransfer.data.preprocess import Preprocessor  # noqa: E402
+from medtransfer.data.samples import samples_from_npz  # noqa: E402
+from medtransfer.train import finetune as ft  # noqa: E402
+from medtransfer.transfer import TransferModel  # noqa: E402
+
+NO_AUG = ["augment.rotate_degrees=0", "augment.scale=0", "augment.brightness=0", "augment.contrast=0"]
+
+
+def minimal_loop_epochs(npz: Path, cfg, epochs: int) -> list[float]:
+    """The reference: DataLoader → forward → BCE → backward → AdamW step; then validation."""
+    torch.manual_seed(0)
+    table = samples_from_npz(npz)
+    backbone, _ = load_backbone(get_weight_spec(cfg.model.backbone), 1, "none")
+    model = TransferModel(backbone, 2, "linear", cfg.model.dropout)
+    pre = Preprocessor(ft.preprocess_spec(cfg, 1, (0.5,), (0.5,)))
+    train = ft.ImageSet(table, table.subset("train"), pre)
+    val = ft.ImageSet(table, table.subset("val"), pre)
+    tl = torch.utils.data.DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True)
+    vl = torch.utils.data.DataLoader(val, batch_size=cfg.train.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for x, _ in tl:  # fill the decoded-image cache, as the engine's first epoch does
+        pass
+    for x, _ in vl:
+        pass
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        model.train()
+        for x, y in tl:
+            loss = loss_fn(model(pre.normalize(x)).view(-1), y.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss.item()
+        model.eval()
+        with torch.no_grad():
+            for x, _ in vl:
+                torch.sigmoid(model(pre.normalize(x)))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def engine_epochs(npz: Path, overrides: list[str], out: Path) -> list[float]:
+    res = ft.finetune(load_config("xray", overrides=overrides), data=npz, out_dir=out)
+    return [h["seconds"] for h in res.history]
+
+
+def main() -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    work = Path(tempfile.mkdtemp(prefix="engine_bench_"))
+    npz = toy_npz(work / "toy.npz", n=(512, 128, 16), size=64)
+    epochs, reps = 4, 3
+    tiny = ["model.backbone=tiny_cnn.random", "model.weights=none", "data.size=64", "train.batch_size=32",
+            "train.head_epochs=0", f"train.finetune_epochs={epochs}", "train.lr_schedule=constant",
+            "train.class_weighting=false", "train.bn_policy=train", *NO_AUG]
+    cfg = load_config("xray", overrides=tiny)
+    eng, ref = [], []
+    for r in range(reps):  # interleaved; the first epoch of each engine run (cache fill) is dropped
+        ref += minimal_loop_epochs(npz, cfg, epochs)[1:]
+        eng += engine_epochs(npz, tiny, work / f"eng{r}")[1:]
+    ratio = statistics.median(eng) / statistics.median(ref)
+
+    lite = ["model.backbone=efficientnet_lite0.in1k", "model.weights=pretrained", "data.size=64",
+            "train.batch_size=32", "train.head_epochs=4", "train.finetune_epochs=0", "train.head_augment=false"]
+    off, on, build = [], [], []
+    for r in range(2):
+        off += engine_epochs(npz, lite + ["train.feature_cache=off"], work / f"off{r}")[1:]
+        t0 = time.perf_counter()
+        sec = engine_epochs(npz, lite + ["train.feature_cache=on"], work / f"on{r}")
+        total = time.perf_counter() - t0
+        on += sec[1:]
+        build.append(total - sum(sec))  # includes load, split, cache build and final evaluation
+    speedup = statistics.median(off) / statistics.median(on)
+
+    result = {
+        "engine_vs_minimal_loop_ratio": round(ratio, 4),
+        "engine_epoch_seconds_median": round(statistics.median(eng), 4),
+        "minimal_loop_epoch_seconds_median": round(statistics.median(ref), 4),
+        "engine_setup": "tiny_cnn.random, 64 px, batch 32, 512 train / 128 val images, train + val per epoch, "
+                        f"{reps} interleaved runs × {epochs - 1} timed epochs",
+        "feature_cache_speedup": round(speedup, 2),
+        "head_epoch_seconds_no_cache_median": round(statistics.median(off), 4),
+        "head_epoch_seconds_cache_median": round(statistics.median(on), 5),
+        "cache_run_seconds_outside_epochs": [round(b, 2) for b in build],
+        "feature_cache_setup": "efficientnet_lite0.in1k (pip weights), frozen, 64 px, batch 32, 512 train / 128 val, "
+                               "head-only epochs incl. validation; first epoch (cache build / image decode) dropped",
+        "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "machine": platform.machine(),
+    }
+    out = Path(__file__).resolve().parent / "results" / "engine.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Layer groups, freezing, the BatchNorm policy and discriminative learning rates.
+
+Layer groups (ordered input → output) are derived generically:
+
+* a timm model (``backbone.model`` with ``group_matcher``) uses timm's own coarse grouping
+  (stem, one group per block stage, the final conv/norm);
+* any other backbone: its top-level children, with the children of a container named
+  ``stages``/``blocks``/``features``/``layers`` expanded one level; a composite child (one with
+  submodules: ``layer1``, ``stages.0``, ``denseblock2``) starts a group, single layers before the
+  first one (conv, norm) form the ``stem`` group and those after a group join it.
+
+The head is never part of the layer groups and always trains.
+
+BatchNorm policy (2D and 3D BatchNorm, SyncBatchNorm, InstanceNorm with running statistics):
+
+* ``frozen`` — inference mode (running statistics used, not updated), no affine gradients;
+* ``eval-stats`` — inference mode, affine parameters train with their group;
+* ``train`` — statistics update and affine parameters train with their group.
+
+A norm in a frozen group is always ``frozen``. The mode stays in force across ``model.train()``
+(:class:`~medtransfer.transfer.model.TransferModel` re-applies it).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+BN_POLICIES = ("frozen", "eval-stats", "train")
+FREEZE_MODES = ("none", "backbone", "all_but_last", "pattern")
+_CONTAINERS = ("stages", "blocks", "features", "layers")
+
+
+@dataclass
+class LayerGroup:
+    """One unit of freezing and learning rate: its parameters and its norm modules."""
+
+    name: str
+    params: list[nn.Parameter] = field(default_factory=list)
+    param_names: list[str] = field(default_factory=list)
+    norms: list[nn.Module] = field(default_factory=list)
+
+
+def _timm_groups(inner: nn.Module, prefix: str) -> list[LayerGroup]:
+    from timm.models._manipulate import group_with_matcher
+
+    named = [(n, ("p", n, p)) for n, p in inner.named_parameters()]
+    named += [(n, ("m", n, m)) for n, m in inner.named_modules() if isinstance(m, _NormBase)]
+    grouped = group_with_matcher(named, inner.group_matcher(coarse=True), return_values=True)
+    groups = []
+    for gid in sorted(grouped):
+        g = LayerGroup(name=f"group{gid}")
+        for kind, n, obj in grouped[gid]:
+            if kind == "p":
+                g.params.append(obj)
+                g.param_names.append(prefix + n)
+            else:
+                g.norms.append(obj)
+        if g.params or g.norms:
+            groups.append(g)
+    groups[0].name = "stem"
+    return groups
+
+
+def _child_entries(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    entries = []
+    for name, child in backbone.named_children():
+        if name in _CONTAINERS and isinstance(child, (nn.Sequential, nn.ModuleList)):
+            entries += [(f"{name}.{sub}", m) for sub, m in child.named_children()]
+        else:
+            entries.append((name, child))
+    return entries
+
+
+def layer_groups(backbone: nn.Module) -> list[LayerGroup]:
+    """The backbone's layer groups, input → output (see the module docstring)."""
+    inner = getattr(backbone, "model", None)
+    if isinstance(inner, nn.Module) and hasattr(inner, "group_matcher"):
+        return _timm_groups(inner, "model.")
+    groups: list[LayerGroup] = []
+    for name, child in _child_entries(backbone):
+        if not any(True for _ in child.parameters()) and not any(isinstance(m, _NormBase) for m in child.modules()):
+            continue
+        is_stage = any(True for _ in child.children())
+        if is_stage or not groups:
+            groups.append(LayerGroup(name=name if is_stage else "stem"))
+        g = groups[-1]
+        for n, p in child.named_parameters():
+            g.params.append(p)
+            g.param_names.append(f"{name}.{n}")
+        g.norms += [m for m in child.modules() if isinstance(m, _NormBase)]
+    return groups
+
+
+def apply_plan(
+    model: nn.Module,
+    freeze: str = "none",
+    bn_policy: str = "frozen",
+    trainable_stages: int = 1,
+    pattern: str = "",
+    unfrozen: int | None = None,
+) -> list[bool]:
+    """Set ``requires_grad`` and the BatchNorm mode of ``model.backbone``; the head always trains.
+
+    ``freeze``: ``none`` (everything trains), ``backbone`` (nothing of it), ``all_but_last`` (the last
+    ``trainable_stages`` layer groups train), ``pattern`` (parameters whose name matches the regular
+    expression ``pattern`` stay frozen). ``unfrozen`` further limits training to the last
+    ``unfrozen`` groups (gradual unfreezing). Returns which layer groups train.
+    """
+    if freeze not in FREEZE_MODES:
+        raise ValueError(f"unknown freeze mode '{freeze}'; valid: {', '.join(FREEZE_MODES)}")
+    if bn_policy not in BN_POLICIES:
+        raise ValueError(f"unknown bn_policy '{bn_policy}'; valid: {', '.join(BN_POLICIES)}")
+    groups = layer_groups(model.backbone)
+    n = len(groups)
+    allowed = {"none": n, "backbone": 0, "all_but_last": min(trainable_stages, n), "pattern": n}[freeze]
+    if unfrozen is not None:
+        allowed = min(allowed, unfrozen)
+    regex = re.compile(pattern) if freeze == "pattern" and pattern else None
+    trains = [i >= n - allowed for i in range(n)]
+    for g, on in zip(groups, trains):
+        norm_params = {id(p) for m in g.norms for p in m.parameters(recurse=False)}
+        for name, p in zip(g.param_names, g.params):
+            frozen = not on or (regex is not None and regex.search(name) is not None)
+            if id(p) in norm_params and bn_policy == "frozen":
+                frozen = True
+            p.requires_grad_(not frozen)
+        for m in g.norms:
+            affine_frozen = not any(p.requires_grad for p in m.parameters(recurse=False))
+            m._mt_bn_eval = (not on) or bn_policy in ("frozen", "eval-stats") or (
+                regex is not None and affine_frozen and any(True for _ in m.parameters(recurse=False)))
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    model.train(model.training)
+    return trains
+
+
+def group_learning_rates(n_groups: int, lr: float, ratio: float) -> list[float]:
+    """Discriminative learning rates for ``n_groups`` backbone groups: geometric from ``lr × ratio``
+    (first group) to ``lr`` (last group), as fastai's ``slice(lr / 100, lr)`` is ``ratio = 0.01``."""
+    if n_groups <= 1:
+        return [lr] * n_groups
+    return [lr * ratio ** (1 - i / (n_groups - 1)) for i in range(n_groups)]
