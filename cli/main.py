@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from medtransfer.config import available_presets
-from medtransfer.errors import ConfigError, MedTransferError
+from medtransfer.errors import ConfigError, DataError, MedTransferError
 
 app = typer.Typer(
     name="medtransfer",
@@ -49,7 +49,11 @@ def _fail(exc: Exception, code: int) -> "typer.Exit":
 
 @app.command()
 def finetune(
-    modality: Modality = typer.Option("xray", "--modality", "-m", help="Modality preset: preprocessing, windows, augmentation, backbone, recipe."),
+    modality: Optional[Modality] = typer.Option(
+        None, "--modality", "-m",
+        help="Modality preset: preprocessing, windows, augmentation, backbone, recipe. Default: xray; for a .npz "
+        "the 'general' preset with a recipe chosen from the data (2D gray/colour or 3D, task, size, CPU budget).",
+    ),
     data: Optional[Path] = typer.Option(
         None, "--data", "-d",
         help="A folder of DICOM files (with --labels), or a MedMNIST .npz file (official splits). "
@@ -95,11 +99,20 @@ def finetune(
     if backbone is not None:
         overrides.append(f"model.backbone={backbone}")
     try:
-        cfg = load_config(modality.value, config, overrides)
+        if modality is None and data is not None and data.suffix == ".npz":
+            from medtransfer.data.profile import config_for_data
+
+            cfg, profile = config_for_data(data, config, overrides)
+            console.print(f"Data profile: {profile.dims}D, {profile.channels} channel(s), {profile.task} "
+                          f"({profile.n_classes} classes), {profile.n_train} training images -> 'general' preset, "
+                          f"{cfg.data.size} px, {cfg.train.finetune_epochs} fine-tuning epochs"
+                          + (f", {cfg.data.train_fraction:.0%} of the training set" if cfg.data.train_fraction < 1 else ""))
+        else:
+            cfg = load_config(modality.value if modality is not None else "xray", config, overrides)
         from medtransfer.backbones import get_weight_spec
 
         get_weight_spec(cfg.model.backbone)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         raise _fail(exc, 2) from None
     if data is None:
         console.print("Using the built-in [bold]SYNTHETIC[/] demo data (not patient data).")

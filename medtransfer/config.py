@@ -40,6 +40,9 @@ class DataConfig:
     cache: bool = True
     """Keep decoded, resized images in memory (small datasets)."""
     num_workers: int = field(default=0, metadata={"min": 0})
+    train_fraction: float = field(default=1.0, metadata={"min": 0.001, "max": 1.0})
+    """Train on this fraction of the training patients (stratified, seeded); validation and test
+    stay whole. For sample-efficiency studies and for fitting large sets into a time budget."""
 
 
 @dataclass

@@ -49,3 +49,35 @@ def test_profile_of_real_medmnist_files():
     assert (breast.dims, breast.channels, breast.task, breast.n_train, breast.n_test) == (2, 1, "binary", 546, 156)
     adrenal = profile_npz(shared_data("medmnist", "adrenalmnist3d.npz"))
     assert (adrenal.dims, adrenal.image_shape, adrenal.task) == (3, (28, 28, 28), "binary")
+
+
+def test_cli_picks_the_recipe_from_the_data(tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from medtransfer.cli.main import app
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 60), ("val", 20), ("test", 20)):
+        y = rng.integers(0, 3, size=(n, 1)).astype(np.uint8)
+        x = rng.integers(0, 50, size=(n, 28, 28, 3)).astype(np.uint8)
+        for c in range(3):
+            x[y[:, 0] == c, 8:20, 8:20, c] += 200
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y
+    npz = tmp_path / "colour3.npz"
+    np.savez(npz, **arrays)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["finetune", "--data", str(npz), "--out", str(out), "-q",
+                                      "--backbone", "tiny_cnn.random", "--weights", "none",
+                                      "--set", "train.finetune_epochs=2", "--set", "train.lr=0.01"])
+    assert result.exit_code == 0, result.output
+    assert "2D, 3 channel(s), multiclass (3 classes)" in result.output
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["modality"] == "general"
+    assert cfg["data"]["size"] == 64 and cfg["train"]["head_augment"] is False  # from the recipe
+    assert cfg["train"]["finetune_epochs"] == 2  # the user's --set wins over the recipe
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 20 and metrics["test"]["auc"] > 0.8

@@ -75,21 +75,39 @@ def profile_npz(path: str | Path) -> DataProfile:
                        len(npz["test_labels"]))
 
 
-# Seconds per training image for EfficientNet-Lite0 at 64 px on one 2-core CPU (measured: forward
-# and backward, batch 32); the cost grows with the number of pixels.
-_SECONDS_PER_IMAGE_64PX = 1 / 110
+# Seconds per image for EfficientNet-Lite0 at 64 px on a 2-core CPU, batch 16: a training step
+# (forward + backward) and an evaluation forward pass. The cost grows with the number of pixels.
+_TRAIN_SECONDS_64PX = 1 / 80
+_EVAL_SECONDS_64PX = 1 / 300
 
 
 def recipe_overrides(profile: DataProfile, budget_minutes: float = 12.0) -> list[str]:
     """Config overrides for ``profile`` that fit ``budget_minutes`` of training on a 2-core CPU.
 
     Images are trained at twice their stored size (at least 64 px, at most 128 px): small
-    MedMNIST-style images gain from the backbone's receptive field at a larger scale. The number of
-    fine-tuning epochs fills the budget (between 2 and 12), after 2 head-only epochs.
+    MedMNIST-style images gain from the backbone's receptive field at a larger scale. After two
+    head-only epochs (on cached features), fine-tuning epochs fill the budget (2 to 12, each with a
+    validation pass); when even two do not fit, a stratified fraction of the training set is used.
     """
     side = max(profile.image_shape[-2:])
     size = int(min(128, max(64, 2 * side)))
-    per_image = _SECONDS_PER_IMAGE_64PX * (size / 64) ** 2 * (profile.image_shape[0] / 8 if profile.dims == 3 else 1)
-    epochs = math.floor(budget_minutes * 60 / max(per_image * profile.n_train, 1e-6)) - 1
-    epochs = int(min(12, max(2, epochs)))
-    return [f"data.size={size}", "train.head_epochs=2", f"train.finetune_epochs={epochs}"]
+    scale = (size / 64) ** 2
+    train_s = _TRAIN_SECONDS_64PX * scale * profile.n_train
+    val_s = _EVAL_SECONDS_64PX * scale * profile.n_val
+    head_s = 2 * (val_s + _EVAL_SECONDS_64PX * scale * profile.n_train / 2)  # cached features
+    budget = budget_minutes * 60 - head_s - _EVAL_SECONDS_64PX * scale * (profile.n_val + profile.n_test)
+    epochs = int(min(12, max(2, math.floor(budget / max(train_s + val_s, 1e-6)))))
+    fraction = min(1.0, budget / (epochs * (train_s + val_s))) if budget > 0 else 0.05
+    out = [f"data.size={size}", "train.head_epochs=2", "train.head_augment=false", f"train.finetune_epochs={epochs}"]
+    if fraction < 1.0:
+        out.append(f"data.train_fraction={max(fraction, 0.01):.3f}")
+    return out
+
+
+def config_for_data(data: str | Path, config_file: str | Path | None = None,
+                    overrides: list[str] | None = None):
+    """The ``general`` preset with the recipe this data calls for; user settings win."""
+    from medtransfer.config import load_config
+
+    profile = profile_npz(data)
+    return load_config("general", config_file, recipe_overrides(profile) + list(overrides or [])), profile

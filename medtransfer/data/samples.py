@@ -202,6 +202,28 @@ def split_by_patient(
     return table
 
 
+def subsample_train(table: SampleTable, fraction: float, seed: int = 0) -> SampleTable:
+    """Keep ``fraction`` of the training patients (at least one per class), stratified by each
+    patient's most frequent label; the others leave the table. Validation and test are untouched."""
+    if fraction >= 1.0:
+        return table
+    rng = np.random.default_rng(seed)
+    by_patient: dict[str, list[Sample]] = defaultdict(list)
+    for s in table.subset("train"):
+        by_patient[s.patient_id].append(s)
+    strata: dict[Any, list[str]] = defaultdict(list)
+    for pid in sorted(by_patient):
+        labels = Counter(s.label for s in by_patient[pid])
+        strata[max(labels, key=lambda k: (labels[k], k))].append(pid)
+    keep: set[str] = set()
+    for stratum in sorted(strata, key=str):
+        pids = strata[stratum]
+        rng.shuffle(pids)
+        keep.update(pids[: max(1, int(round(len(pids) * fraction)))])
+    table.samples = [s for s in table.samples if s.split != "train" or s.patient_id in keep]
+    return table
+
+
 def check_leakage(samples: list[Sample]) -> None:
     """Raise :class:`DataError` when a patient appears in more than one split."""
     seen: dict[str, set[str]] = defaultdict(set)

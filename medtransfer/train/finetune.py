@@ -42,7 +42,14 @@ import medtransfer
 from medtransfer.backbones import LoadReport, get_weight_spec, load_backbone
 from medtransfer.config import RunConfig, config_from_dict
 from medtransfer.data.preprocess import Preprocessor, PreprocessSpec
-from medtransfer.data.samples import Sample, SampleTable, check_leakage, split_by_patient, split_report
+from medtransfer.data.samples import (
+    Sample,
+    SampleTable,
+    check_leakage,
+    split_by_patient,
+    split_report,
+    subsample_train,
+)
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.train.augment import augment_batch
 from medtransfer.transfer import (
@@ -390,6 +397,7 @@ def finetune(
     if any(s.split is None for s in table.samples):
         split_by_patient(table, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed)
     check_leakage(table.samples)  # also when the user supplied every split
+    subsample_train(table, cfg.data.train_fraction, cfg.train.seed)
     splits = split_report(table)
     train_s, val_s, test_s = (table.subset(s) for s in ("train", "val", "test"))
     if not train_s or not val_s:
