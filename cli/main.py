@@ -182,6 +182,17 @@ def predict(
     from medtransfer.inference.batch import SeriesFilter, parse_shard
 
     _setup_logging(quiet)
+    if _is_segmentation_run(run_dir):
+        from medtransfer.segmentation import predict_segmentation
+
+        out_dir = out.with_suffix("") if out.suffix == ".csv" else out
+        try:
+            rows = predict_segmentation(run_dir, [input_dir], out_dir)
+        except MedTransferError as exc:
+            raise _fail(exc, 1) from None
+        n_ok = sum(r.get("status") == "ok" for r in rows)
+        console.print(f"segmentation: {n_ok} of {len(rows)} inputs ok -> {out_dir} (masks, volumes.csv)")
+        raise typer.Exit(0 if n_ok else 1)
     try:
         summary = predict_folder(
             run_dir, input_dir, out, batch_size=batch_size, device=device, progress=not quiet, workers=workers,
@@ -195,6 +206,15 @@ def predict(
     if summary.n_ok == 0:
         console.print("[bold red]no input could be predicted[/]; see the reason column.")
         raise typer.Exit(1)
+
+
+def _is_segmentation_run(run_dir: Path) -> bool:
+    import torch
+
+    path = Path(run_dir) / "model.pt"
+    if not path.is_file():
+        return False
+    return torch.load(path, map_location="cpu", weights_only=True).get("format") == "medtransfer-seg/1"
 
 
 @app.command()
@@ -296,10 +316,12 @@ def demo_data(
 
 
 from medtransfer.cli.inspect_cmd import inspect_command  # noqa: E402
+from medtransfer.cli.segment_cmd import segment_app  # noqa: E402
 from medtransfer.cli.weights_cmd import weights_app  # noqa: E402
 
 app.command("inspect")(inspect_command)
 app.add_typer(weights_app, name="weights")
+app.add_typer(segment_app, name="segment")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ def test_wheel_contains_cli_and_presets(tmp_path):
     assert "medtransfer/configs/xray.yaml" in names
     assert "medtransfer/cli/main.py" in names
     assert "medtransfer/io/dicom.py" in names
+    assert "medtransfer/configs/segmentation/mri.yaml" in names
     top = {n.split("/")[0] for n in names}
     # nothing but the medtransfer package (and its metadata) goes into site-packages
     assert {t for t in top if not t.endswith(".dist-info")} == {"medtransfer"}

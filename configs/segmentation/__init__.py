@@ -1,0 +1,1 @@
+"""Segmentation presets (``mri.yaml``, ``ct.yaml``), kept apart from the classification presets."""
