@@ -264,6 +264,20 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def read_user_yaml(config_file: str | Path) -> dict[str, Any]:
+    """A user's ``--config`` file as a dict of sections; ConfigError when missing or malformed."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist.")
+    try:
+        user = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of sections.")
+    return user
+
+
 def load_config(
     modality: str = "xray",
     config_file: str | Path | None = None,
@@ -273,16 +287,7 @@ def load_config(
     values = preset_dict(modality)
     values["modality"] = modality
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"Config file '{path}' does not exist.")
-        try:
-            user = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"Config file '{path}' must hold a mapping of sections.")
-        values = _deep_merge(values, user)
+        values = _deep_merge(values, read_user_yaml(config_file))
     for text in overrides or []:
         values = _deep_merge(values, parse_override(text))
     return config_from_dict(values)

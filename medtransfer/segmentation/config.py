@@ -9,12 +9,11 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from medtransfer.config import _build, _deep_merge, parse_override
+from medtransfer.config import _build, _deep_merge, parse_override, read_user_yaml
 from medtransfer.errors import ConfigError
 
 MODALITIES = ("mri", "ct")
@@ -141,13 +140,7 @@ def load_seg_config(
     values = preset_dict(modality)
     values["modality"] = modality
     if config_file is not None:
-        p = Path(config_file)
-        if not p.is_file():
-            raise ConfigError(f"Config file '{p}' not found.")
-        try:
-            values = _deep_merge(values, yaml.safe_load(p.read_text()) or {})
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}") from None
+        values = _deep_merge(values, read_user_yaml(config_file))
     for name, section in sections.items():
         if section:
             values = _deep_merge(values, {name: section})

@@ -126,9 +126,9 @@ class SegmentationNet(nn.Module):
     def train(self, mode: bool = True) -> "SegmentationNet":
         super().train(mode)
         if mode:
-            for m in self.modules():
-                if getattr(m, "_mt_bn_eval", False):
-                    m.eval()
+            from medtransfer.transfer.plan import restore_frozen_norms
+
+            restore_frozen_norms(self)
         return self
 
 

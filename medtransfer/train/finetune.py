@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 import medtransfer
-from medtransfer.backbones import LoadReport, get_weight_spec, load_backbone
+from medtransfer.backbones import LoadReport, check_input_contract, get_weight_spec, load_backbone
 from medtransfer.config import RunConfig, config_from_dict
 from medtransfer.data.preprocess import Preprocessor, PreprocessSpec
 from medtransfer.data.samples import (
@@ -440,6 +440,9 @@ def finetune(
     y_val = torch.tensor(np.array([s.label for s in val_s], dtype=np.float32 if table.task == "multilabel" else np.int64),
                          device=device)
     loss_fn = _loss_fn(model, train_s, cfg.train.class_weighting, device)
+    # A real batch against the weights' input contract (channels, dims, value range) before any work.
+    first = torch.stack([train_set[i][0] for i in range(min(len(train_set), cfg.train.batch_size))])
+    check_input_contract(pre.normalize(first), wspec, channels=channels, dims=wspec.dims)
 
     # ---- transfer plan: one optimizer param group per backbone layer group, the head last ----
     bn_policy = cfg.train.bn_policy

@@ -143,3 +143,11 @@ def group_learning_rates(n_groups: int, lr: float, ratio: float) -> list[float]:
     if n_groups <= 1:
         return [lr] * n_groups
     return [lr * ratio ** (1 - i / (n_groups - 1)) for i in range(n_groups)]
+
+
+def restore_frozen_norms(module: nn.Module) -> None:
+    """Put the norms that a plan froze (``_mt_bn_eval``) back into inference mode; call after
+    ``module.train()`` so the BatchNorm policy survives it."""
+    for m in module.modules():
+        if getattr(m, "_mt_bn_eval", False):
+            m.eval()
