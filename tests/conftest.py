@@ -79,6 +79,13 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def bundled(name: str) -> str:
+    """A test file shipped inside the pydicom wheel itself (never downloads)."""
+    from pydicom.data import get_testdata_file
+
+    return get_testdata_file(name, download=False)
+
+
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory) -> Path:
     """A small synthetic demo dataset (12 patients) shared by the tests."""

@@ -6,14 +6,10 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 
 from medtransfer.io import MedIOError, NoPixelDataError, read_dicom, read_nifti
 from medtransfer.io.dicom import UndecodablePixelDataError
-
-
-def bundled(name: str) -> str:
-    return get_testdata_file(name, download=False)
+from conftest import bundled
 
 
 def _expect(path, *words, cls=MedIOError):

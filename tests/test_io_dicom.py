@@ -1,28 +1,14 @@
 """read_dicom on real files (pydicom's bundled test files, shared/data) with hand-computed values."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 
 from medtransfer.io import MedIOError, read_dicom
 from medtransfer.io.dicom import decoder_for
-
-
-def shared_data() -> Path:
-    root = Path(os.environ.get("MEDTRANSFER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    if not root.is_dir():
-        pytest.skip(f"shared data folder {root} is absent (set MEDTRANSFER_SHARED_DATA)")
-    return root
-
-
-def bundled(name: str) -> str:
-    """A file shipped inside the pydicom wheel (never downloads)."""
-    return get_testdata_file(name, download=False)
+from conftest import bundled, shared_data
 
 
 def test_ct_pixel_in_hounsfield_units():

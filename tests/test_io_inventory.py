@@ -2,29 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pydicom
 import pytest
 import typer
-from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from medtransfer.cli.inspect_cmd import inspect_command
 from medtransfer.io import inventory, render_inventory
-
-
-def shared_data() -> Path:
-    root = Path(os.environ.get("MEDTRANSFER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    if not root.is_dir():
-        pytest.skip(f"shared data folder {root} is absent (set MEDTRANSFER_SHARED_DATA)")
-    return root
-
-
-def bundled(name: str) -> str:
-    return get_testdata_file(name, download=False)
+from conftest import bundled, shared_data
 
 
 @pytest.fixture

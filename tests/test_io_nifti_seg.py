@@ -1,7 +1,6 @@
 """NIfTI (canonical RAS orientation, labels as integers) and DICOM SEG alignment on real files."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -10,13 +9,7 @@ import pydicom
 import pytest
 
 from medtransfer.io import MedIOError, read_nifti, read_seg, read_series
-
-
-def shared_data() -> Path:
-    root = Path(os.environ.get("MEDTRANSFER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    if not root.is_dir():
-        pytest.skip(f"shared data folder {root} is absent (set MEDTRANSFER_SHARED_DATA)")
-    return root
+from conftest import shared_data
 
 
 def test_las_nifti_is_flipped_to_ras():

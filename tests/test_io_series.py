@@ -1,7 +1,6 @@
 """Series → volume: grouping, slice order, geometry and the problems that are reported."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +10,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from medtransfer.io import MedIOError, find_series, read_series
-
-
-def shared_data() -> Path:
-    root = Path(os.environ.get("MEDTRANSFER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    if not root.is_dir():
-        pytest.skip(f"shared data folder {root} is absent (set MEDTRANSFER_SHARED_DATA)")
-    return root
+from conftest import shared_data
 
 
 def write_series(folder: Path, zs, *, tilt_mm_per_slice: float = 0.0, sizes=None, orientations=None, order=None):

@@ -1,5 +1,4 @@
 """The research notebooks run top to bottom on small settings (MEDTRANSFER_FAST=1)."""
-import os
 from pathlib import Path
 
 import pytest

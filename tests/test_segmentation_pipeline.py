@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
 from medtransfer.errors import ConfigError
-from medtransfer.io import read_nifti, read_seg, read_series
+from medtransfer.io import read_seg, read_series
 from medtransfer.metrics import evaluate_segmentation
 from medtransfer.segmentation import (
     CHECKPOINT_FORMAT,
