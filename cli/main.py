@@ -214,7 +214,8 @@ def _is_segmentation_run(run_dir: Path) -> bool:
     path = Path(run_dir) / "model.pt"
     if not path.is_file():
         return False
-    return torch.load(path, map_location="cpu", weights_only=True).get("format") == "medtransfer-seg/1"
+    # mmap: only the small metadata is read here; the weights are read once, by the loader.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("format") == "medtransfer-seg/1"
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """Evaluate a trained run on any labelled set, and compare two runs on the same test set."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from medtransfer.data.samples import SampleTable, split_by_patient
 from medtransfer.errors import DataError
 from medtransfer.inference.predict import LoadedRun, load_run
+from medtransfer.metrics._utils import nan_to_none, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -105,33 +106,9 @@ def compare_runs(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str],
     boot = paired_bootstrap_auc_diff(y, pa["prob"][:, 1], pb["prob"][:, 1], groups=pa["patient_ids"], n_boot=n_boot)
     result = {
         "run_a": str(run_a), "run_b": str(run_b), "n": int(len(y)), "n_patients": len(set(pa["patient_ids"])),
-        "delong": _plain(dl), "paired_bootstrap": _plain(boot),
+        "delong": nan_to_none(dataclasses.asdict(dl)), "paired_bootstrap": nan_to_none(dataclasses.asdict(boot)),
     }
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(out, result)
     return result
 
-
-def _plain(obj: Any) -> Any:
-    """Results (dataclasses, named tuples, numpy scalars) → JSON-safe values; NaN → None."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    elif hasattr(obj, "_asdict"):
-        obj = obj._asdict()
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if np.isnan(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    return obj

@@ -51,6 +51,7 @@ from medtransfer.data.samples import (
     subsample_train,
 )
 from medtransfer.errors import ConfigError, DataError
+from medtransfer.metrics._utils import nan_to_none, write_json_atomic
 from medtransfer.train.augment import augment_batch
 from medtransfer.transfer import (
     TaskLoss,
@@ -637,11 +638,11 @@ def finetune(
     model.cpu()
     save_checkpoint(run_dir / "model.pt", model, cfg, spec, table.label_names,
                     {"epoch": best["epoch"], "load_report": report.to_dict(),
-                     "operating_point": _plain(metrics.get("operating_point"))})
+                     "operating_point": nan_to_none(metrics.get("operating_point"))})
     metrics["best_epoch"] = best["epoch"]
     metrics["minutes"] = (time.perf_counter() - t_start) / 60
     metrics["split"] = splits
-    _atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
+    write_json_atomic(run_dir / "metrics.json", metrics)
     return FinetuneResult(run_dir, metrics, history, report, splits)
 
 
@@ -672,19 +673,6 @@ def _atomic_save(payload: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
-
-
-def _plain(obj: Any) -> Any:
-    """JSON round trip: only plain containers and numbers (safe for ``weights_only`` loading)."""
-    return json.loads(json.dumps(obj, default=_json_default)) if obj is not None else None
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
