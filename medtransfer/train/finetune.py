@@ -20,6 +20,7 @@ import contextlib
 import copy
 import csv
 import functools
+import gc
 import json
 import logging
 import math
@@ -475,7 +476,7 @@ def finetune(
     feature_loaders: dict[str, DataLoader] | None = None
 
     history: list[dict[str, Any]] = []
-    best = {"auc": -math.inf, "loss": math.inf, "state": copy.deepcopy(model.state_dict()), "epoch": 0}
+    best = {"auc": -math.inf, "loss": math.inf, "state": _snapshot(model), "epoch": 0}
     start_epoch, stale = 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -504,7 +505,7 @@ def finetune(
                    transient=False)
     stage: Any = "unset"
     net: nn.Module = model
-    with bar:
+    with bar, _frozen_heap():
         task = bar.add_task("fine-tuning", total=total_epochs * len(train_loader),
                             completed=start_epoch * len(train_loader), status="")
         for epoch in range(start_epoch + 1, total_epochs + 1):
@@ -577,7 +578,7 @@ def finetune(
             stale = 0 if better else stale + 1
             if better:
                 best.update(auc=val_auc if not math.isnan(val_auc) else best["auc"], loss=val_loss,
-                            state=copy.deepcopy(model.state_dict()), epoch=epoch)
+                            state=_snapshot(model), epoch=epoch)
                 if main:
                     save_checkpoint(run_dir / "model.pt", model, cfg, spec, table.label_names,
                                     {"epoch": epoch, "load_report": report.to_dict()})
@@ -667,6 +668,25 @@ def _feature_loaders(model: TransferModel, train_set: ImageSet, val_loader: Data
         "train": DataLoader(features(ordered), shuffle=True, generator=gen, drop_last=drop_last, **kw),
         "val": DataLoader(features(val_loader), shuffle=False, **kw),
     }
+
+
+@contextlib.contextmanager
+def _frozen_heap() -> Any:
+    """Move every object alive before training out of the garbage collector's reach while the epochs
+    run. After torch, sklearn and matplotlib are imported a process tracks ~0.5 M objects, and each
+    full collection walked them all (~150 ms, several times per run); the loop itself creates few
+    long-lived objects, so nothing is lost by not scanning the old ones."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the weights (``copy.deepcopy`` of a state dict costs ~10x more on small models)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _atomic_save(payload: dict[str, Any], path: Path) -> None:
