@@ -160,6 +160,8 @@ def predict(
     series_description: Optional[str] = typer.Option(None, "--series-description", help="Only series whose SeriesDescription matches this regular expression."),
     min_slices: int = typer.Option(1, "--min-slices", min=1, help="3D models: skip series with fewer slices."),
     parquet: bool = typer.Option(False, "--parquet", help="Also write OUT with a .parquet suffix (needs pyarrow)."),
+    study_json: Optional[Path] = typer.Option(None, "--study-json", help="Also write one JSON per study (rows, counts, study-level maximum per class) into this folder."),
+    patient_fields: bool = typer.Option(False, "--patient-fields", help="Add patient_id, patient_name and patient_birth_date columns (identifying data: off by default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -168,7 +170,8 @@ def predict(
     Columns: path, status (ok / skipped / error), reason, SOP/study/series instance UIDs, one
     prob_<class> column per class, predicted (at the operating point chosen on validation).
     Broken files are 'error', DICOM objects without an image (SR, RTSTRUCT) and images outside the
-    selection 'skipped'; the batch always finishes. No patient names or birth dates are written.
+    selection 'skipped'; the batch always finishes. No patient names or birth dates are written
+    unless --patient-fields asks for them. --study-json DIR adds one JSON per study.
 
     Exit code 0 when at least one input was predicted, 1 otherwise.
 
@@ -177,6 +180,8 @@ def predict(
       medtransfer predict runs/demo /data/inbox --out preds.csv --workers 2
 
       medtransfer predict runs/demo /data/inbox --out part0.csv --shard 0/4   # on machine 0 of 4
+
+      medtransfer predict runs/demo /data/inbox --out preds.csv --study-json reports/ --parquet
     """
     from medtransfer.inference import predict_folder
     from medtransfer.inference.batch import SeriesFilter, parse_shard
@@ -196,7 +201,8 @@ def predict(
     try:
         summary = predict_folder(
             run_dir, input_dir, out, batch_size=batch_size, device=device, progress=not quiet, workers=workers,
-            resume=resume, shard=parse_shard(shard), parquet=parquet,
+            resume=resume, shard=parse_shard(shard), parquet=parquet, study_json_dir=study_json,
+            patient_fields=patient_fields,
             series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices),
         )
     except MedTransferError as exc:

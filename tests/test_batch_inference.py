@@ -101,3 +101,58 @@ def test_3d_model_predicts_per_series(tmp_path):
                         series_filter=SeriesFilter(description="hippo", min_slices=33))
     kept = sorted(len(r["files"].split(";")) for r in _csv(s2.out_csv) if r["status"] == "ok")
     assert kept == [35, 40]
+
+
+def test_study_json_per_study_matches_the_table(run2d, small_demo, tmp_path):
+    import json
+
+    jdir = tmp_path / "studies"
+    s = predict_folder(run2d, small_demo / "images", tmp_path / "p.csv", study_json_dir=jdir)
+    rows = _csv(s.out_csv)
+    by_study = {}
+    for r in rows:
+        by_study.setdefault(r["study_instance_uid"], []).append(r)
+    docs = {p.name: json.loads(p.read_text()) for p in jdir.glob("*.json")}
+    assert sorted(docs) == sorted(f"{uid}.json" for uid in by_study)  # one file per study, nothing else
+    for uid, study_rows in by_study.items():
+        doc = docs[f"{uid}.json"]
+        assert doc["format"] == "medtransfer-study/1" and doc["study_instance_uid"] == uid
+        assert [i["path"] for i in doc["items"]] == [r["path"] for r in study_rows]
+        assert doc["counts"] == {"ok": len(study_rows)}
+        for item, r in zip(doc["items"], study_rows):
+            assert item["probabilities"]["positive"] == pytest.approx(float(r["prob_positive"]))
+            assert item["predicted"] == r["predicted"]
+        peak = doc["summary"]["max_probability"]["positive"]
+        assert peak["probability"] == pytest.approx(max(float(r["prob_positive"]) for r in study_rows))
+        assert doc["model"]["label_names"] == ["negative", "positive"]
+        assert doc["model"]["operating_point"] == {"threshold": 0.5}
+    # rows that have no study (a broken file) are kept too, in their own file
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "junk.dcm").write_bytes(b"not dicom")
+    predict_folder(run2d, broken, tmp_path / "b.csv", study_json_dir=tmp_path / "bj", shard=(0, 1))
+    doc = json.loads((tmp_path / "bj" / "no-study-uid.shard-0-of-1.json").read_text())
+    assert doc["counts"] == {"error": 1} and doc["summary"]["n_predicted"] == 0
+
+
+def test_parquet_has_the_same_rows_as_the_csv(run2d, small_demo, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is in the dev extra; pip install pyarrow")
+    s = predict_folder(run2d, small_demo / "images", tmp_path / "p.csv", parquet=True)
+    table = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    rows = _csv(s.out_csv)
+    assert len(table) == len(rows) > 0
+    assert [t["path"] for t in table] == [r["path"] for r in rows]
+    assert [t["prob_positive"] for t in table] == pytest.approx([float(r["prob_positive"]) for r in rows])
+
+
+def test_patient_fields_only_on_request(run2d, small_demo, tmp_path):
+    import pydicom
+
+    plain = predict_folder(run2d, small_demo / "images", tmp_path / "plain.csv")
+    text = plain.out_csv.read_text()
+    assert "patient_name" not in text and "SYNTHETIC^DEMO" not in text and "19700101" not in text
+    rows = _csv(predict_folder(run2d, small_demo / "images", tmp_path / "phi.csv", patient_fields=True).out_csv)
+    for r in rows[:5]:
+        ds = pydicom.dcmread(r["path"], stop_before_pixels=True)
+        assert (r["patient_id"], r["patient_name"], r["patient_birth_date"]) == (
+            ds.PatientID, str(ds.PatientName), ds.PatientBirthDate)

@@ -9,6 +9,10 @@
   interrupted run) and processes only the rest.
 * ``shard=(i, n)`` takes the i-th of n contiguous blocks of the sorted work list, so n machines
   can run in parallel and their outputs, concatenated in shard order, equal the full run.
+* ``study_json_dir``: besides the table, one JSON file per StudyInstanceUID (its rows, status
+  counts and a study-level summary), written atomically once the table is complete.
+* Patient-identifying fields (PatientID, PatientName, PatientBirthDate) are never written unless
+  ``patient_fields=True``.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ from medtransfer.io import MedIOError, NoPixelDataError, read_dicom_header
 logger = logging.getLogger(__name__)
 
 BASE_FIELDS = ["path", "status", "reason", "sop_instance_uid", "study_instance_uid", "series_instance_uid"]
+PATIENT_FIELDS = ["patient_id", "patient_name", "patient_birth_date"]
+STUDY_JSON_FORMAT = "medtransfer-study/1"
 
 
 @dataclass
@@ -102,16 +108,36 @@ def _header_ids(path: str) -> dict[str, str]:
     }
 
 
+def _patient_ids(path: str) -> dict[str, str]:
+    """PatientID, PatientName and PatientBirthDate of a file (only when the user asked for them)."""
+    try:
+        ds = read_dicom_header(path)
+    except Exception:
+        return {}
+    return {
+        "patient_id": str(ds.get("PatientID", "") or ""),
+        "patient_name": str(ds.get("PatientName", "") or ""),
+        "patient_birth_date": str(ds.get("PatientBirthDate", "") or ""),
+    }
+
+
 class _Decode(Dataset):
     """Decodes work items in DataLoader workers; never raises (failures become row statuses)."""
 
-    def __init__(self, items: list[WorkItem], pre, dims: int, filt: SeriesFilter):
+    def __init__(self, items: list[WorkItem], pre, dims: int, filt: SeriesFilter, patient_fields: bool = False):
         self.items, self.pre, self.dims, self.filt = items, pre, dims, filt
+        self.patient_fields = patient_fields
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        out = self._decode(i)
+        if self.patient_fields:
+            out["ids"].update(_patient_ids(self.items[i].paths[0]))
+        return out
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def _decode(self, i: int) -> dict[str, Any]:
         item = self.items[i]
         out: dict[str, Any] = {"i": i, "tensor": None, "status": item.status, "reason": item.reason,
                                "ids": dict(item.ids)}
@@ -234,6 +260,8 @@ def run_batch(
     shard: tuple[int, int] | None = None,
     series_filter: SeriesFilter | None = None,
     parquet: bool = False,
+    study_json_dir: str | os.PathLike[str] | None = None,
+    patient_fields: bool = False,
     keep_rows: bool = True,
     progress: bool = False,
 ) -> BatchSummary:
@@ -244,7 +272,8 @@ def run_batch(
     filt = series_filter or SeriesFilter()
     dims = run.pre.spec.dims
     prob_cols = [f"prob_{n}" for n in run.label_names]
-    fields = BASE_FIELDS + (["files"] if dims == 3 else []) + prob_cols + ["predicted"]
+    fields = (BASE_FIELDS + (PATIENT_FIELDS if patient_fields else []) + (["files"] if dims == 3 else [])
+              + prob_cols + ["predicted"])
     items = shard_slice(work_items(folder, dims, filt), shard)
 
     out = Path(out_csv)
@@ -259,7 +288,7 @@ def run_batch(
     counts: Counter = Counter(r["status"] for r in previous)
     kept: list[dict[str, Any]] | None = list(previous) if keep_rows else None
     pin = run.device.type == "cuda"
-    loader = DataLoader(_Decode(todo, run.pre, dims, filt), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(_Decode(todo, run.pre, dims, filt, patient_fields), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_list_list, persistent_workers=False,
                         prefetch_factor=4 if workers else None)
     from rich.progress import Progress
@@ -307,6 +336,8 @@ def run_batch(
     os.replace(partial, out)
     if parquet:
         _write_parquet(out)
+    if study_json_dir is not None:
+        write_study_jsons(out, study_json_dir, run, shard)
     logger.info("%d inputs: %s -> %s", sum(counts.values()), dict(counts), out)
     return BatchSummary(out, counts, kept)
 
@@ -322,3 +353,64 @@ def _write_parquet(csv_path: Path) -> Path:
     pq.write_table(pacsv.read_csv(csv_path), tmp)
     os.replace(tmp, target)
     return target
+
+
+def _study_summary(rows: list[dict[str, str]], label_names: list[str]) -> dict[str, Any]:
+    """Study-level view of the predicted rows: per class the highest probability over the study's
+    images (or series) and the image that carries it; the labels predicted for any of them."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return {"n_predicted": 0, "max_probability": {}, "predicted_labels": []}
+    peak: dict[str, Any] = {}
+    for name in label_names:
+        best = max(ok, key=lambda r: float(r[f"prob_{name}"]))
+        peak[name] = {"probability": float(best[f"prob_{name}"]), "path": best["path"]}
+    labels = sorted({lab for r in ok for lab in r["predicted"].split(";") if lab})
+    return {"n_predicted": len(ok), "max_probability": peak, "predicted_labels": labels}
+
+
+def write_study_jsons(csv_path: str | os.PathLike[str], json_dir: str | os.PathLike[str], run,
+                      shard: tuple[int, int] | None = None) -> list[Path]:
+    """One ``<StudyInstanceUID>.json`` per study found in a finished prediction table.
+
+    Each holds the model (backbone, classes, operating point), the status counts, a study-level
+    summary and every row of the study (probabilities as numbers). Rows without a study UID
+    (unreadable files) go to ``no-study-uid.json``. Under ``--shard i/n`` the names get
+    ``.shard-i-of-n`` so that shards never overwrite each other's part of a study.
+    """
+    from datetime import datetime
+
+    from medtransfer.metrics._utils import write_json_atomic
+
+    out_dir = Path(json_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    studies: dict[str, list[dict[str, str]]] = {}
+    with open(csv_path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            studies.setdefault(row.get("study_instance_uid") or "", []).append(row)
+    op = run.checkpoint.get("operating_point") if isinstance(run.checkpoint, dict) else None
+    model_info = {"backbone": run.checkpoint.get("backbone"), "run_dir": getattr(run, "run_dir", ""),
+                  "task": run.model.task, "label_names": list(run.label_names), "operating_point": op}
+    created = datetime.now().isoformat(timespec="seconds")
+    suffix = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
+    written = []
+    for uid, rows in sorted(studies.items()):
+        items = []
+        for r in rows:
+            item: dict[str, Any] = {k: v for k, v in r.items() if not k.startswith("prob_")}
+            if r["status"] == "ok":
+                item["probabilities"] = {n: float(r[f"prob_{n}"]) for n in run.label_names}
+            if "files" in item:
+                item["files"] = item["files"].split(";") if item["files"] else []
+            items.append(item)
+        doc = {
+            "format": STUDY_JSON_FORMAT, "study_instance_uid": uid or None, "created": created,
+            "model": model_info, "counts": dict(Counter(r["status"] for r in rows)),
+            "summary": _study_summary(rows, run.label_names), "items": items,
+        }
+        safe = re.sub(r"[^0-9A-Za-z.\-]", "_", uid) if uid else "no-study-uid"
+        path = out_dir / f"{safe}{suffix}.json"
+        write_json_atomic(path, doc)
+        written.append(path)
+    logger.info("%d study JSON files -> %s", len(written), out_dir)
+    return written

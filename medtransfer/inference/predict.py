@@ -35,6 +35,7 @@ class LoadedRun:
     config: RunConfig
     device: torch.device
     checkpoint: dict[str, Any] = field(repr=False, default_factory=dict)
+    run_dir: str = ""
 
     @property
     def threshold(self) -> float | None:
@@ -80,7 +81,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str = "auto") -> LoadedRun
     model.load_state_dict(ckpt["state_dict"])
     dev = pick_device(device)
     model.to(dev).eval()
-    return LoadedRun(model, Preprocessor(spec), list(ckpt["label_names"]), cfg, dev, ckpt)
+    return LoadedRun(model, Preprocessor(spec), list(ckpt["label_names"]), cfg, dev, ckpt, str(run_dir))
 
 
 def predict_folder(
@@ -96,6 +97,8 @@ def predict_folder(
     shard: tuple[int, int] | None = None,
     series_filter: SeriesFilter | None = None,
     parquet: bool = False,
+    study_json_dir: str | os.PathLike[str] | None = None,
+    patient_fields: bool = False,
 ) -> BatchSummary:
     """Predict every file under ``input_dir`` with the model of ``run_dir``; write ``out_csv``.
 
@@ -103,7 +106,8 @@ def predict_folder(
     """
     run = load_run(run_dir, device)
     return run_batch(run, input_dir, out_csv, batch_size=batch_size, workers=workers, resume=resume,
-                     shard=shard, series_filter=series_filter, parquet=parquet, progress=progress)
+                     shard=shard, series_filter=series_filter, parquet=parquet, progress=progress,
+                     study_json_dir=study_json_dir, patient_fields=patient_fields)
 
 
 PredictSummary = BatchSummary
