@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="seg_bench_"))
     t0 = time.time()
+    load_start = os.getloadavg()[0]
     results, minutes = {}, {}
     for name, overrides in RUNS.items():
         ts = time.time()
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"dice_mean_min": 0.85, "minutes_max": 30, "pretrained_ge_scratch_at_20pct": True},
         "quick": args.quick,
         "hardware": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-                    f"{os.cpu_count()} CPUs (shared with other jobs)",
+                    f"{os.cpu_count()} CPUs",
+        "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         "reproduce": "python benchmarks/segmentation.py",
         "config_overrides": {"common": COMMON, **RUNS},
     }

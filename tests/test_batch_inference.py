@@ -156,3 +156,24 @@ def test_patient_fields_only_on_request(run2d, small_demo, tmp_path):
         ds = pydicom.dcmread(r["path"], stop_before_pixels=True)
         assert (r["patient_id"], r["patient_name"], r["patient_birth_date"]) == (
             ds.PatientID, str(ds.PatientName), ds.PatientBirthDate)
+
+
+def test_cli_predict_writes_table_study_json_and_exit_codes(run2d, small_demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from medtransfer.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "p.csv"
+    res = runner.invoke(app, ["predict", str(run2d), str(small_demo / "images"), "--out", str(out), "-q",
+                              "--study-json", str(tmp_path / "studies"), "--patient-fields"])
+    assert res.exit_code == 0, res.output
+    rows = _csv(out)
+    assert rows and all(r["patient_id"] for r in rows)
+    assert len(list((tmp_path / "studies").glob("*.json"))) == len({r["study_instance_uid"] for r in rows})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    res = runner.invoke(app, ["predict", str(run2d), str(empty), "--out", str(tmp_path / "e.csv"), "-q"])
+    assert res.exit_code == 1  # nothing could be predicted: scripts must see a failure
+    assert _csv(tmp_path / "e.csv")[0]["status"] == "error"
