@@ -5,9 +5,11 @@ Data: a MedMNIST ``.npz`` (default BreastMNIST from ``../shared/data/medmnist``)
 (5, 10, 25, 50, 100 % of the official training split, stratified subsample drawn with the run's seed)
 and every seed, the same recipe is trained twice, once from the pip ImageNet EfficientNet-Lite0
 weights and once from random weights (``model.weights=none``; its BatchNorm then trains). The recipe
-is medtransfer's automatic one for this file (``config_for_data``) with a fixed, shorter schedule so
-the 30 runs fit on a 2-core CPU (2 head-only + ``--epochs`` fine-tuning epochs); model selection on
-the full official validation split, the official test split scored once per run.
+is medtransfer's automatic one for this file (``config_for_data``) with a shorter schedule so the 30
+runs fit on a 2-core CPU: 2 head-only epochs, then ``--epochs`` fine-tuning epochs at 100 % and
+``epochs / fraction`` (at most ``--max-epochs``) below, so that small fractions get a comparable number
+of optimisation steps instead of a handful; model selection (best epoch) on the full official
+validation split, the official test split scored once per run.
 
 Reported per (init, fraction): mean and sd of the test AUC over seeds, a 95% t-interval of that
 mean, and each run's own patient-level bootstrap CI. Writes
@@ -35,6 +37,11 @@ FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.0)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+def epochs_for(fraction: float, epochs: int, max_epochs: int) -> int:
+    """Fine-tuning epochs at ``fraction``: ``epochs`` at 100 %, scaled by 1 / fraction, capped."""
+    return int(min(max_epochs, max(epochs, round(epochs / fraction))))
+
+
 def one_run(npz: Path, init: str, fraction: float, seed: int, epochs: int, out: Path) -> dict:
     from medtransfer.data.profile import config_for_data
     from medtransfer.train.finetune import finetune
@@ -45,7 +52,7 @@ def one_run(npz: Path, init: str, fraction: float, seed: int, epochs: int, out: 
     t0 = time.perf_counter()
     res = finetune(cfg, data=npz, out_dir=out, progress=False)
     test = res.metrics["test"]
-    return {"init": init, "fraction": fraction, "seed": seed, "n_train": res.split_report["train"]["images"],
+    return {"init": init, "fraction": fraction, "seed": seed, "finetune_epochs": epochs, "n_train": res.split_report["train"]["images"],
             "test_auc": test["auc"], "auc_ci": test.get("auc_ci"), "best_epoch": res.metrics.get("best_epoch"),
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -99,7 +106,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA / "breastmnist.npz")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs after 2 head-only epochs")
+    ap.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs at 100%% (after 2 head-only epochs)")
+    ap.add_argument("--max-epochs", type=int, default=40, help="cap on the scaled epochs of small fractions")
     args = ap.parse_args()
     if not args.data.is_file():
         print(f"data not found: {args.data}", file=sys.stderr)
@@ -110,7 +118,8 @@ def main() -> int:
         for seed in args.seeds:
             for f in FRACTIONS:
                 for init in ("pretrained", "scratch"):
-                    r = one_run(args.data, init, f, seed, args.epochs, Path(tmp) / f"{init}_{f}_{seed}")
+                    r = one_run(args.data, init, f, seed, epochs_for(f, args.epochs, args.max_epochs),
+                                Path(tmp) / f"{init}_{f}_{seed}")
                     runs.append(r)
                     print(f"seed {seed} {init:10s} {100 * f:5.0f}%  n_train {r['n_train']}  "
                           f"test AUC {r['test_auc']:.3f}  ({r['seconds']:.0f} s)", flush=True)
@@ -119,7 +128,8 @@ def main() -> int:
             for f in FRACTIONS}
     result = {
         "dataset": args.data.stem, "fractions": list(FRACTIONS), "seeds": args.seeds,
-        "recipe": f"config_for_data(file) + train.head_epochs=2, train.finetune_epochs={args.epochs}; "
+        "recipe": f"config_for_data(file) + train.head_epochs=2, train.finetune_epochs={args.epochs} at 100%, "
+                  f"epochs/fraction (at most {args.max_epochs}) below; "
                   "pretrained: efficientnet_lite0.in1k pip weights; scratch: model.weights=none",
         "summary": summary, "pretrained_minus_scratch_mean_auc": lead, "runs": runs,
         "minutes": round((time.perf_counter() - t0) / 60, 1),

@@ -2,8 +2,8 @@
 
 * Every input is accounted for: one row per file for 2D models; one row per series for 3D models
   (its files listed), plus one row for each file that belongs to no usable series.
-* Decoding runs in ``workers`` processes (a torch ``DataLoader``) and overlaps with batched model
-  compute; only the file list and one batch of tensors are in memory at a time.
+* Decoding runs in ``workers`` processes (a torch ``DataLoader``, lowest CPU priority) and overlaps
+  with batched model compute; only the file list and one batch of tensors are in memory at a time.
 * Rows are appended to ``<out>.partial`` and flushed batch by batch; the finished file is moved
   into place atomically. ``resume=True`` keeps the rows already written (by a finished or an
   interrupted run) and processes only the rest.
@@ -163,6 +163,19 @@ class _Decode(Dataset):
         return out
 
 
+# Decoding workers run at the lowest CPU priority: when they and the model share the cores, the
+# model's OpenMP threads keep running and the workers fill the gaps (measured on 2 cores: 0.84 instead
+# of 0.80 of the model-only rate); with spare cores or a GPU the priority changes nothing.
+WORKER_NICE = 19
+
+
+def _lower_priority(_worker_id: int) -> None:
+    try:
+        os.nice(WORKER_NICE)
+    except (AttributeError, OSError):  # no os.nice on Windows; a container may forbid it
+        pass
+
+
 def _list_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
@@ -290,6 +303,7 @@ def run_batch(
     pin = run.device.type == "cuda"
     loader = DataLoader(_Decode(todo, run.pre, dims, filt, patient_fields), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_list_list, persistent_workers=False,
+                        worker_init_fn=_lower_priority if workers else None,
                         prefetch_factor=4 if workers else None)
     from rich.progress import Progress
 
