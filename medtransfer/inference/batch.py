@@ -96,29 +96,27 @@ def _ids(meta: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _header_ids(path: str) -> dict[str, str]:
+_ID_TAGS = {"sop_instance_uid": "SOPInstanceUID", "study_instance_uid": "StudyInstanceUID",
+            "series_instance_uid": "SeriesInstanceUID"}
+_PATIENT_TAGS = {"patient_id": "PatientID", "patient_name": "PatientName", "patient_birth_date": "PatientBirthDate"}
+
+
+def _header_fields(path: str, tags: dict[str, str]) -> dict[str, str]:
+    """``{column: str(value of the DICOM keyword)}`` from a file's header; ``{}`` when unreadable."""
     try:
         ds = read_dicom_header(path)
     except Exception:
         return {}
-    return {
-        "sop_instance_uid": str(ds.get("SOPInstanceUID", "") or ""),
-        "study_instance_uid": str(ds.get("StudyInstanceUID", "") or ""),
-        "series_instance_uid": str(ds.get("SeriesInstanceUID", "") or ""),
-    }
+    return {col: str(ds.get(keyword, "") or "") for col, keyword in tags.items()}
+
+
+def _header_ids(path: str) -> dict[str, str]:
+    return _header_fields(path, _ID_TAGS)
 
 
 def _patient_ids(path: str) -> dict[str, str]:
     """PatientID, PatientName and PatientBirthDate of a file (only when the user asked for them)."""
-    try:
-        ds = read_dicom_header(path)
-    except Exception:
-        return {}
-    return {
-        "patient_id": str(ds.get("PatientID", "") or ""),
-        "patient_name": str(ds.get("PatientName", "") or ""),
-        "patient_birth_date": str(ds.get("PatientBirthDate", "") or ""),
-    }
+    return _header_fields(path, _PATIENT_TAGS)
 
 
 class _Decode(Dataset):
