@@ -100,13 +100,15 @@ def finetune(
         overrides.append(f"model.backbone={backbone}")
     try:
         if modality is None and data is not None and data.suffix == ".npz":
-            from medtransfer.data.profile import config_for_data
+            from medtransfer.data.profile import config_for_data, plan_recipe
 
             cfg, profile = config_for_data(data, config, overrides)
             console.print(f"Data profile: {profile.dims}D, {profile.channels} channel(s), {profile.task} "
                           f"({profile.n_classes} classes), {profile.n_train} training images -> 'general' preset, "
                           f"{cfg.data.size} px, {cfg.train.finetune_epochs} fine-tuning epochs"
-                          + (f", {cfg.data.train_fraction:.0%} of the training set" if cfg.data.train_fraction < 1 else ""))
+                          + (f", {cfg.data.train_fraction:.0%} of the training set" if cfg.data.train_fraction < 1 else "")
+                          + (f", ensemble of {cfg.train.ensemble}" if cfg.train.ensemble > 1 else "")
+                          + f" (recipe estimate on a 2-core CPU: {plan_recipe(profile).estimated_minutes:.0f} min)")
         else:
             cfg = load_config(modality.value if modality is not None else "xray", config, overrides)
         from medtransfer.backbones import get_weight_spec

@@ -125,6 +125,9 @@ class TrainConfig:
     class_weighting: bool = True
     patience: int = field(default=0, metadata={"min": 0})
     """Early stopping after this many epochs without a better validation AUC (0: off)."""
+    ensemble: int = field(default=1, metadata={"min": 1})
+    """Train this many members (seeds seed, seed+1, …) on the same split and average their
+    probabilities: K times the training time, less variance on small training sets."""
     device: str = "auto"
     seed: int = 0
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_data
-from medtransfer.data.profile import profile_npz, recipe_overrides
+from medtransfer.data.profile import DataProfile, plan_recipe, profile_npz, recipe_overrides
 from medtransfer.errors import DataError
 
 
@@ -42,6 +42,29 @@ def test_recipe_scales_epochs_to_the_budget(tmp_path):
     assert "data.size=64" in recipe_overrides(small)
     assert "train.finetune_epochs=12" in recipe_overrides(small)
     assert "train.finetune_epochs=2" in recipe_overrides(big)
+    # Budget left after 12 epochs of a small set goes to ensemble members; a big set gets one model.
+    assert plan_recipe(small).members > 1 and "train.ensemble=1" not in recipe_overrides(small)
+    assert plan_recipe(big).members == 1 and not any("ensemble" in o for o in recipe_overrides(big))
+
+
+@pytest.mark.parametrize("profile", [
+    DataProfile(2, 1, (28, 28), "binary", 2, 546, 78, 156),
+    DataProfile(2, 1, (28, 28), "binary", 2, 4708, 524, 624),
+    DataProfile(2, 3, (28, 28), "multiclass", 9, 89996, 10004, 7180),
+    DataProfile(2, 1, (128, 128), "multilabel", 14, 78468, 11219, 22433),
+    DataProfile(3, 1, (28, 28, 28), "binary", 2, 1188, 98, 298),
+    DataProfile(3, 1, (64, 64, 64), "multiclass", 11, 971, 161, 610),
+    DataProfile(2, 3, (28, 28), "ordinal", 5, 1080, 120, 400),
+])
+def test_recipe_estimate_stays_inside_the_budget(profile):
+    r = plan_recipe(profile, budget_minutes=12.0)
+    assert 2 <= r.finetune_epochs <= 12 and 1 <= r.members <= 5 and 0 < r.train_fraction <= 1
+    if r.train_fraction > 0.01:
+        assert r.estimated_minutes <= 12.0 + 1e-6
+    else:  # validation and test passes alone nearly fill the budget: 1% of the training set, still < 20 min
+        assert r.estimated_minutes < 20.0
+    if r.members > 1:  # members only once the epochs cap is reached on the whole training set
+        assert r.finetune_epochs == 12 and r.train_fraction == 1.0
 
 
 def test_profile_of_real_medmnist_files():
@@ -72,9 +95,12 @@ def test_cli_picks_the_recipe_from_the_data(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["finetune", "--data", str(npz), "--out", str(out), "-q",
                                       "--backbone", "tiny_cnn.random", "--weights", "none",
-                                      "--set", "train.finetune_epochs=2", "--set", "train.lr=0.01"])
+                                      "--set", "train.finetune_epochs=2", "--set", "train.lr=0.01",
+                                      "--set", "train.ensemble=2"])
     assert result.exit_code == 0, result.output
     assert "2D, 3 channel(s), multiclass (3 classes)" in result.output
+    assert "ensemble of 2" in result.output and "recipe estimate" in result.output
+    assert sorted(p.name for p in (out / "members").iterdir()) == ["0", "1"]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["modality"] == "general"
     assert cfg["data"]["size"] == 64 and cfg["train"]["head_augment"] is False  # from the recipe

@@ -75,33 +75,87 @@ def profile_npz(path: str | Path) -> DataProfile:
                        len(npz["test_labels"]))
 
 
-# Seconds per image for EfficientNet-Lite0 at 64 px on a 2-core CPU, batch 16: a training step
-# (forward + backward) and an evaluation forward pass. The cost grows with the number of pixels.
-_TRAIN_SECONDS_64PX = 1 / 80
-_EVAL_SECONDS_64PX = 1 / 300
+# Seconds per training image (forward + backward + augmentation, batch 16) for EfficientNet-Lite0 on
+# a 2-core CPU, fitted to epochs measured in benchmarks/medmnist.py: a fixed cost per image, a cost
+# per pixel, and a cost per input channel and pixel (the stem convolution and the augmentation of
+# volumes whose slices are channels). 16.5 ms for a 64 px grayscale image, 40 ms at 128 px, 18 ms for
+# a 28-slice volume at 64 px, 56 ms for a 64-slice volume at 128 px. An evaluation pass costs a
+# third of a training step.
+_TRAIN_SECONDS_FIXED = 8.7e-3
+_TRAIN_SECONDS_PER_PIXEL = 1.9e-6
+_TRAIN_SECONDS_PER_CHANNEL_PIXEL = 1.5e-8
+_EVAL_FRACTION = 0.3
 
 
-def recipe_overrides(profile: DataProfile, budget_minutes: float = 12.0) -> list[str]:
-    """Config overrides for ``profile`` that fit ``budget_minutes`` of training on a 2-core CPU.
+def train_seconds_per_image(size: int, channels: int) -> float:
+    """Estimated seconds of one training step per image of ``size`` px with ``channels`` channels."""
+    pixels = size * size
+    return _TRAIN_SECONDS_FIXED + _TRAIN_SECONDS_PER_PIXEL * pixels + _TRAIN_SECONDS_PER_CHANNEL_PIXEL * channels * pixels
+
+
+@dataclass
+class Recipe:
+    """The CPU-budgeted settings the data profile calls for, and the time they are expected to take."""
+
+    size: int
+    finetune_epochs: int
+    train_fraction: float
+    members: int
+    """Ensemble members: leftover budget after the epochs cap is spent on more runs (at most 5)."""
+    estimated_minutes: float
+
+    def overrides(self) -> list[str]:
+        out = [f"data.size={self.size}", "train.head_epochs=2", "train.head_augment=false",
+               f"train.finetune_epochs={self.finetune_epochs}"]
+        if self.train_fraction < 1.0:
+            out.append(f"data.train_fraction={self.train_fraction:.3f}")
+        if self.members > 1:
+            out.append(f"train.ensemble={self.members}")
+        return out
+
+
+MAX_EPOCHS = 12
+MAX_MEMBERS = 5
+
+
+def plan_recipe(profile: DataProfile, budget_minutes: float = 12.0) -> Recipe:
+    """The recipe for ``profile`` that fits ``budget_minutes`` on a 2-core CPU.
 
     Images are trained at twice their stored size (at least 64 px, at most 128 px): small
     MedMNIST-style images gain from the backbone's receptive field at a larger scale. After two
     head-only epochs (on cached features), fine-tuning epochs fill the budget (2 to 12, each with a
     validation pass); when even two do not fit, a stratified fraction of the training set is used.
+    Budget left over once 12 epochs fit trains more ensemble members (small datasets: the val-selected
+    single run varies by several AUC points between seeds, the members' mean much less).
     """
     side = max(profile.image_shape[-2:])
     size = int(min(128, max(64, 2 * side)))
-    scale = (size / 64) ** 2
-    train_s = _TRAIN_SECONDS_64PX * scale * profile.n_train
-    val_s = _EVAL_SECONDS_64PX * scale * profile.n_val
-    head_s = 2 * (val_s + _EVAL_SECONDS_64PX * scale * profile.n_train / 2)  # cached features
-    budget = budget_minutes * 60 - head_s - _EVAL_SECONDS_64PX * scale * (profile.n_val + profile.n_test)
-    epochs = int(min(12, max(2, math.floor(budget / max(train_s + val_s, 1e-6)))))
-    fraction = min(1.0, budget / (epochs * (train_s + val_s))) if budget > 0 else 0.05
-    out = [f"data.size={size}", "train.head_epochs=2", "train.head_augment=false", f"train.finetune_epochs={epochs}"]
-    if fraction < 1.0:
-        out.append(f"data.train_fraction={max(fraction, 0.01):.3f}")
-    return out
+    channels = profile.image_shape[0] if profile.dims == 3 else profile.channels
+    per_image = train_seconds_per_image(size, channels)
+    per_eval = _EVAL_FRACTION * per_image
+    val_s = per_eval * profile.n_val
+    eval_s = per_eval * (profile.n_val + profile.n_test)
+    # Fixed per run: the head epochs' feature cache of the validation images, the final val + test pass.
+    budget = budget_minutes * 60 - val_s - eval_s
+    # Per fine-tuning epoch: a pass over the (possibly subsampled) training set and a validation pass;
+    # the training images are also read once by the feature cache of the head epochs.
+    epochs = math.floor((budget - per_eval * profile.n_train) / (per_image * profile.n_train + val_s))
+    fraction = 1.0
+    if epochs < 2:
+        epochs = 2
+        fraction = (budget - epochs * val_s) / (profile.n_train * (per_eval + epochs * per_image))
+        fraction = min(1.0, max(fraction, 0.01))
+    epochs = min(MAX_EPOCHS, epochs)
+    n = fraction * profile.n_train
+    member_s = val_s + eval_s + per_eval * n + epochs * (per_image * n + val_s)
+    members = int(min(MAX_MEMBERS, max(1, math.floor((budget_minutes * 60 - eval_s) / member_s))))
+    total_s = members * member_s + (eval_s if members > 1 else 0.0)
+    return Recipe(size, epochs, fraction, members, total_s / 60)
+
+
+def recipe_overrides(profile: DataProfile, budget_minutes: float = 12.0) -> list[str]:
+    """Config overrides for ``profile`` that fit ``budget_minutes`` of training (see :func:`plan_recipe`)."""
+    return plan_recipe(profile, budget_minutes).overrides()
 
 
 def config_for_data(data: str | Path, config_file: str | Path | None = None,

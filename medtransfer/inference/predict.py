@@ -20,7 +20,7 @@ from medtransfer.config import RunConfig, config_from_dict
 from medtransfer.data.preprocess import Preprocessor, PreprocessSpec
 from medtransfer.errors import MedTransferError
 from medtransfer.inference.batch import BatchSummary, SeriesFilter, run_batch
-from medtransfer.transfer import TransferModel
+from medtransfer.transfer import EnsembleModel, TransferModel
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 class LoadedRun:
     """A trained model rebuilt from its run directory, ready to predict."""
 
-    model: TransferModel
+    model: TransferModel | EnsembleModel
     pre: Preprocessor
     label_names: list[str]
     config: RunConfig
@@ -76,8 +76,11 @@ def load_run(run_dir: str | os.PathLike[str], device: str = "auto") -> LoadedRun
         raise MedTransferError(f"{path} has format {ckpt.get('format')!r}; expected {CHECKPOINT_FORMAT!r}.")
     cfg = config_from_dict(ckpt["config"])
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
-    backbone, _ = load_backbone(get_weight_spec(ckpt["backbone"]), spec.channels, "none")
-    model = TransferModel(backbone, int(ckpt["num_classes"]), cfg.model.head, cfg.model.dropout, cfg.model.task)
+    def member() -> TransferModel:
+        backbone, _ = load_backbone(get_weight_spec(ckpt["backbone"]), spec.channels, "none")
+        return TransferModel(backbone, int(ckpt["num_classes"]), cfg.model.head, cfg.model.dropout, cfg.model.task)
+
+    model = member() if cfg.train.ensemble == 1 else EnsembleModel([member() for _ in range(cfg.train.ensemble)])
     model.load_state_dict(ckpt["state_dict"])
     dev = pick_device(device)
     model.to(dev).eval()

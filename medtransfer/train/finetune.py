@@ -55,6 +55,7 @@ from medtransfer.errors import ConfigError, DataError
 from medtransfer.metrics._utils import nan_to_none, write_json_atomic
 from medtransfer.train.augment import augment_batch
 from medtransfer.transfer import (
+    EnsembleModel,
     TaskLoss,
     TransferModel,
     apply_plan,
@@ -365,6 +366,8 @@ def finetune(
     """
     t_start = time.perf_counter()
     cfg = copy.deepcopy(cfg)  # settings resolved from the data are recorded on this copy
+    if cfg.train.ensemble > 1 and resume is None:
+        return _finetune_ensemble(cfg, data, labels, out_dir, progress, samples)
     ckpt = None
     if resume is not None:
         ckpt = load_last_checkpoint(resume)
@@ -613,8 +616,97 @@ def finetune(
         }
     if not main:
         return FinetuneResult(run_dir, {}, history, report, splits)
-    info = {
-        "model_name": f"{cfg.model.backbone} fine-tuned ({cfg.modality})",
+    info = _model_info(cfg, data, samples, table, splits, spec, wspec, report, best["epoch"], dist.world)
+    metrics = write_evaluation(run_dir, results, table.label_names, history, info)
+    # The operating point chosen on validation travels with the model, so predict applies it unchanged.
+    model.cpu()
+    save_checkpoint(run_dir / "model.pt", model, cfg, spec, table.label_names,
+                    {"epoch": best["epoch"], "load_report": report.to_dict(),
+                     "operating_point": nan_to_none(metrics.get("operating_point"))})
+    metrics["best_epoch"] = best["epoch"]
+    metrics["minutes"] = (time.perf_counter() - t_start) / 60
+    metrics["split"] = splits
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    return FinetuneResult(run_dir, metrics, history, report, splits)
+
+
+def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, progress: bool,
+                       samples: SampleTable | None) -> FinetuneResult:
+    """``train.ensemble = K``: K complete runs (seeds ``seed … seed+K-1``) on one split and one
+    training subset, each in ``RUN_DIR/members/<i>`` with its own report; the run directory holds
+    the ensemble (mean of the members' probabilities), evaluated and reported like a single model."""
+    from medtransfer.inference.predict import load_run
+
+    t_start = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("train.ensemble > 1 does not run under torchrun; train the members as separate "
+                          "runs (train.seed=…) or set train.ensemble=1.")
+    run_dir = Path(out_dir) if out_dir else default_run_dir(cfg.modality)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    table = samples if samples is not None else resolve_samples(data, labels)
+    if table.num_classes < 2:
+        raise DataError("The labels hold a single class; fine-tuning needs at least two.")
+    # One split and one training subset for all members (both drawn with train.seed).
+    if any(s.split is None for s in table.samples):
+        split_by_patient(table, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed)
+    check_leakage(table.samples)
+    subsample_train(table, cfg.data.train_fraction, cfg.train.seed)
+    member_runs, history = [], []
+    for i in range(cfg.train.ensemble):
+        mcfg = copy.deepcopy(cfg)
+        mcfg.train.ensemble, mcfg.train.seed, mcfg.data.train_fraction = 1, cfg.train.seed + i, 1.0
+        logger.info("ensemble member %d/%d (seed %d)", i + 1, cfg.train.ensemble, mcfg.train.seed)
+        res = finetune(mcfg, data=data, labels=labels, out_dir=run_dir / "members" / str(i), progress=progress,
+                       samples=table)
+        member_runs.append(res)
+        history += [{"member": i, **row} for row in res.history]
+    loaded = [load_run(r.run_dir, cfg.train.device) for r in member_runs]
+    cfg.model.task = loaded[0].config.model.task  # as resolved from the data by the members
+    _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    model = EnsembleModel([r.model for r in loaded])
+    pre, device = loaded[0].pre, loaded[0].device
+    model.eval()
+    results = {}
+    for name in ("val", "test"):
+        ss = table.subset(name)
+        if not ss:
+            continue
+        loader = DataLoader(ImageSet(table, ss, pre, cache=False), batch_size=cfg.train.batch_size, shuffle=False,
+                            num_workers=cfg.data.num_workers)
+        prob, _ = predict_loader(model, loader, pre, device)
+        results[name] = {"y": np.array([s.label for s in ss]), "prob": prob,
+                         "patient_ids": [s.patient_id for s in ss], "paths": [s.path for s in ss]}
+    _write_history(run_dir / "history.csv", history)
+    splits = member_runs[0].split_report
+    report = member_runs[0].load_report
+    info = _model_info(cfg, data, samples, table, splits, pre.spec, get_weight_spec(cfg.model.backbone), report,
+                       -1, 1)
+    metrics = write_evaluation(run_dir, results, table.label_names, None, info)
+    model.cpu()
+    save_checkpoint(run_dir / "model.pt", model, cfg, pre.spec, table.label_names,
+                    {"epoch": -1, "load_report": report.to_dict(),
+                     "operating_point": nan_to_none(metrics.get("operating_point"))})
+    metrics["members"] = [
+        {"seed": cfg.train.seed + i, "best_epoch": r.metrics.get("best_epoch"),
+         "val_auc": r.metrics["val"].get("auc"), "test_auc": (r.metrics.get("test") or {}).get("auc"),
+         "run_dir": str(r.run_dir)}
+        for i, r in enumerate(member_runs)
+    ]
+    metrics["best_epoch"] = None
+    metrics["minutes"] = (time.perf_counter() - t_start) / 60
+    metrics["split"] = splits
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    return FinetuneResult(run_dir, metrics, history, report, splits)
+
+
+def _model_info(cfg: RunConfig, data: Any, samples: SampleTable | None, table: SampleTable,
+                splits: dict[str, Any], spec: PreprocessSpec, wspec: Any, report: LoadReport,
+                best_epoch: int, world: int) -> dict[str, Any]:
+    """The model card's description of a run (data, preprocessing, weights, training)."""
+    return {
+        "model_name": f"{cfg.model.backbone} fine-tuned ({cfg.modality})"
+        + (f", ensemble of {cfg.train.ensemble}" if cfg.train.ensemble > 1 else ""),
         "modality": cfg.modality,
         "created": datetime.now().isoformat(timespec="seconds"),
         "medtransfer_version": medtransfer.__version__,
@@ -629,22 +721,12 @@ def finetune(
                     "licence": wspec.license if cfg.model.weights == "pretrained" else "n/a",
                     "sha256": report.sha256},
         "training": {"head_epochs": cfg.train.head_epochs, "finetune_epochs": cfg.train.finetune_epochs,
-                     "best_epoch": best["epoch"], "lr": cfg.train.lr,
+                     "best_epoch": best_epoch, "lr": cfg.train.lr,
                      "backbone_lr_mult": cfg.train.backbone_lr_mult, "bn_policy": cfg.train.bn_policy,
                      "freeze": cfg.train.freeze, "schedule": cfg.train.schedule,
-                     "lr_schedule": cfg.train.lr_schedule, "world_size": dist.world},
+                     "lr_schedule": cfg.train.lr_schedule, "world_size": world,
+                     "ensemble": cfg.train.ensemble},
     }
-    metrics = write_evaluation(run_dir, results, table.label_names, history, info)
-    # The operating point chosen on validation travels with the model, so predict applies it unchanged.
-    model.cpu()
-    save_checkpoint(run_dir / "model.pt", model, cfg, spec, table.label_names,
-                    {"epoch": best["epoch"], "load_report": report.to_dict(),
-                     "operating_point": nan_to_none(metrics.get("operating_point"))})
-    metrics["best_epoch"] = best["epoch"]
-    metrics["minutes"] = (time.perf_counter() - t_start) / 60
-    metrics["split"] = splits
-    write_json_atomic(run_dir / "metrics.json", metrics)
-    return FinetuneResult(run_dir, metrics, history, report, splits)
 
 
 @torch.no_grad()

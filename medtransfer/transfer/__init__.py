@@ -3,6 +3,7 @@ discriminative learning rates."""
 from medtransfer.transfer.model import (
     HEADS,
     TASKS,
+    EnsembleModel,
     TaskLoss,
     TransferModel,
     build_head,
@@ -22,7 +23,7 @@ from medtransfer.transfer.plan import (
 )
 
 __all__ = [
-    "BN_POLICIES", "FREEZE_MODES", "HEADS", "TASKS", "LayerGroup", "TaskLoss", "TransferModel", "apply_plan",
+    "BN_POLICIES", "FREEZE_MODES", "HEADS", "TASKS", "LayerGroup", "TaskLoss", "EnsembleModel", "TransferModel", "apply_plan",
     "build_head", "class_weights", "group_learning_rates", "layer_groups", "ordinal_targets", "resolve_task",
     "set_backbone_trainable", "task_probabilities",
 ]

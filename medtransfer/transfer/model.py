@@ -76,6 +76,35 @@ class TransferModel(nn.Module):
         return self
 
 
+class EnsembleModel(nn.Module):
+    """Members of one task trained on the same split; their probabilities are averaged.
+
+    ``forward`` returns logits whose :func:`task_probabilities` are the members' mean probabilities
+    (the logit of the mean for sigmoid tasks, the log of the mean for softmax), so every consumer of
+    a :class:`TransferModel` (evaluation, operating points, batch prediction) works unchanged.
+    """
+
+    def __init__(self, members: list[TransferModel]):
+        super().__init__()
+        if not members or len({(m.task, m.num_classes) for m in members}) != 1:
+            raise ValueError("ensemble members must exist and share one task and class count")
+        self.members = nn.ModuleList(members)
+        self.task, self.num_classes = members[0].task, members[0].num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x).float() for m in self.members]
+        if self.task == "regression":
+            return torch.stack(outs).mean(0)
+        eps = 1e-7
+        if self.task == "multiclass":
+            return torch.stack([torch.softmax(o, dim=1) for o in outs]).mean(0).clamp_min(eps).log()
+        p = torch.stack([torch.sigmoid(o) for o in outs]).mean(0).clamp(eps, 1 - eps)
+        return torch.log(p) - torch.log1p(-p)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return task_probabilities(self.task, logits)
+
+
 def task_probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     if task == "binary":
