@@ -47,10 +47,11 @@ def accuracy_argmax(pred_csv: Path) -> float:
 
 
 def run_one(npz: Path, out_root: Path) -> dict:
-    from medtransfer.data.profile import config_for_data
+    from medtransfer.data.profile import config_for_data, plan_recipe
     from medtransfer.train.finetune import finetune
 
     cfg, profile = config_for_data(npz)
+    plan = plan_recipe(profile)
     t0 = time.perf_counter()
     res = finetune(cfg, data=npz, out_dir=out_root / npz.stem, progress=False)
     minutes = (time.perf_counter() - t0) / 60
@@ -63,8 +64,13 @@ def run_one(npz: Path, out_root: Path) -> dict:
         "n_test": test["n"],
         "recipe": {"size": cfg.data.size, "head_epochs": cfg.train.head_epochs,
                    "finetune_epochs": cfg.train.finetune_epochs, "train_fraction": cfg.data.train_fraction,
+                   "ensemble": cfg.train.ensemble, "estimated_minutes": plan.estimated_minutes,
                    "backbone": cfg.model.backbone, "profile": profile.to_dict()},
         "best_epoch": res.metrics.get("best_epoch"),
+        # Each member's own val/test AUC (one seed each): the spread the ensemble averages out.
+        "members": [{k: m[k] for k in ("seed", "best_epoch", "val_auc", "test_auc")}
+                    for m in res.metrics.get("members", [])],
+        "val_auc": res.metrics["val"]["auc"],
         "published": PUBLISHED.get(npz.stem),
     }
 
