@@ -77,3 +77,12 @@ def test_ensemble_run_averages_members_and_reloads_as_one_model(tmp_path):
     run = load_run(tmp_path / "run", "cpu")
     assert isinstance(run.model, EnsembleModel) and len(run.model.members) == 2
     assert 0.0 <= m["test"]["auc"] <= 1.0 and "operating_point" in m
+
+
+def test_resuming_an_ensemble_directory_points_at_its_members(tmp_path):
+    from medtransfer.errors import DataError
+    from medtransfer.train.finetune import load_last_checkpoint
+
+    (tmp_path / "members" / "0").mkdir(parents=True)
+    with pytest.raises(DataError, match="ensemble.*members"):
+        load_last_checkpoint(tmp_path)

@@ -312,6 +312,9 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
 def load_last_checkpoint(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The resumable state of a run directory (``last.pt``, written atomically every epoch)."""
     path = Path(run_dir) / "last.pt"
+    if not path.is_file() and (Path(run_dir) / "members").is_dir():
+        raise DataError(f"Cannot resume '{run_dir}' as a whole: it is an ensemble (train.ensemble). Resume an "
+                        f"unfinished member with --resume {Path(run_dir) / 'members' / '<i>'}.")
     if not path.is_file():
         raise DataError(f"Cannot resume '{run_dir}': it has no last.pt (written after each finished epoch). "
                         "Pass the --out folder of a run that finished at least one epoch.")
