@@ -76,6 +76,12 @@ def test_ensemble_run_averages_members_and_reloads_as_one_model(tmp_path):
     # model.pt rebuilds the ensemble for predict/evaluate.
     run = load_run(tmp_path / "run", "cpu")
     assert isinstance(run.model, EnsembleModel) and len(run.model.members) == 2
+    # ... and the reloaded ensemble reproduces the reported test probabilities image by image.
+    images = np.load(npz)["test_images"]
+    with torch.no_grad():
+        x = run.pre.normalize(torch.stack([run.pre.load_npz(a) for a in images]))
+        reloaded = run.model.probabilities(run.model(x))[:, 1].numpy()
+    np.testing.assert_allclose(reloaded, ens, atol=1e-5)
     assert 0.0 <= m["test"]["auc"] <= 1.0 and "operating_point" in m
 
 

@@ -76,6 +76,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str = "auto") -> LoadedRun
         raise MedTransferError(f"{path} has format {ckpt.get('format')!r}; expected {CHECKPOINT_FORMAT!r}.")
     cfg = config_from_dict(ckpt["config"])
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+
     def member() -> TransferModel:
         backbone, _ = load_backbone(get_weight_spec(ckpt["backbone"]), spec.channels, "none")
         return TransferModel(backbone, int(ckpt["num_classes"]), cfg.model.head, cfg.model.dropout, cfg.model.task)

@@ -402,10 +402,7 @@ def finetune(
             _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     elif cfg.model.task == "multilabel":
         raise ConfigError("model.task = multilabel needs 0/1 label vectors (e.g. a .npz with (N, K) labels).")
-    if any(s.split is None for s in table.samples):
-        split_by_patient(table, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed)
-    check_leakage(table.samples)  # also when the user supplied every split
-    subsample_train(table, cfg.data.train_fraction, cfg.train.seed)
+    _split_and_subsample(table, cfg)
     splits = split_report(table)
     train_s, val_s, test_s = (table.subset(s) for s in ("train", "val", "test"))
     if not train_s or not val_s:
@@ -633,6 +630,15 @@ def finetune(
     return FinetuneResult(run_dir, metrics, history, report, splits)
 
 
+def _split_and_subsample(table: SampleTable, cfg: RunConfig) -> None:
+    """Patient-grouped split where the table has none (``train.seed``), the leakage check (also for
+    user-supplied splits), then the stratified ``data.train_fraction`` of the training patients."""
+    if any(s.split is None for s in table.samples):
+        split_by_patient(table, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed)
+    check_leakage(table.samples)
+    subsample_train(table, cfg.data.train_fraction, cfg.train.seed)
+
+
 def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, progress: bool,
                        samples: SampleTable | None) -> FinetuneResult:
     """``train.ensemble = K``: K complete runs (seeds ``seed … seed+K-1``) on one split and one
@@ -650,11 +656,7 @@ def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, pro
     table = samples if samples is not None else resolve_samples(data, labels)
     if table.num_classes < 2:
         raise DataError("The labels hold a single class; fine-tuning needs at least two.")
-    # One split and one training subset for all members (both drawn with train.seed).
-    if any(s.split is None for s in table.samples):
-        split_by_patient(table, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed)
-    check_leakage(table.samples)
-    subsample_train(table, cfg.data.train_fraction, cfg.train.seed)
+    _split_and_subsample(table, cfg)  # once, so every member trains on the same split and subset
     member_runs, history = [], []
     for i in range(cfg.train.ensemble):
         mcfg = copy.deepcopy(cfg)
@@ -667,9 +669,8 @@ def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, pro
     loaded = [load_run(r.run_dir, cfg.train.device) for r in member_runs]
     cfg.model.task = loaded[0].config.model.task  # as resolved from the data by the members
     _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    model = EnsembleModel([r.model for r in loaded])
+    model = EnsembleModel([r.model for r in loaded])  # members come back in eval mode
     pre, device = loaded[0].pre, loaded[0].device
-    model.eval()
     results = {}
     for name in ("val", "test"):
         ss = table.subset(name)
@@ -684,11 +685,11 @@ def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, pro
     splits = member_runs[0].split_report
     report = member_runs[0].load_report
     info = _model_info(cfg, data, samples, table, splits, pre.spec, get_weight_spec(cfg.model.backbone), report,
-                       -1, 1)
+                       None, 1)
     metrics = write_evaluation(run_dir, results, table.label_names, None, info)
     model.cpu()
     save_checkpoint(run_dir / "model.pt", model, cfg, pre.spec, table.label_names,
-                    {"epoch": -1, "load_report": report.to_dict(),
+                    {"epoch": None, "load_report": report.to_dict(),
                      "operating_point": nan_to_none(metrics.get("operating_point"))})
     metrics["members"] = [
         {"seed": cfg.train.seed + i, "best_epoch": r.metrics.get("best_epoch"),
@@ -705,7 +706,7 @@ def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, pro
 
 def _model_info(cfg: RunConfig, data: Any, samples: SampleTable | None, table: SampleTable,
                 splits: dict[str, Any], spec: PreprocessSpec, wspec: Any, report: LoadReport,
-                best_epoch: int, world: int) -> dict[str, Any]:
+                best_epoch: int | None, world: int) -> dict[str, Any]:
     """The model card's description of a run (data, preprocessing, weights, training)."""
     return {
         "model_name": f"{cfg.model.backbone} fine-tuned ({cfg.modality})"
