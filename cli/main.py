@@ -108,7 +108,9 @@ def finetune(
                           f"{cfg.data.size} px, {cfg.train.finetune_epochs} fine-tuning epochs"
                           + (f", {cfg.data.train_fraction:.0%} of the training set" if cfg.data.train_fraction < 1 else "")
                           + (f", ensemble of {cfg.train.ensemble}" if cfg.train.ensemble > 1 else "")
-                          + f" (recipe estimate on a 2-core CPU: {plan_recipe(profile).estimated_minutes:.0f} min)")
+                          + f" (recipe estimate on a 2-core CPU: {plan_recipe(profile).estimated_minutes:.0f} min"
+                          + (f", stops by {cfg.train.time_limit_minutes:g} min" if cfg.train.time_limit_minutes else "")
+                          + ")")
         else:
             cfg = load_config(modality.value if modality is not None else "xray", config, overrides)
         from medtransfer.backbones import get_weight_spec

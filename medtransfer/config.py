@@ -128,6 +128,10 @@ class TrainConfig:
     ensemble: int = field(default=1, metadata={"min": 1})
     """Train this many members (seeds seed, seed+1, …) on the same split and average their
     probabilities: K times the training time, less variance on small training sets."""
+    time_limit_minutes: float = field(default=0.0, metadata={"min": 0.0})
+    """Wall-clock limit for the whole run (0: none). Fine-tuning stops before an epoch that would not
+    finish in time (the best checkpoint on validation is kept and evaluated), and an ensemble trains
+    no further member than fits; metrics.json records what was cut."""
     device: str = "auto"
     seed: int = 0
 

@@ -42,6 +42,8 @@ def test_recipe_scales_epochs_to_the_budget(tmp_path):
     assert "data.size=64" in recipe_overrides(small)
     assert "train.finetune_epochs=12" in recipe_overrides(small)
     assert "train.finetune_epochs=2" in recipe_overrides(big)
+    # Whatever the estimate, the run carries a hard wall-clock limit under the 20-minute target.
+    assert "train.time_limit_minutes=18" in recipe_overrides(small)
     # Budget left after 12 epochs of a small set goes to ensemble members; a big set gets one model.
     assert plan_recipe(small).members > 1 and "train.ensemble=1" not in recipe_overrides(small)
     assert plan_recipe(big).members == 1 and not any("ensemble" in o for o in recipe_overrides(big))
@@ -100,6 +102,7 @@ def test_cli_picks_the_recipe_from_the_data(tmp_path):
     assert result.exit_code == 0, result.output
     assert "2D, 3 channel(s), multiclass (3 classes)" in result.output
     assert "ensemble of 2" in result.output and "recipe estimate" in result.output
+    assert "stops by 18 min" in result.output
     assert sorted(p.name for p in (out / "members").iterdir()) == ["0", "1"]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["modality"] == "general"

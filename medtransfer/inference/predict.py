@@ -81,7 +81,10 @@ def load_run(run_dir: str | os.PathLike[str], device: str = "auto") -> LoadedRun
         backbone, _ = load_backbone(get_weight_spec(ckpt["backbone"]), spec.channels, "none")
         return TransferModel(backbone, int(ckpt["num_classes"]), cfg.model.head, cfg.model.dropout, cfg.model.task)
 
-    model = member() if cfg.train.ensemble == 1 else EnsembleModel([member() for _ in range(cfg.train.ensemble)])
+    # An ensemble's weights name its members ("members.<i>."): as many as were trained, which a time
+    # limit may have cut below train.ensemble.
+    n_members = len({k.split(".")[1] for k in ckpt["state_dict"] if k.startswith("members.")})
+    model = EnsembleModel([member() for _ in range(n_members)]) if n_members else member()
     model.load_state_dict(ckpt["state_dict"])
     dev = pick_device(device)
     model.to(dev).eval()

@@ -360,17 +360,22 @@ def finetune(
     progress: bool = False,
     resume: str | os.PathLike[str] | None = None,
     samples: SampleTable | None = None,
+    deadline: float | None = None,
 ) -> FinetuneResult:
     """Run the whole recipe (see the module docstring) and write the run directory.
 
     ``resume``: a run directory whose ``last.pt`` is continued exactly (its config and data are
     used; ``cfg`` is ignored). ``samples``: a ready samples table (e.g. one cross-validation fold)
-    instead of ``data``/``labels``.
+    instead of ``data``/``labels``. ``deadline``: a ``time.perf_counter()`` instant by which the run
+    must be done (an ensemble passes its own to the members); otherwise ``train.time_limit_minutes``
+    from now, if set.
     """
     t_start = time.perf_counter()
     cfg = copy.deepcopy(cfg)  # settings resolved from the data are recorded on this copy
+    if deadline is None and cfg.train.time_limit_minutes > 0:
+        deadline = t_start + 60 * cfg.train.time_limit_minutes
     if cfg.train.ensemble > 1 and resume is None:
-        return _finetune_ensemble(cfg, data, labels, out_dir, progress, samples)
+        return _finetune_ensemble(cfg, data, labels, out_dir, progress, samples, deadline)
     ckpt = None
     if resume is not None:
         ckpt = load_last_checkpoint(resume)
@@ -479,6 +484,8 @@ def finetune(
     feature_loaders: dict[str, DataLoader] | None = None
 
     history: list[dict[str, Any]] = []
+    time_limited = False
+    val_pass_s = None  # seconds of the last full (uncached) validation pass, to budget the final evaluation
     best = {"auc": -math.inf, "loss": math.inf, "state": _snapshot(model), "epoch": 0}
     start_epoch, stale = 0, 0
     if ckpt is not None:
@@ -561,7 +568,9 @@ def finetune(
             if cached:
                 prob_val, logit_val = predict_loader(model, feature_loaders["val"], None, device, model.head, autocast)
             else:
+                t_val = time.perf_counter()
                 prob_val, logit_val = predict_loader(model, eval_loaders["val"], pre, device, None, autocast)
+                val_pass_s = time.perf_counter() - t_val
             with torch.no_grad():
                 val_loss = float(loss_fn(torch.from_numpy(logit_val).to(device), y_val))
             val_auc = _auc(y_val.cpu().numpy(), prob_val, model.task)
@@ -602,11 +611,20 @@ def finetune(
             if cfg.train.patience and stale >= cfg.train.patience and phase == "finetune":
                 logger.info("early stopping after %d epochs without a better validation AUC", stale)
                 break
+            if deadline is not None and epoch < total_epochs and val_pass_s is not None:
+                # Another epoch like this one, then the final val + test pass and the report.
+                final_s = val_pass_s * (len(val_s) + len(test_s)) / len(val_s) + _REPORT_SECONDS
+                if time.perf_counter() + row["seconds"] + final_s > deadline:
+                    time_limited = True
+                    logger.warning("time limit: stopping after epoch %d of %d (train.time_limit_minutes); the best "
+                                   "epoch on validation so far is kept", epoch, total_epochs)
+                    break
     if writer is not None:
         writer.close()
 
     model.load_state_dict(best["state"])
     results = {}
+    t_eval = time.perf_counter()
     for name, loader in eval_loaders.items():
         ss = loader.dataset.samples
         prob, _ = predict_loader(model, loader, pre, device, None, autocast)
@@ -614,6 +632,7 @@ def finetune(
             "y": np.array([s.label for s in ss]), "prob": prob,
             "patient_ids": [s.patient_id for s in ss], "paths": [s.path for s in ss],
         }
+    eval_s = time.perf_counter() - t_eval
     if not main:
         return FinetuneResult(run_dir, {}, history, report, splits)
     info = _model_info(cfg, data, samples, table, splits, spec, wspec, report, best["epoch"], dist.world)
@@ -625,9 +644,16 @@ def finetune(
                      "operating_point": nan_to_none(metrics.get("operating_point"))})
     metrics["best_epoch"] = best["epoch"]
     metrics["minutes"] = (time.perf_counter() - t_start) / 60
+    metrics["eval_seconds"] = eval_s
     metrics["split"] = splits
+    if deadline is not None:
+        metrics["time_limit"] = {"epochs_run": len(history), "epochs_planned": total_epochs, "stopped": time_limited}
     write_json_atomic(run_dir / "metrics.json", metrics)
     return FinetuneResult(run_dir, metrics, history, report, splits)
+
+
+_REPORT_SECONDS = 15.0
+"""Reserved under a time limit for writing the report (bootstrap CIs, plots) after the final pass."""
 
 
 def _split_and_subsample(table: SampleTable, cfg: RunConfig) -> None:
@@ -640,10 +666,12 @@ def _split_and_subsample(table: SampleTable, cfg: RunConfig) -> None:
 
 
 def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, progress: bool,
-                       samples: SampleTable | None) -> FinetuneResult:
+                       samples: SampleTable | None, deadline: float | None) -> FinetuneResult:
     """``train.ensemble = K``: K complete runs (seeds ``seed … seed+K-1``) on one split and one
     training subset, each in ``RUN_DIR/members/<i>`` with its own report; the run directory holds
-    the ensemble (mean of the members' probabilities), evaluated and reported like a single model."""
+    the ensemble (mean of the members' probabilities), evaluated and reported like a single model.
+    Under a ``deadline`` a member starts only if one more member and the ensemble's evaluation
+    (every member over val + test) fit, judged on the members trained so far."""
     from medtransfer.inference.predict import load_run
 
     t_start = time.perf_counter()
@@ -659,11 +687,21 @@ def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, pro
     _split_and_subsample(table, cfg)  # once, so every member trains on the same split and subset
     member_runs, history = [], []
     for i in range(cfg.train.ensemble):
+        member_deadline = deadline
+        if deadline is not None and member_runs:
+            member_s = max(r.metrics["minutes"] * 60 for r in member_runs)
+            eval_s = max(r.metrics["eval_seconds"] for r in member_runs)
+            # The ensemble's own val + test pass runs every member: (i + 1) member evaluations.
+            member_deadline = deadline - (i + 1) * eval_s - _REPORT_SECONDS
+            if time.perf_counter() + member_s > member_deadline:
+                logger.warning("time limit: the ensemble stops at %d of %d members (train.time_limit_minutes)",
+                               i, cfg.train.ensemble)
+                break
         mcfg = copy.deepcopy(cfg)
         mcfg.train.ensemble, mcfg.train.seed, mcfg.data.train_fraction = 1, cfg.train.seed + i, 1.0
         logger.info("ensemble member %d/%d (seed %d)", i + 1, cfg.train.ensemble, mcfg.train.seed)
         res = finetune(mcfg, data=data, labels=labels, out_dir=run_dir / "members" / str(i), progress=progress,
-                       samples=table)
+                       samples=table, deadline=member_deadline)
         member_runs.append(res)
         history += [{"member": i, **row} for row in res.history]
     loaded = [load_run(r.run_dir, cfg.train.device) for r in member_runs]
@@ -698,6 +736,10 @@ def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, pro
         for i, r in enumerate(member_runs)
     ]
     metrics["best_epoch"] = None
+    if deadline is not None:
+        metrics["time_limit"] = {"members_trained": len(member_runs), "members_planned": cfg.train.ensemble,
+                                 "stopped": len(member_runs) < cfg.train.ensemble
+                                 or any(r.metrics["time_limit"]["stopped"] for r in member_runs)}
     metrics["minutes"] = (time.perf_counter() - t_start) / 60
     metrics["split"] = splits
     write_json_atomic(run_dir / "metrics.json", metrics)
