@@ -65,12 +65,15 @@ def run_one(npz: Path, out_root: Path) -> dict:
         "recipe": {"size": cfg.data.size, "head_epochs": cfg.train.head_epochs,
                    "finetune_epochs": cfg.train.finetune_epochs, "train_fraction": cfg.data.train_fraction,
                    "ensemble": cfg.train.ensemble, "estimated_minutes": plan.estimated_minutes,
+                   "time_limit_minutes": cfg.train.time_limit_minutes,
                    "backbone": cfg.model.backbone, "profile": profile.to_dict()},
         "best_epoch": res.metrics.get("best_epoch"),
         # Each member's own val/test AUC (one seed each): the spread the ensemble averages out.
         "members": [{k: m[k] for k in ("seed", "best_epoch", "val_auc", "test_auc")}
                     for m in res.metrics.get("members", [])],
         "val_auc": res.metrics["val"]["auc"],
+        # What train.time_limit_minutes cut (epochs or members), if anything.
+        "time_limit": res.metrics.get("time_limit"),
         "published": PUBLISHED.get(npz.stem),
     }
 
