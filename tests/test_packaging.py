@@ -18,8 +18,14 @@ def test_wheel_contains_cli_and_presets(tmp_path):
     assert "medtransfer/cli/main.py" in names
     assert "medtransfer/io/dicom.py" in names
     assert "medtransfer/configs/segmentation/mri.yaml" in names
+    assert "medtransfer/__main__.py" in names
     top = {n.split("/")[0] for n in names}
     # nothing but the medtransfer package (and its metadata) goes into site-packages
     assert {t for t in top if not t.endswith(".dist-info")} == {"medtransfer"}
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "medtransfer = medtransfer.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "medtransfer", "--help"], capture_output=True, text=True, check=True)
+    assert "finetune" in out.stdout and "predict" in out.stdout

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from medtransfer.errors import ConfigError, DataError
-from medtransfer.io import MedIOError, Volume
+from medtransfer.io import Volume
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ parameter group from the start); the BatchNorm policy is ``train.bn_policy``.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
