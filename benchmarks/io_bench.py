@@ -22,7 +22,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.pixels import pixel_array

@@ -72,6 +72,11 @@ def run(name: str, tmp: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name}: medtransfer finetune exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
+    import csv
+
+    with open(out / "history.csv", newline="") as fh:
+        history = [{"epoch": int(r["epoch"]), "phase": r["phase"], "seconds": round(float(r["seconds"]), 1)}
+                   for r in csv.DictReader(fh)]
     cfg = (out / "config.yaml").read_text()
     from medtransfer.data.profile import plan_recipe, profile_npz
 
@@ -82,6 +87,8 @@ def run(name: str, tmp: Path) -> dict:
         "minutes": minutes, "estimated_minutes": plan.estimated_minutes, "size": plan.size,
         "finetune_epochs": plan.finetune_epochs, "train_fraction": plan.train_fraction, "members": plan.members,
         "time_limit": metrics.get("time_limit"), "eval_seconds": metrics.get("eval_seconds"),
+        "test_auc_sanity": metrics["test"]["auc"], "run_minutes": metrics.get("minutes"), "epochs": history,
+        "val_images": metrics["val"]["n"], "val_max": plan.val_max,  # learnable synthetic band: > 0.5 shows training ran
         "time_limit_minutes": plan.time_limit_minutes, "config_has_limit": "time_limit_minutes" in cfg,
     }
 

@@ -107,6 +107,8 @@ def finetune(
                           f"({profile.n_classes} classes), {profile.n_train} training images -> 'general' preset, "
                           f"{cfg.data.size} px, {cfg.train.finetune_epochs} fine-tuning epochs"
                           + (f", {cfg.data.train_fraction:.0%} of the training set" if cfg.data.train_fraction < 1 else "")
+                          + (f", model selection on {cfg.data.val_max:,} of {profile.n_val:,} validation images"
+                             if 0 < cfg.data.val_max < profile.n_val else "")
                           + (f", ensemble of {cfg.train.ensemble}" if cfg.train.ensemble > 1 else "")
                           + f" (recipe estimate on a 2-core CPU: {plan_recipe(profile).estimated_minutes:.0f} min"
                           + (f", stops by {cfg.train.time_limit_minutes:g} min" if cfg.train.time_limit_minutes else "")

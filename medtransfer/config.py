@@ -43,6 +43,10 @@ class DataConfig:
     train_fraction: float = field(default=1.0, metadata={"min": 0.001, "max": 1.0})
     """Train on this fraction of the training patients (stratified, seeded); validation and test
     stay whole. For sample-efficiency studies and for fitting large sets into a time budget."""
+    val_max: int = field(default=0, metadata={"min": 0})
+    """Select the model on at most this many validation images (whole patients, stratified, seeded;
+    0: all). A validation pass runs every epoch; on large sets a few thousand images rank epochs
+    as well as all of them. The test split always stays whole."""
 
 
 @dataclass

@@ -110,3 +110,50 @@ def test_cli_picks_the_recipe_from_the_data(tmp_path):
     assert cfg["train"]["finetune_epochs"] == 2  # the user's --set wins over the recipe
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["n"] == 20 and metrics["test"]["auc"] > 0.8
+
+
+def test_recipe_selects_on_a_capped_validation_set_only_for_large_files():
+    large = DataProfile(2, 1, (28, 28), "multiclass", 8, 165_466, 23_640, 47_280)
+    small = DataProfile(2, 1, (28, 28), "binary", 2, 4708, 524, 624)
+    assert "data.val_max=5000" in plan_recipe(large).overrides()
+    assert not any(o.startswith("data.val_max") for o in plan_recipe(small).overrides())
+    # The validation passes it saves go to training: more of the training set than with all 23,640.
+    uncapped = DataProfile(2, 1, (28, 28), "multiclass", 8, 165_466, 5_000, 47_280)
+    assert plan_recipe(large).train_fraction == pytest.approx(plan_recipe(uncapped).train_fraction)
+    assert plan_recipe(large).train_fraction > 0.05
+
+
+def test_cap_val_keeps_whole_patients_per_class_and_leaves_train_and_test():
+    from medtransfer.data.samples import Sample, SampleTable, cap_val
+
+    samples = [Sample("x", int(i % 10 == 0), f"p{i // 2}", "val", i) for i in range(400)]  # 2 images/patient
+    samples += [Sample("x", i % 2, f"t{i}", split, i) for split in ("train", "test") for i in range(50)]
+    table = cap_val(SampleTable(samples, ["neg", "pos"], "npz"), 100, seed=0)
+    val = table.subset("val")
+    assert 90 <= len(val) <= 110
+    assert {s.label for s in val} == {0, 1}  # the 10% positive class keeps its share
+    assert 5 <= sum(s.label for s in val) <= 15
+    per_patient = {}
+    for s in val:
+        per_patient[s.patient_id] = per_patient.get(s.patient_id, 0) + 1
+    assert set(per_patient.values()) == {2}  # patients are never split
+    assert len(table.subset("train")) == 50 and len(table.subset("test")) == 50
+    assert cap_val(table, 0) is table and len(cap_val(table, 10_000).subset("val")) == len(val)
+
+
+def test_finetune_selects_on_val_max_images_and_tests_on_all(tmp_path):
+    from medtransfer.config import load_config
+    from medtransfer.train.finetune import finetune
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 32), ("val", 40), ("test", 24)):
+        y = rng.integers(0, 2, size=(n, 1)).astype(np.uint8)
+        x = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        x[y[:, 0] == 1, 8:20, 8:20] += 150
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y
+    np.savez(tmp_path / "toy.npz", **arrays)
+    cfg = load_config("general", None, ["model.backbone=tiny_cnn.random", "model.weights=none", "data.size=32",
+                                        "train.head_epochs=0", "train.finetune_epochs=1", "data.val_max=10"])
+    res = finetune(cfg, data=tmp_path / "toy.npz", out_dir=tmp_path / "run")
+    assert res.metrics["val"]["n"] == 10 and res.metrics["test"]["n"] == 24

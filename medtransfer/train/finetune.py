@@ -46,6 +46,7 @@ from medtransfer.data.preprocess import Preprocessor, PreprocessSpec
 from medtransfer.data.samples import (
     Sample,
     SampleTable,
+    cap_val,
     check_leakage,
     split_by_patient,
     split_report,
@@ -658,11 +659,17 @@ _REPORT_SECONDS = 15.0
 
 def _split_and_subsample(table: SampleTable, cfg: RunConfig) -> None:
     """Patient-grouped split where the table has none (``train.seed``), the leakage check (also for
-    user-supplied splits), then the stratified ``data.train_fraction`` of the training patients."""
+    user-supplied splits), then the stratified ``data.train_fraction`` of the training patients and
+    at most ``data.val_max`` validation images."""
     if any(s.split is None for s in table.samples):
         split_by_patient(table, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed)
     check_leakage(table.samples)
     subsample_train(table, cfg.data.train_fraction, cfg.train.seed)
+    n_val = len(table.subset("val"))
+    cap_val(table, cfg.data.val_max, cfg.train.seed)
+    if len(table.subset("val")) < n_val:
+        logger.info("model selection on %d of %d validation images (data.val_max=%d)",
+                    len(table.subset("val")), n_val, cfg.data.val_max)
 
 
 def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, progress: bool,
@@ -698,7 +705,8 @@ def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, pro
                                i, cfg.train.ensemble)
                 break
         mcfg = copy.deepcopy(cfg)
-        mcfg.train.ensemble, mcfg.train.seed, mcfg.data.train_fraction = 1, cfg.train.seed + i, 1.0
+        mcfg.train.ensemble, mcfg.train.seed = 1, cfg.train.seed + i
+        mcfg.data.train_fraction, mcfg.data.val_max = 1.0, 0  # the table is already subsampled
         logger.info("ensemble member %d/%d (seed %d)", i + 1, cfg.train.ensemble, mcfg.train.seed)
         res = finetune(mcfg, data=data, labels=labels, out_dir=run_dir / "members" / str(i), progress=progress,
                        samples=table, deadline=member_deadline)
