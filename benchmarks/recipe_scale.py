@@ -20,6 +20,7 @@ Writes ``benchmarks/results/recipe_scale.json``. Generated files go to a tempora
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -72,8 +73,6 @@ def run(name: str, tmp: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name}: medtransfer finetune exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
-    import csv
-
     with open(out / "history.csv", newline="") as fh:
         history = [{"epoch": int(r["epoch"]), "phase": r["phase"], "seconds": round(float(r["seconds"]), 1)}
                    for r in csv.DictReader(fh)]
@@ -87,8 +86,9 @@ def run(name: str, tmp: Path) -> dict:
         "minutes": minutes, "estimated_minutes": plan.estimated_minutes, "size": plan.size,
         "finetune_epochs": plan.finetune_epochs, "train_fraction": plan.train_fraction, "members": plan.members,
         "time_limit": metrics.get("time_limit"), "eval_seconds": metrics.get("eval_seconds"),
-        "test_auc_sanity": metrics["test"]["auc"], "run_minutes": metrics.get("minutes"), "epochs": history,
-        "val_images": metrics["val"]["n"], "val_max": plan.val_max,  # learnable synthetic band: > 0.5 shows training ran
+        "test_auc_sanity": metrics["test"]["auc"],  # learnable synthetic band: > 0.5 shows training ran
+        "run_minutes": metrics.get("minutes"), "epochs": history,
+        "val_images": metrics["val"]["n"], "val_max": plan.val_max,
         "time_limit_minutes": plan.time_limit_minutes, "config_has_limit": "time_limit_minutes" in cfg,
     }
 

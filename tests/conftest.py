@@ -71,6 +71,22 @@ def _no_network(tmp_path_factory):
     mp.undo()
 
 
+def toy_binary_npz(path, sizes=(48, 16, 16)):
+    """A learnable two-class MedMNIST-style file (28 px gray; class 1 carries a bright square), with
+    ``sizes`` images in train, val and test."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), sizes):
+        y = rng.integers(0, 2, size=(n, 1)).astype(np.uint8)
+        x = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        x[y[:, 0] == 1, 8:20, 8:20] += 150
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y
+    np.savez(path, **arrays)
+    return path
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test with the reason when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

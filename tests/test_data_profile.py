@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import shared_data
+from conftest import shared_data, toy_binary_npz
 from medtransfer.data.profile import DataProfile, plan_recipe, profile_npz, recipe_overrides
 from medtransfer.errors import DataError
 
@@ -145,14 +145,7 @@ def test_finetune_selects_on_val_max_images_and_tests_on_all(tmp_path):
     from medtransfer.config import load_config
     from medtransfer.train.finetune import finetune
 
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 32), ("val", 40), ("test", 24)):
-        y = rng.integers(0, 2, size=(n, 1)).astype(np.uint8)
-        x = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
-        x[y[:, 0] == 1, 8:20, 8:20] += 150
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y
-    np.savez(tmp_path / "toy.npz", **arrays)
+    toy_binary_npz(tmp_path / "toy.npz", (32, 40, 24))
     cfg = load_config("general", None, ["model.backbone=tiny_cnn.random", "model.weights=none", "data.size=32",
                                         "train.head_epochs=0", "train.finetune_epochs=1", "data.val_max=10"])
     res = finetune(cfg, data=tmp_path / "toy.npz", out_dir=tmp_path / "run")

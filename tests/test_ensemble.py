@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import toy_binary_npz
 from medtransfer.config import load_config
 from medtransfer.inference.predict import load_run
 from medtransfer.train.finetune import finetune
@@ -41,18 +42,6 @@ def test_ensemble_rejects_mixed_tasks():
         EnsembleModel([_Fixed([0.0], "binary", 2), _Fixed([0.0, 0.0, 0.0], "multiclass", 3)])
 
 
-def _npz(path):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 48), ("val", 16), ("test", 16)):
-        y = rng.integers(0, 2, size=(n, 1)).astype(np.uint8)
-        x = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
-        x[y[:, 0] == 1, 8:20, 8:20] += 150
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y
-    np.savez(path, **arrays)
-    return path
-
-
 def _probs(csv_path):
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -60,7 +49,7 @@ def _probs(csv_path):
 
 
 def test_ensemble_run_averages_members_and_reloads_as_one_model(tmp_path):
-    npz = _npz(tmp_path / "toy.npz")
+    npz = toy_binary_npz(tmp_path / "toy.npz")
     cfg = load_config("general", None, ["model.backbone=tiny_cnn.random", "model.weights=none", "data.size=32",
                                         "train.head_epochs=0", "train.finetune_epochs=2", "train.lr=0.01",
                                         "train.ensemble=2"])

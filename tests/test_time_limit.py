@@ -5,22 +5,11 @@ import json
 import numpy as np
 import pytest
 
+from conftest import toy_binary_npz
 from medtransfer.config import load_config
 from medtransfer.inference.predict import load_run
 from medtransfer.train.finetune import finetune
 from medtransfer.transfer import EnsembleModel
-
-
-def _npz(path):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 48), ("val", 16), ("test", 16)):
-        y = rng.integers(0, 2, size=(n, 1)).astype(np.uint8)
-        x = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
-        x[y[:, 0] == 1, 8:20, 8:20] += 150
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y
-    np.savez(path, **arrays)
-    return path
 
 
 def _cfg(*extra):
@@ -31,7 +20,8 @@ def _cfg(*extra):
 
 @pytest.mark.parametrize("limit, epochs_run, stopped", [(1e-4, 1, True), (60, 3, False)])
 def test_time_limit_stops_fine_tuning_and_keeps_the_best_model(tmp_path, limit, epochs_run, stopped):
-    res = finetune(_cfg(f"train.time_limit_minutes={limit}"), data=_npz(tmp_path / "toy.npz"), out_dir=tmp_path / "run")
+    res = finetune(_cfg(f"train.time_limit_minutes={limit}"), data=toy_binary_npz(tmp_path / "toy.npz"),
+                   out_dir=tmp_path / "run")
     assert len(res.history) == epochs_run
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["time_limit"] == {"epochs_run": epochs_run, "epochs_planned": 3, "stopped": stopped}
@@ -40,12 +30,13 @@ def test_time_limit_stops_fine_tuning_and_keeps_the_best_model(tmp_path, limit, 
 
 
 def test_no_time_limit_records_nothing(tmp_path):
-    res = finetune(_cfg("train.finetune_epochs=1"), data=_npz(tmp_path / "toy.npz"), out_dir=tmp_path / "run")
+    res = finetune(_cfg("train.finetune_epochs=1"), data=toy_binary_npz(tmp_path / "toy.npz"),
+                   out_dir=tmp_path / "run")
     assert "time_limit" not in res.metrics and res.metrics["eval_seconds"] > 0
 
 
 def test_time_limit_trains_no_ensemble_member_that_does_not_fit(tmp_path):
-    res = finetune(_cfg("train.ensemble=3", "train.time_limit_minutes=1e-4"), data=_npz(tmp_path / "toy.npz"),
+    res = finetune(_cfg("train.ensemble=3", "train.time_limit_minutes=1e-4"), data=toy_binary_npz(tmp_path / "toy.npz"),
                    out_dir=tmp_path / "run")
     m = res.metrics
     assert m["time_limit"] == {"members_trained": 1, "members_planned": 3, "stopped": True}

@@ -104,11 +104,11 @@ class Recipe:
     """Ensemble members: leftover budget after the epochs cap is spent on more runs (at most 5)."""
     estimated_minutes: float
     time_limit_minutes: float = 0.0
+    """Hard wall-clock limit (``train.time_limit_minutes``) behind the estimate: where the time model
+    is optimistic for some data, epochs or members that would not fit are cut, never the 20 minutes."""
     val_max: int = 0
     """Validation images used for model selection (``data.val_max``; 0: all): set on large files,
     where a pass over the whole validation split every epoch would eat the training budget."""
-    """Hard wall-clock limit (``train.time_limit_minutes``) behind the estimate: where the time model
-    is optimistic for some data, epochs or members that would not fit are cut, never the 20 minutes."""
 
     def overrides(self) -> list[str]:
         out = [f"data.size={self.size}", "train.head_epochs=2", "train.head_augment=false",

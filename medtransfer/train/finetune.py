@@ -666,10 +666,9 @@ def _split_and_subsample(table: SampleTable, cfg: RunConfig) -> None:
     check_leakage(table.samples)
     subsample_train(table, cfg.data.train_fraction, cfg.train.seed)
     n_val = len(table.subset("val"))
-    cap_val(table, cfg.data.val_max, cfg.train.seed)
-    if len(table.subset("val")) < n_val:
-        logger.info("model selection on %d of %d validation images (data.val_max=%d)",
-                    len(table.subset("val")), n_val, cfg.data.val_max)
+    kept = len(cap_val(table, cfg.data.val_max, cfg.train.seed).subset("val"))
+    if kept < n_val:
+        logger.info("model selection on %d of %d validation images (data.val_max=%d)", kept, n_val, cfg.data.val_max)
 
 
 def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, progress: bool,
