@@ -258,6 +258,54 @@ def test_bootstrap_skips_and_counts_single_class_resamples():
     assert ci.point == 1.0 and ci.high == 1.0
 
 
+def test_counted_auc_equals_auc_of_the_expanded_resample_with_ties():
+    from medtransfer.metrics.stats import CountedAUC
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.random(300), 1)  # 11 distinct scores: ties everywhere
+    counted = CountedAUC(y, s)
+    for _ in range(20):
+        counts = np.bincount(rng.integers(0, 300, 300), minlength=300)
+        idx = np.repeat(np.arange(300), counts)
+        assert counted(counts) == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
+    assert math.isnan(counted(np.where(y == 1, 0, 1)))  # no positive drawn
+    rows = np.flatnonzero(rng.random(300) < 0.5)  # a subset of a longer count vector (multilabel mask)
+    sub = CountedAUC(y[rows], s[rows], rows)
+    counts = np.bincount(rng.integers(0, 300, 300), minlength=300)
+    idx = np.repeat(rows, counts[rows])
+    assert sub(counts) == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "multilabel"])
+def test_counted_bootstrap_gives_the_resampling_bootstrap_interval(task, monkeypatch):
+    """The fast path (draw counts) and building every resample give the same CIs, patients or images."""
+    from medtransfer.metrics import stats
+
+    rng = np.random.default_rng(4)
+    n, k = 240, {"binary": 2, "multiclass": 4, "multilabel": 3}[task]
+    if task == "multilabel":
+        y = (rng.random((n, k)) < 0.3).astype(float)
+        y[rng.random((n, k)) < 0.1] = np.nan
+        p = np.round(rng.random((n, k)), 2)
+    else:
+        y = rng.integers(0, k, n)
+        p = np.round(rng.dirichlet(np.ones(k), n), 2)
+    kw = dict(task=task, label_names=[str(i) for i in range(k)], patient_ids=[f"p{i // 3}" for i in range(n)],
+              threshold=None if task == "multiclass" else 0.4, n_boot=150)
+    fast = evaluate_classification(y, p, **kw)
+    original = stats._bootstrap_values
+    monkeypatch.setattr(stats, "_bootstrap_values",
+                        lambda fn, arrays, groups, n_boot, seed, counted=None: original(fn, arrays, groups, n_boot, seed))
+    slow = evaluate_classification(y, p, **kw)
+    assert fast["auc"]["ci_low"] == pytest.approx(slow["auc"]["ci_low"], abs=1e-12)
+    assert fast["auc"]["ci_high"] == pytest.approx(slow["auc"]["ci_high"], abs=1e-12)
+    assert fast["auc"]["ci_low"] < fast["auc"]["value"] < fast["auc"]["ci_high"]
+    if task == "binary":
+        for key in ("sensitivity_ci", "specificity_ci"):
+            assert fast["operating_point"][key] == pytest.approx(slow["operating_point"][key], abs=1e-12)
+
+
 # ---------------------------------------------------------------------------------------- DeLong
 def _delong_reference(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """DeLong et al. (1988) with the O(m*n) placement values, written from the paper (diff, z)."""

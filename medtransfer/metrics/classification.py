@@ -39,6 +39,7 @@ from medtransfer.metrics.calibration import (  # noqa: F401  (re-exported: the b
 )
 from medtransfer.metrics.stats import (  # noqa: F401  (re-exported)
     BootstrapCI,
+    CountedAUC,
     DeLongResult,
     PairedBootstrapResult,
     binary_auc,
@@ -294,6 +295,22 @@ def _strict_macro_auc(task: str, classes: np.ndarray):  # type: ignore[no-untype
     return fn
 
 
+def _counted_macro_auc(y: np.ndarray, p: np.ndarray, task: str, classes: np.ndarray):  # type: ignore[no-untyped-def]
+    """:func:`_strict_macro_auc` of a resample given as draw counts (one :class:`CountedAUC` per class)."""
+    if task == "multiclass":
+        per = [CountedAUC((y == c).astype(np.int64), p[:, c]) for c in classes]
+    else:
+        known = np.isfinite(y) & (y >= 0)
+        per = [CountedAUC(y[known[:, c], c].astype(np.int64), p[known[:, c], c], np.flatnonzero(known[:, c]))
+               for c in classes]
+
+    def fn(counts: np.ndarray) -> float:
+        values = [auc(counts) for auc in per]
+        return float("nan") if any(math.isnan(v) for v in values) else float(np.mean(values))
+
+    return fn
+
+
 def _n_groups(patient_ids: Sequence[Any] | None) -> int | None:
     if patient_ids is None:
         return None
@@ -353,7 +370,7 @@ def evaluate_classification(
         y, s = binary_labels(y_true), positive_scores(prob)
         if len(names) != 2:
             raise ValueError(f"A binary task needs 2 label names (negative, positive); got {names}.")
-        n_classes, metric_fn = 2, binary_auc
+        n_classes, metric_fn, counted = 2, binary_auc, None  # bootstrap_ci counts binary_auc itself
         auc_value = roc_auc(y, s, task)
         ap_value = average_precision(y, s, task)
         p_for_boot: np.ndarray = s
@@ -375,6 +392,7 @@ def evaluate_classification(
         auc_value = float(per_auc[defined].mean()) if defined.size else float("nan")
         ap_value = float(np.nanmean(per_ap)) if (~np.isnan(per_ap)).any() else float("nan")
         metric_fn, p_for_boot = _strict_macro_auc(task, defined), p
+        counted = _counted_macro_auc(y, p, task, defined)
         if task == "multiclass":
             n_pos = np.bincount(y, minlength=n_classes)
         else:
@@ -389,7 +407,8 @@ def evaluate_classification(
     out["n_patients"] = _n_groups(ids)
     ci = None
     if n_boot and not math.isnan(auc_value):
-        ci = bootstrap_ci(metric_fn, y, p_for_boot, groups=ids, n_boot=n_boot, alpha=alpha, seed=seed)
+        ci = bootstrap_ci(metric_fn, y, p_for_boot, groups=ids, n_boot=n_boot, alpha=alpha, seed=seed,
+                          counted=counted)
     out["auc"] = _ci_block(ci, auc_value)
     out["average_precision"] = ap_value
     out["ece"] = expected_calibration_error(y, prob if task != "binary" else s, task=task, n_bins=n_bins)
@@ -422,7 +441,15 @@ def _rate_ci(key: str, y: np.ndarray, s: np.ndarray, t: float, ids: list[Any] | 
     def fn(yy: np.ndarray, ss: np.ndarray) -> float:
         return binary_metrics_at(yy, ss, t)[key]
 
+    # The same rate from draw counts: the fraction of drawn positives (negatives) called positive (negative).
+    cls = 1 if key == "sensitivity" else 0
+    members, hit = np.asarray(y) == cls, (np.asarray(s) >= t) == bool(cls)
+
+    def counted(counts: np.ndarray) -> float:
+        total = counts[members].sum()
+        return float(counts[members & hit].sum() / total) if total else float("nan")
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        ci = bootstrap_ci(fn, y, s, groups=ids, n_boot=n_boot, alpha=alpha, seed=seed)
+        ci = bootstrap_ci(fn, y, s, groups=ids, n_boot=n_boot, alpha=alpha, seed=seed, counted=counted)
     return [ci.low, ci.high]

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BootstrapCI",
+    "CountedAUC",
     "DeLongResult",
     "PairedBootstrapResult",
     "binary_auc",
@@ -70,6 +71,37 @@ def binary_auc(y: Any, score: Any) -> float:
         return float("nan")
     ranks = _midrank(score)
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+class CountedAUC:
+    """Binary AUC of bootstrap resamples given as draw counts: sorted once, O(N) per resample.
+
+    ``CountedAUC(y, score)(counts)`` equals ``binary_auc`` on the resample in which image ``i`` appears
+    ``counts[i]`` times (ties count one half), without building the resample or sorting it again;
+    the bootstrap of a 50,000-image test set is ~10x faster this way. ``rows`` selects the images
+    of ``counts`` that ``y`` and ``score`` belong to (e.g. the annotated ones of a multilabel class).
+    """
+
+    def __init__(self, y: Any, score: Any, rows: np.ndarray | None = None):
+        y, score = np.asarray(y), np.asarray(score, dtype=np.float64)
+        order = np.argsort(score, kind="mergesort")
+        ss = score[order]
+        self._starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+        self._ties = self._starts.size < ss.size
+        self._take = order if rows is None else np.asarray(rows)[order]
+        self._pos = np.asarray(y)[order] == 1
+
+    def __call__(self, counts: np.ndarray) -> float:
+        w = counts[self._take].astype(np.float64)
+        wp = np.where(self._pos, w, 0.0)
+        wn = w - wp
+        if self._ties:
+            wp, wn = np.add.reduceat(wp, self._starts), np.add.reduceat(wn, self._starts)
+        n_pos, n_neg = wp.sum(), wn.sum()
+        if n_pos == 0 or n_neg == 0:
+            return float("nan")
+        below = np.cumsum(wn) - wn  # weight of negatives scored strictly lower
+        return float((wp * (below + 0.5 * wn)).sum() / (n_pos * n_neg))
 
 
 def roc_points(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,8 +207,12 @@ def _bootstrap_values(
     groups: Sequence[Any] | np.ndarray | None,
     n_boot: int,
     seed: int,
+    counted: Callable[[np.ndarray], float] | None = None,
 ) -> tuple[np.ndarray, int, int | None]:
-    """:func:`bootstrap_distribution` plus the number of groups (None without groups)."""
+    """:func:`bootstrap_distribution` plus the number of groups (None without groups).
+
+    ``counted`` computes the same metric from the draw counts of a resample (see :class:`CountedAUC`);
+    it replaces building each resample when given (identical resamples, same seed)."""
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}.")
     arrs = [as_numpy(a) for a in arrays]
@@ -198,8 +234,11 @@ def _bootstrap_values(
         except ImportError:  # pragma: no cover
             pass
         for _ in range(n_boot):
-            idx = np.repeat(base, _resample_counts(rng, n, codes))
-            value = float(metric_fn(*(a[idx] for a in arrs)))
+            counts = _resample_counts(rng, n, codes)
+            if counted is not None:
+                value = float(counted(counts))
+            else:
+                value = float(metric_fn(*(a[np.repeat(base, counts)] for a in arrs)))
             if math.isnan(value):
                 skipped += 1
             else:
@@ -216,12 +255,16 @@ def bootstrap_ci(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    counted: Callable[[np.ndarray], float] | None = None,
 ) -> BootstrapCI:
     """Percentile bootstrap ``(1 - alpha)`` confidence interval of ``metric_fn(y, p)``.
 
     With ``groups`` (patient ids, one per image) patients are resampled, not images, so that correlated
     images of one patient do not shrink the interval. Resamples where the metric is undefined (NaN) are
     skipped and counted in ``n_skipped``; the interval is NaN if none is left.
+
+    ``counted(counts)`` computes the same metric from how many times each image was drawn (e.g.
+    :class:`CountedAUC`); it makes large test sets fast and is used for ``binary_auc`` automatically.
 
     Returns:
         :class:`BootstrapCI`, which unpacks as ``(point, low, high, n_images, n_groups)``.
@@ -230,7 +273,9 @@ def bootstrap_ci(
         raise ValueError(f"alpha must be in (0, 1), got {alpha}.")
     y_arr, p_arr = as_numpy(y), as_numpy(p)
     point = float(metric_fn(y_arr, p_arr))
-    values, skipped, n_groups = _bootstrap_values(metric_fn, (y_arr, p_arr), groups, n_boot, seed)
+    if counted is None and metric_fn is binary_auc and y_arr.ndim == 1 and p_arr.ndim == 1:
+        counted = CountedAUC(y_arr, p_arr)
+    values, skipped, n_groups = _bootstrap_values(metric_fn, (y_arr, p_arr), groups, n_boot, seed, counted)
     if values.size == 0:
         low = high = float("nan")
     else:
@@ -397,7 +442,9 @@ def paired_bootstrap_auc_diff(
     def _diff(yy: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> float:
         return binary_auc(yy, aa) - binary_auc(yy, bb)
 
-    diffs, skipped, n_groups = _bootstrap_values(_diff, (y_arr, a, b), groups, n_boot, seed)
+    counted_a, counted_b = CountedAUC(y_arr, a), CountedAUC(y_arr, b)
+    diffs, skipped, n_groups = _bootstrap_values(_diff, (y_arr, a, b), groups, n_boot, seed,
+                                                 lambda c: counted_a(c) - counted_b(c))
     if diffs.size:
         low, high = (float(v) for v in np.quantile(diffs, [alpha / 2.0, 1.0 - alpha / 2.0]))
         p_value = min(1.0, 2.0 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
