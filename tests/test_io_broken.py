@@ -36,6 +36,13 @@ def test_not_dicom(tmp_path):
     _expect(tmp_path / "notes.txt", "not a DICOM file")
 
 
+def test_text_file_rejected_without_pydicom_warnings(tmp_path, recwarn):
+    """A README beside the images must not print pydicom's VR guesses during a folder scan."""
+    (tmp_path / "README.txt").write_text("SYNTHETIC chest-radiograph-like DICOM images (demo data).\nSee labels.csv.\n")
+    _expect(tmp_path / "README.txt", "not a DICOM file")
+    assert not [w for w in recwarn if "VR" in str(w.message)], [str(w.message) for w in recwarn]
+
+
 def test_truncated_in_header(tmp_path):
     data = open(bundled("CT_small.dcm"), "rb").read()
     (tmp_path / "cut.dcm").write_bytes(data[:700])

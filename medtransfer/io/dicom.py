@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,9 @@ def _dcmread(path: str | os.PathLike[str], stop_before_pixels: bool = False):
         # Files without the 128-byte preamble are common from old PACS exports; accept them
         # only when the content parses as DICOM.
         try:
-            ds = pydicom.dcmread(p, force=True, stop_before_pixels=stop_before_pixels)
+            with warnings.catch_warnings():  # pydicom's guesses about a text file's VR are noise here
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(p, force=True, stop_before_pixels=stop_before_pixels)
         except Exception:
             raise MedIOError(p, "not a DICOM file (no DICM preamble, content does not parse)") from None
         if "SOPClassUID" not in ds and "PixelData" not in ds and "Rows" not in ds:
