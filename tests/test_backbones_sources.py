@@ -255,3 +255,36 @@ def test_cache_and_upstream_cache_sources(tmp_path):
     torch.save(_rand_state(torchvision.models.resnet34(weights=None)), up)
     with pytest.raises(CheckpointError, match="sha256"):  # found there, but random tensors are not the real file
         load_backbone(get_weight_spec("resnet34.tv_in1k"), 3)
+
+
+@pytest.mark.filterwarnings("ignore:Couldn't retrieve source code")
+def test_file_saved_by_torchxrayvision_itself_gives_its_features(tmp_path, monkeypatch):
+    """With the real package (dev extra): a model xrv builds, pickled whole as its hosted files are,
+    loads into the registered DenseNet and computes the same features for the same input."""
+    xrv = pytest.importorskip("torchxrayvision")
+    torch.manual_seed(0)
+    up = xrv.models.DenseNet(weights=None)  # random weights: building it downloads nothing
+    with torch.no_grad():  # BatchNorm statistics away from their defaults, so eval mode is exercised
+        for m in up.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, 0.1)
+                m.bias.normal_(0, 0.1)
+    up.pathologies = list(xrv.models.model_urls["all"]["labels"])
+    up.register_buffer("op_threshs", torch.rand(18))
+    up.eval()
+    f = tmp_path / get_weight_spec("densenet121.xrv_all").upstream_file
+    torch.save(up, f, _use_new_zipfile_serialization=False)
+    x = (torch.rand(2, 1, 64, 64) * 2 - 1) * 1024  # xrv's intensity range
+    with torch.no_grad():
+        want = up.features2(x)
+    for name in [m for m in sys.modules if m == "torchxrayvision" or m.startswith("torchxrayvision.")]:
+        monkeypatch.delitem(sys.modules, name)  # loading must not need the package
+    model, report = load_backbone(get_weight_spec("densenet121.xrv_all"), 1, str(f))
+    model.eval()
+    with torch.no_grad():
+        got = model(x)
+    assert got.shape == want.shape == (2, 1024) and want.std() > 0.01
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert {r["key"] for r in report.reinitialised} == {"classifier.weight", "classifier.bias"}
