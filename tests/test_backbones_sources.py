@@ -288,3 +288,35 @@ def test_file_saved_by_torchxrayvision_itself_gives_its_features(tmp_path, monke
     assert got.shape == want.shape == (2, 1024) and want.std() > 0.01
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert {r["key"] for r in report.reinitialised} == {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("depth", [10, 18])
+def test_medicalnet_layout_matches_the_resnet_monai_loads_medicalnet_files_into(tmp_path, depth):
+    """MONAI loads MedicalNet's files strictly into its ResNet (``module.`` stripped), so its keys are
+    MedicalNet's: a file written from MONAI's network loads into ours whole, and the undilated part
+    (stem, layer1, layer2; MedicalNet dilates layer3/4, MONAI does not) computes the same."""
+    from monai.networks.nets import resnet
+    from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
+
+    bias_downsample, shortcut = get_medicalnet_pretrained_resnet_args(depth)
+    torch.manual_seed(depth)
+    up = getattr(resnet, f"resnet{depth}")(spatial_dims=3, n_input_channels=1, feed_forward=False,
+                                           shortcut_type=shortcut, bias_downsample=bias_downsample,
+                                           conv1_t_stride=2)
+    with torch.no_grad():
+        for m in up.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    f = tmp_path / f"resnet_{depth}_23dataset.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in up.state_dict().items()}}, f)
+    model, report = load_backbone(get_weight_spec(f"medicalnet_resnet{depth}.23datasets"), 1, str(f))
+    _assert_loaded(model, up.state_dict())
+    assert not report.reinitialised and not report.adapted
+    up.eval(), model.eval()
+    x = torch.randn(1, 1, 24, 32, 32)
+    with torch.no_grad():
+        want = up.layer2(up.layer1(up.maxpool(up.act(up.bn1(up.conv1(x))))))
+        got = model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))
+    assert want.std() > 0.01
+    torch.testing.assert_close(got, want)
