@@ -1,5 +1,7 @@
 """Batch inference at scale: every input accounted for, workers, resume, shards, 3D per series."""
 import csv
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +46,7 @@ def test_every_file_once_with_workers(run2d, messy_folder, tmp_path):
     files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
     assert sorted(r["path"] for r in _csv(tmp_path / "a.csv")) == files
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
-    assert a.counts == b.counts == {"ok": 3, "error": 4, "skipped": 1}
+    assert a.counts == b.counts == {"ok": 3, "error": 3, "skipped": 2}
     assert not (tmp_path / "a.csv.partial").exists()
 
 
@@ -84,6 +86,43 @@ def test_selection_skips_with_a_reason(run2d, small_demo, tmp_path):
     rows = _csv(s.out_csv)
     assert s.counts == {"skipped": len(rows)}
     assert all("modality" in r["reason"] and "not selected" in r["reason"] for r in rows)
+
+
+def _with_clutter(folder, dicoms):
+    """A DICOM-CD-like folder: the images, plus what such folders also hold."""
+    for i, f in enumerate(dicoms):
+        (folder / "IMAGES").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, folder / "IMAGES" / f"IM{i:04d}")
+        (folder / "IMAGES" / f"._IM{i:04d}").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS AppleDouble
+    (folder / ".DS_Store").write_bytes(bytes(64))
+    (folder / "README.TXT").write_text("Patient CD. Open VIEWER/viewer.exe to view the images.\n")
+    (folder / "VIEWER").mkdir()
+    (folder / "VIEWER" / "viewer.exe").write_bytes(b"MZ" + bytes(500))
+    (folder / ".snapshot" / "hourly.0").mkdir(parents=True)  # a filer's snapshot copy: not entered
+    shutil.copy(dicoms[0], folder / ".snapshot" / "hourly.0" / "IM0000")
+
+
+def test_clutter_in_a_dicom_folder_is_skipped_not_an_error(run2d, small_demo, tmp_path):
+    dicoms = sorted((small_demo / "images").rglob("*.dcm"))[:4]
+    _with_clutter(tmp_path / "cd", dicoms)
+    s = predict_folder(run2d, tmp_path / "cd", tmp_path / "cd.csv")
+    rows = {Path(r["path"]).relative_to(tmp_path / "cd").as_posix(): r for r in _csv(s.out_csv)}
+    assert s.counts == {"ok": 4, "skipped": 7}  # 4 AppleDouble + .DS_Store + README + viewer
+    assert not any(k.startswith(".snapshot") for k in rows)
+    assert rows["IMAGES/._IM0000"]["reason"].startswith("hidden file")
+    assert rows["VIEWER/viewer.exe"]["reason"].startswith("not a DICOM file")
+
+
+def test_clutter_beside_a_series_with_a_3d_model(tmp_path):
+    series = sorted((shared_data("brain_mr_dicom_studies") / "Study1" / "13_HCropVolume").iterdir())
+    _with_clutter(tmp_path / "cd", series)
+    run3d = make_run(tmp_path / "tiny3d", backbone="tiny_cnn3d.random", dims=3, size=16)
+    s = predict_folder(run3d, tmp_path / "cd", tmp_path / "cd.csv")
+    rows = _csv(s.out_csv)
+    assert s.counts == {"ok": 1, "skipped": len(series) + 3}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok[0]["files"].split(";")) == len(series) == 32
+    assert not any(".snapshot" in r["path"] for r in rows)
 
 
 def test_3d_model_predicts_per_series(tmp_path):
@@ -132,7 +171,7 @@ def test_study_json_per_study_matches_the_table(run2d, small_demo, tmp_path):
     (broken / "junk.dcm").write_bytes(b"not dicom")
     predict_folder(run2d, broken, tmp_path / "b.csv", study_json_dir=tmp_path / "bj", shard=(0, 1))
     doc = json.loads((tmp_path / "bj" / "no-study-uid.shard-0-of-1.json").read_text())
-    assert doc["counts"] == {"error": 1} and doc["summary"]["n_predicted"] == 0
+    assert doc["counts"] == {"skipped": 1} and doc["summary"]["n_predicted"] == 0
 
 
 def test_parquet_has_the_same_rows_as_the_csv(run2d, small_demo, tmp_path):
@@ -176,4 +215,4 @@ def test_cli_predict_writes_table_study_json_and_exit_codes(run2d, small_demo, t
     (empty / "notes.txt").write_text("no images here")
     res = runner.invoke(app, ["predict", str(run2d), str(empty), "--out", str(tmp_path / "e.csv"), "-q"])
     assert res.exit_code == 1  # nothing could be predicted: scripts must see a failure
-    assert _csv(tmp_path / "e.csv")[0]["status"] == "error"
+    assert _csv(tmp_path / "e.csv")[0]["status"] == "skipped"

@@ -91,7 +91,7 @@ def test_predict_accounts_for_every_file(lite0_run, messy_folder, tmp_path):
     status = {k: v["status"] for k, v in rows.items()}
     assert status == {
         "good1.dcm": "ok", "nested/IMG0002": "ok", "nested/deeper/good3.dcm": "ok",
-        "empty.dcm": "error", "notes.txt": "error", "truncated.dcm": "error", "short_pixels.dcm": "error",
+        "empty.dcm": "error", "notes.txt": "skipped", "truncated.dcm": "error", "short_pixels.dcm": "error",
         "report.dcm": "skipped",
     }
     assert "0 bytes" in rows["empty.dcm"]["reason"]

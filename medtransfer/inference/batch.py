@@ -1,7 +1,9 @@
 """Streaming batch inference over DICOM folders of any size.
 
 * Every input is accounted for: one row per file for 2D models; one row per series for 3D models
-  (its files listed), plus one row for each file that belongs to no usable series.
+  (its files listed), plus one row for each file that belongs to no usable series. Broken DICOM is an
+  ``error``; files that are not DICOM, hidden files and objects without an image are ``skipped``;
+  hidden folders are not entered.
 * Decoding runs in ``workers`` processes (a torch ``DataLoader``, lowest CPU priority) and overlaps
   with batched model compute; only the file list and one batch of tensors are in memory at a time.
 * Rows are appended to ``<out>.partial`` and flushed batch by batch; the finished file is moved
@@ -32,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medtransfer.data.preprocess import UnsupportedImageError
 from medtransfer.errors import MedTransferError
-from medtransfer.io import MedIOError, NoPixelDataError, read_dicom_header
+from medtransfer.io import MedIOError, NoPixelDataError, NotDicomError, read_dicom_header
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ class _Decode(Dataset):
                     out.update(status="skipped", reason=skip, ids=ids)
                     return out
             out.update(tensor=tensor, status="ok", ids=ids)
-        except (NoPixelDataError, UnsupportedImageError) as exc:
+        except (NoPixelDataError, NotDicomError, UnsupportedImageError) as exc:
             out.update(status="skipped", reason=exc.reason, ids=_header_ids(item.paths[0]))
         except MedIOError as exc:
             out.update(status="error", reason=exc.reason, ids=_header_ids(item.paths[0]))
@@ -178,22 +180,33 @@ def _list_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
 
+HIDDEN = "hidden file (name starts with '.', e.g. macOS ._* or .DS_Store): not read"
+
+
 def iter_files(folder: Path) -> Iterable[Path]:
-    """Every regular file under ``folder``, recursively, in a stable (sorted) order."""
+    """Every regular file under ``folder``, recursively, in a stable (sorted) order.
+
+    Hidden folders (``.git``, ``.snapshot``, …) are not entered, as in :func:`medtransfer.io.series.list_files`;
+    hidden files are listed (their rows say ``skipped``), so every file a user sees gets a row.
+    """
     for root, dirs, files in os.walk(folder):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             yield Path(root) / name
+
+
+def _hidden(path: str) -> bool:
+    return os.path.basename(path).startswith(".")
 
 
 def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
     """The sorted work list: files for 2D models; series (plus files in no series) for 3D models."""
     files = [str(p) for p in iter_files(folder)]
     if dims == 2:
-        return [WorkItem(p, [p]) for p in files]
+        return [WorkItem(p, [p], "skipped", HIDDEN) if _hidden(p) else WorkItem(p, [p]) for p in files]
     from medtransfer.io.series import find_series, object_kind
 
-    series, problems = find_series(files)
+    series, problems = find_series([p for p in files if not _hidden(p)])
     items: list[WorkItem] = []
     in_series: set[str] = set()
     for s in series:
@@ -206,18 +219,22 @@ def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
         if skip:
             item.status, item.reason = "skipped", skip
         items.append(item)
-    unreadable = {p: prob.message for prob in problems for p in prob.paths}
+    unreadable = {p: prob for prob in problems for p in prob.paths}
     for p in files:
         if p in in_series:
             continue
+        if _hidden(p):
+            items.append(WorkItem(p, [p], "skipped", HIDDEN))
+            continue
         if p in unreadable:
-            items.append(WorkItem(p, [p], "error", unreadable[p]))
+            status = "skipped" if unreadable[p].kind == "not_dicom" else "error"
+            items.append(WorkItem(p, [p], status, unreadable[p].message))
             continue
         try:
             kind = object_kind(read_dicom_header(p))
             reason = f"not part of an image series ({kind} object)"
         except MedIOError as exc:
-            items.append(WorkItem(p, [p], "error", exc.reason))
+            items.append(WorkItem(p, [p], "skipped" if isinstance(exc, NotDicomError) else "error", exc.reason))
             continue
         items.append(WorkItem(p, [p], "skipped", reason, _header_ids(p)))
     # A series is named by its folder; two series sharing a folder get their UID appended.

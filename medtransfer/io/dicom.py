@@ -91,6 +91,10 @@ class MedIOError(MedTransferError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class NotDicomError(MedIOError):
+    """The file is not DICOM at all (a README, a CSV, a viewer program on a DICOM CD): skip, don't fail."""
+
+
 class NoPixelDataError(MedIOError):
     """A valid DICOM object without an image (SR, RTSTRUCT, PR, KOS, …): skip, don't fail."""
 
@@ -128,9 +132,9 @@ def _dcmread(path: str | os.PathLike[str], stop_before_pixels: bool = False):
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(p, force=True, stop_before_pixels=stop_before_pixels)
         except Exception:
-            raise MedIOError(p, "not a DICOM file (no DICM preamble, content does not parse)") from None
+            raise NotDicomError(p, "not a DICOM file (no DICM preamble, content does not parse)") from None
         if "SOPClassUID" not in ds and "PixelData" not in ds and "Rows" not in ds:
-            raise MedIOError(p, "not a DICOM file (no DICM preamble and no DICOM image attributes)")
+            raise NotDicomError(p, "not a DICOM file (no DICM preamble and no DICOM image attributes)")
         return ds
     except Exception as exc:  # truncated headers, bad lengths
         raise MedIOError(p, f"unreadable DICOM, the file may be truncated ({type(exc).__name__}: {exc})") from None

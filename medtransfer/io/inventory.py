@@ -13,6 +13,7 @@ from typing import Any
 from medtransfer.io.dicom import (
     MedIOError,
     NoPixelDataError,
+    NotDicomError,
     _n_frames,
     decoder_available,
     frame_geometry,
@@ -63,7 +64,7 @@ def inventory(folder: str | os.PathLike[str], *, decode_check: bool = False, rec
         try:
             ds = read_dicom_header(path)
         except MedIOError as exc:
-            kind = "not_dicom" if exc.reason.startswith("not a DICOM file") else "unreadable"
+            kind = "not_dicom" if isinstance(exc, NotDicomError) else "unreadable"
             problems.append(Problem(kind, exc.reason, [str(path)]))
             continue
         kind = object_kind(ds)

@@ -22,6 +22,7 @@ import numpy as np
 from medtransfer.io.dicom import (
     MedIOError,
     NoPixelDataError,
+    NotDicomError,
     _n_frames,
     _spacing,
     frame_geometry,
@@ -294,7 +295,7 @@ def find_series(
 ) -> tuple[list[SeriesFiles], list[Problem]]:
     """Group the image files of a folder (or a list of files) by study and series, headers only.
 
-    Returns the image series and the problems met (``unreadable`` files; non-image objects are
+    Returns the image series and the problems met (``unreadable`` and ``not_dicom`` files; non-image objects are
     not problems and are silently passed over here, see :func:`medtransfer.io.inventory`).
     """
     problems: list[Problem] = []
@@ -303,7 +304,8 @@ def find_series(
         try:
             ds = read_dicom_header(path)
         except MedIOError as exc:
-            problems.append(Problem("unreadable", exc.reason, [str(path)]))
+            problems.append(Problem("not_dicom" if isinstance(exc, NotDicomError) else "unreadable", exc.reason,
+                                    [str(path)]))
             continue
         if object_kind(ds) != "image":
             continue
