@@ -84,6 +84,24 @@ def test_history_and_learning_rates_of_the_recipe(uninterrupted):
     # discriminative: backbone lr = 0.01 × 0.1, first group × 0.1, geometric in between (then × cosine 0)
     assert [g["initial_lr"] for g in groups] == pytest.approx([1e-4, 1e-3 * 0.1 ** 0.5, 1e-3, 1e-2])
     assert uninterrupted.metrics["test"]["auc"] > 0.9  # the square is easy
+    assert uninterrupted.metrics["compute"] == {
+        "device": "cpu", "precision": "fp32", "channels_last": False, "pinned_memory": False, "world_size": 1,
+        "torch": torch.__version__}
+    saved = json.loads((uninterrupted.run_dir / "metrics.json").read_text())
+    assert saved["compute"] == uninterrupted.metrics["compute"]
+
+
+@pytest.mark.parametrize("amp, device, bf16, want", [
+    ("auto", "cpu", True, None),                 # CPU always trains in fp32
+    ("bf16", "cpu", True, None),
+    ("auto", "cuda", True, torch.bfloat16),      # Ampere and newer: bf16, no loss scaling
+    ("auto", "cuda", False, torch.float16),      # older GPUs: fp16 with a GradScaler
+    ("bf16", "cuda", False, torch.bfloat16),     # an explicit choice is kept
+    ("fp16", "cuda", True, torch.float16),
+    ("off", "cuda", True, None),
+])
+def test_mixed_precision_choice(amp, device, bf16, want):
+    assert ft.amp_dtype_for(amp, torch.device(device), bf16_supported=bf16) is want
 
 
 def test_optimizer_groups_hold_the_layer_groups_by_identity_after_unfreezing():

@@ -144,6 +144,28 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def amp_dtype_for(amp: str, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device``: None (fp32) on CPU or with 'off'; bf16 where the
+    GPU supports it under 'auto' (no loss scaling needed), else fp16 (trained with a GradScaler)."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_supported else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def compute_info(device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, world: int) -> dict[str, Any]:
+    """What the run computed on, for metrics.json: device, precision, memory format, pinned memory, ranks."""
+    name = str(device)
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
+    return {"device": name, "precision": precision[amp_dtype], "channels_last": channels_last,
+            "pinned_memory": device.type == "cuda", "world_size": world, "torch": torch.__version__}
+
+
 def preprocess_spec(cfg: RunConfig, channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> PreprocessSpec:
     """The preprocessing of this run; the weights' per-channel mean/std are averaged when the input
     channels differ from the weights' (exact for mean = std = 0.5 with summed stem kernels)."""
@@ -426,10 +448,7 @@ def finetune(
 
     # ---- CUDA-only speed paths (guarded by device type; CPU runs take none of them) ----
     cuda = device.type == "cuda"
-    amp_dtype = None
-    if cuda and cfg.train.amp != "off":
-        bf16 = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and torch.cuda.is_bf16_supported())
-        amp_dtype = torch.bfloat16 if bf16 else torch.float16
+    amp_dtype = amp_dtype_for(cfg.train.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     channels_last = cuda and cfg.train.channels_last and wspec.dims == 2
@@ -646,6 +665,7 @@ def finetune(
     metrics["best_epoch"] = best["epoch"]
     metrics["minutes"] = (time.perf_counter() - t_start) / 60
     metrics["eval_seconds"] = eval_s
+    metrics["compute"] = compute_info(device, amp_dtype, channels_last, dist.world)
     metrics["split"] = splits
     if deadline is not None:
         metrics["time_limit"] = {"epochs_run": len(history), "epochs_planned": total_epochs, "stopped": time_limited}
@@ -743,6 +763,7 @@ def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, pro
         for i, r in enumerate(member_runs)
     ]
     metrics["best_epoch"] = None
+    metrics["compute"] = member_runs[0].metrics.get("compute")
     if deadline is not None:
         metrics["time_limit"] = {"members_trained": len(member_runs), "members_planned": cfg.train.ensemble,
                                  "stopped": len(member_runs) < cfg.train.ensemble
