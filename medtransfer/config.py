@@ -226,8 +226,9 @@ def _coerce(value: Any, typ: Any, where: str, meta: Any) -> Any:
             raise ConfigError(f"{where} must be a number, got {value!r}.")
         value = float(value)
     elif typ is str:
-        if isinstance(value, bool) and {"on", "off"} <= set(meta.get("choices", ())):
-            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
+        word = "on" if value is True else "off" if value is False else None
+        if word and word in meta.get("choices", ()):
+            value = word  # YAML 1.1 reads on/off as booleans (train.amp=off, train.feature_cache=on)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where} must be a string, got {value!r}.")
         value = str(value)

@@ -58,3 +58,20 @@ def test_cli_config_error_exits_2_before_any_work(tmp_path):
     result = CliRunner().invoke(app, ["finetune", "--backbone", "efficientnet_lite9", "--out", str(out)])
     assert result.exit_code == 2
     assert "Did you mean" in result.output
+
+
+@pytest.mark.parametrize("override, key, want", [
+    ("train.amp=off", "amp", "off"),                  # YAML 1.1 reads off as False
+    ("train.feature_cache=on", "feature_cache", "on"),
+    ("train.feature_cache=off", "feature_cache", "off"),
+])
+def test_on_off_words_stay_words(override, key, want, tmp_path):
+    assert getattr(load_config("xray", overrides=[override]).train, key) == want
+    user = tmp_path / "user.yaml"
+    user.write_text(f"train:\n  {key}: {want}\n")  # unquoted in a YAML file, the same
+    assert getattr(load_config("xray", config_file=user).train, key) == want
+
+
+def test_a_boolean_where_no_on_off_choice_exists_is_still_an_error():
+    with pytest.raises(ConfigError, match="train.bn_policy must be a string, got True"):
+        load_config("xray", overrides=["train.bn_policy=yes"])
