@@ -4,6 +4,7 @@ Exit codes: 0 success; 1 the job failed (message says why); 2 bad usage or confi
 """
 from __future__ import annotations
 
+import json
 import logging
 from enum import Enum
 from pathlib import Path
@@ -290,25 +291,41 @@ def compare(
 
 
 @app.command()
-def backbones() -> None:
-    """List registered backbones and weights: source, dims, parameters, available offline."""
+def backbones(
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (for scripts)."),
+) -> None:
+    """List registered backbones and weights: source, dims, parameters, available offline.
+
+    Piped or redirected, the table is printed 200 columns wide (set COLUMNS to choose).
+    """
     from rich.table import Table
 
     from medtransfer.backbones import count_parameters, list_weights
-
     from medtransfer.backbones.sources import CacheSource
+    from medtransfer.cli._console import table_console
 
-    table = Table(title="medtransfer backbones")
-    for col in ("name", "dims", "in ch", "params", "input", "source", "offline", "licence"):
-        table.add_column(col, no_wrap=col == "name")
+    rows = []
     for spec in list_weights():
-        sources = "; ".join(s.describe() for s in spec.sources) or "random init only"
         local = [s for s in spec.sources if not hasattr(s, "url") and not hasattr(s, "repo_id")]
         offline = (not spec.sources or CacheSource().available(spec.name)
                    or any(s.available(spec.name) for s in local))
-        table.add_row(spec.name, f"{spec.dims}D", str(spec.in_channels), f"{count_parameters(spec) / 1e6:.2f}M",
-                      spec.intensity, sources, "yes" if offline else "no", spec.license)
-    Console().print(table)
+        rows.append({"name": spec.name, "dims": spec.dims, "in_channels": spec.in_channels,
+                     "parameters": count_parameters(spec), "input": spec.intensity,
+                     "sources": [s.describe() for s in spec.sources], "offline": bool(offline),
+                     "licence": spec.license})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="medtransfer backbones")
+    for col in ("name", "dims", "in ch", "params", "offline"):
+        table.add_column(col, no_wrap=True)
+    for col in ("input", "source", "licence"):
+        table.add_column(col, overflow="fold", ratio=1)
+    for r in rows:
+        table.add_row(r["name"], f"{r['dims']}D", str(r["in_channels"]), f"{r['parameters'] / 1e6:.2f}M",
+                      "yes" if r["offline"] else "no", r["input"], "; ".join(r["sources"]) or "random init only",
+                      r["licence"])
+    table_console().print(table)
 
 
 @app.command("demo-data")

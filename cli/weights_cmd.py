@@ -28,6 +28,7 @@ from medtransfer.backbones import (
     weights_dir,
 )
 from medtransfer.backbones.store import where_available
+from medtransfer.cli._console import table_console
 from medtransfer.errors import ConfigError, MedTransferError, WeightsUnavailableError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -36,7 +37,6 @@ weights_app = typer.Typer(
     help="List, pull, import, verify and export pretrained weights (air-gapped: pull + export, carry, import + verify).",
     no_args_is_help=True,
 )
-_out = Console()
 _err = Console(stderr=True)
 
 
@@ -63,11 +63,13 @@ def list_cmd(
         typer.echo(json.dumps([dict(s.to_dict(), available=where_available(s)) for s in specs], indent=2))
         return
     table = Table(title=f"weights (cache: {weights_dir()})")
-    for col in ("name", "dims", "ch", "intensity", "available", "licence"):
-        table.add_column(col, overflow="fold")
+    for col in ("name", "dims", "ch"):
+        table.add_column(col, no_wrap=True)
+    for col in ("intensity", "available", "licence"):
+        table.add_column(col, overflow="fold", ratio=1)
     for s in specs:
         table.add_row(s.name, f"{s.dims}D", str(s.in_channels), s.intensity, where_available(s), s.license)
-    _out.print(table)
+    table_console().print(table)
 
 
 @weights_app.command("pull")

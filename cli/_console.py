@@ -1,0 +1,17 @@
+"""Consoles for the CLI's tables."""
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+
+PIPE_WIDTH = 200
+"""Width of tables written to a file or a pipe (rich would assume 80 columns and squeeze them)."""
+
+
+def table_console() -> Console:
+    """A stdout console: the terminal's width on a terminal; wide lines when piped or redirected."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPE_WIDTH)
