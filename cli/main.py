@@ -259,6 +259,13 @@ def evaluate(
     auc = "undefined (one class)" if t["auc"] is None else f"{t['auc']:.3f}"
     ci_txt = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if None not in ci else ""
     console.print(f"AUC {auc}{ci_txt} on {t['n']} images / {t.get('n_patients', '?')} patients")
+    op = (metrics.get("operating_point") or {}).get("test") or {}
+    rates = [f"{k} {op[k]:.3f}" + (f" (95% CI {op[k + '_ci'][0]:.3f}–{op[k + '_ci'][1]:.3f})"
+                                   if None not in (op.get(k + "_ci") or [None]) else "")
+             for k in ("sensitivity", "specificity") if op.get(k) is not None]
+    if rates:
+        threshold = metrics["operating_point"].get("threshold")
+        console.print(f"at the validation operating point (threshold {threshold:.3g}): " + ", ".join(rates))
     typer.echo(str(out or Path(run_dir) / "evaluation"))
 
 

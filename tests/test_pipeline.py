@@ -236,3 +236,35 @@ def test_volume_npz_slices_become_channels(tmp_path):
     ckpt = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)
     assert ckpt["preprocess"]["channels"] == 16
     assert res.metrics["test"]["auc"] > 0.9
+
+
+def test_evaluate_matches_named_labels_to_the_model_classes(small_demo, tmp_path):
+    rows = _read_csv(small_demo / "labels.csv")
+
+    def write(rows, tag):
+        csv_path = tmp_path / f"{tag}.csv"
+        with open(csv_path, "w") as f:
+            f.write("path,label,patient_id\n" + "".join(f"{r['path']},{r['label']},{r['patient_id']}\n" for r in rows))
+        return csv_path
+
+    named = [dict(r, label=["no_finding", "opacity"][int(r["label"])]) for r in rows]
+    cfg = load_config("xray", overrides=[*FAST, "train.finetune_epochs=0"])
+    run = finetune(cfg, data=small_demo, labels=write(named, "train"), out_dir=tmp_path / "run")
+    assert json.loads((run.run_dir / "metrics.json").read_text())["label_names"] == ["no_finding", "opacity"]
+
+    def evaluate(rows, tag):
+        return CliRunner().invoke(app, ["evaluate", str(run.run_dir), "--data", str(small_demo), "--labels",
+                                        str(write(rows, tag)), "--out", str(tmp_path / tag), "-q"])
+
+    assert evaluate(rows, "numeric").exit_code == 0 and evaluate(named, "named").exit_code == 0
+    m_num, m_named = (json.loads((tmp_path / t / "metrics.json").read_text()) for t in ("numeric", "named"))
+    assert m_named["test"]["auc"] == pytest.approx(m_num["test"]["auc"])
+    # Only positives, by name: alone, the CSV's one name would become class 0; matched by name it is class 1.
+    res = evaluate([r for r in named if r["label"] == "opacity"], "positives")
+    assert res.exit_code == 0, res.output
+    assert {r["label"] for r in _read_csv(tmp_path / "positives" / "predictions_test.csv")} == {"1"}
+    assert "AUC undefined (one class)" in res.output and "sensitivity" in res.output  # still reported
+    assert not (tmp_path / "positives" / "plots" / "roc_test.png").exists()  # no ROC without negatives
+    res = evaluate([dict(r, label={"0": "normal", "1": "pneumonia"}[r["label"]]) for r in rows], "foreign")
+    assert res.exit_code != 0
+    assert "['normal', 'pneumonia'] that the model does not predict" in res.output

@@ -40,11 +40,35 @@ def select_samples(run: LoadedRun, data: str | os.PathLike[str] | None, labels: 
         samples = list(table.samples)
     if not samples:
         raise DataError(f"No labelled samples to evaluate (split '{split}').")
-    if table.label_names != run.label_names and len(table.label_names) != len(run.label_names):
+    return table, _align_classes(table, samples, run.label_names)
+
+
+def _align_classes(table: SampleTable, samples: list, model_names: list[str]) -> list:
+    """Samples whose labels index the model's classes.
+
+    Numeric labels (CSV digits, ``.npz``) are class indices and must be below the model's class count;
+    named labels are matched to the model's class names by name (the CSV's alphabetical order is not the
+    model's order, and a set holding some of the classes is fine); a name the model does not know stops.
+    """
+    names = table.label_names
+    if names == model_names:
+        return samples
+    if table.task == "multilabel" or all(n.isdigit() for n in names):
+        if len(names) > len(model_names) or (table.task == "multilabel" and len(names) != len(model_names)):
+            raise DataError(
+                f"The data has {len(names)} classes (labels 0..{len(names) - 1}) but the model predicts "
+                f"{len(model_names)}: {model_names}."
+            )
+        return samples
+    unknown = [n for n in names if n not in model_names]
+    if unknown:
         raise DataError(
-            f"The data has classes {table.label_names} but the model predicts {run.label_names}."
+            f"The data has classes {unknown} that the model does not predict; its classes are {model_names}. "
+            f"Label the rows with these names, or with their indices 0..{len(model_names) - 1}."
         )
-    return table, samples
+    to_model = {i: model_names.index(n) for i, n in enumerate(names)}
+    logger.info("classes matched by name: %s", ", ".join(f"{n} -> {to_model[i]}" for i, n in enumerate(names)))
+    return [dataclasses.replace(s, label=to_model[s.label]) for s in samples]
 
 
 def predict_samples(run: LoadedRun, table: SampleTable, samples: list, batch_size: int = 32) -> dict[str, Any]:

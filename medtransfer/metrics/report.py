@@ -234,11 +234,14 @@ def _classification_plots(out: Path, splits: Mapping[str, Any], task: str, names
         y, prob = s["y"], s["prob"]
         p_arg = prob[:, 1] if task == "binary" else prob
         op = nan_to_none((metrics.get("operating_point") or {}).get(name)) if task == "binary" else None
-        written.append(P.plot_roc(pdir / f"roc_{name}.png", y, p_arg, task=task, label_names=names,
-                                  groups=s["patient_ids"], n_boot=min(n_boot, 200), alpha=alpha, seed=seed,
-                                  operating_point=op, title=f"ROC ({name})"))
-        written.append(P.plot_precision_recall(pdir / f"pr_{name}.png", y, p_arg, task=task, label_names=names,
-                                               title=f"Precision-recall ({name})"))
+        if task == "binary" and np.unique(y).size < 2:  # e.g. a set of confirmed cases only
+            logger.warning("%s: ROC and precision-recall curves not plotted, only one class is present", name)
+        else:
+            written.append(P.plot_roc(pdir / f"roc_{name}.png", y, p_arg, task=task, label_names=names,
+                                      groups=s["patient_ids"], n_boot=min(n_boot, 200), alpha=alpha, seed=seed,
+                                      operating_point=op, title=f"ROC ({name})"))
+            written.append(P.plot_precision_recall(pdir / f"pr_{name}.png", y, p_arg, task=task,
+                                                   label_names=names, title=f"Precision-recall ({name})"))
         written.append(P.plot_reliability(pdir / f"reliability_{name}.png", y, p_arg, task=task, n_bins=n_bins,
                                           title=None))
         block = metrics.get(name) or {}
