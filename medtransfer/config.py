@@ -43,6 +43,10 @@ class DataConfig:
     train_fraction: float = field(default=1.0, metadata={"min": 0.001, "max": 1.0})
     """Train on this fraction of the training patients (stratified, seeded); validation and test
     stay whole. For sample-efficiency studies and for fitting large sets into a time budget."""
+    classes: list[str] = field(default_factory=list)
+    """Class names in index order, e.g. [normal, pneumonia]: for a binary task the second is the positive
+    class (sensitivity, PPV). Orders named CSV labels and names numeric ones (indices, .npz). Empty:
+    names meaning 'nothing found' (normal, negative, benign, healthy, no_finding, …) first, the rest sorted."""
     val_max: int = field(default=0, metadata={"min": 0})
     """Select the model on at most this many validation images (whole patients, stratified, seeded;
     0: all). A validation pass runs every epoch; on large sets a few thousand images rank epochs

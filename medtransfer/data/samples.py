@@ -71,11 +71,41 @@ def _read_labels_csv(labels_csv: Path) -> list[dict[str, str]]:
     return rows
 
 
-def samples_from_folder(data_dir: str | Path, labels_csv: str | Path) -> SampleTable:
+NEGATIVE_NAMES = frozenset({"normal", "negative", "neg", "benign", "healthy", "no_finding", "nofinding",
+                            "no_findings", "none", "absent", "no", "false", "control", "no_disease"})
+"""Label names that mean 'nothing found'; they come first, so a binary task's positive class is the finding."""
+
+
+def _is_negative(name: str) -> bool:
+    return name.strip().lower().replace(" ", "_").replace("-", "_") in NEGATIVE_NAMES
+
+
+def class_order(names: list[str] | set[str], classes: list[str] | None = None, source: str = "labels") -> list[str]:
+    """Named labels in class-index order: ``classes`` when given (it must hold every name), else the
+    names that mean 'nothing found' (normal, negative, benign, no_finding, …) first, the rest sorted.
+
+    For a binary task the class at index 1 is the positive one: sensitivity, PPV and the AUC's
+    direction refer to it, so the order is logged."""
+    names = set(names)
+    if classes:
+        unknown = sorted(names - set(classes))
+        if unknown:
+            raise DataError(f"The {source} have classes {unknown} that data.classes={list(classes)} does not list.")
+        order = list(classes)
+    else:
+        order = sorted(names, key=lambda n: (not _is_negative(n), n))
+    if len(order) == 2:
+        logger.info("classes: 0 = %s, 1 = %s (the positive class of the binary metrics; set data.classes "
+                    "to choose)", order[0], order[1])
+    return order
+
+
+def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: list[str] | None = None) -> SampleTable:
     """A folder of DICOM files and a CSV with ``path,label[,patient_id][,split]`` columns.
 
-    Labels may be integers or names (sorted names become class indices). Without a
-    ``patient_id`` column the DICOM PatientID is read from each file's header.
+    Labels may be class indices or names; names take the order of ``classes`` (see
+    :func:`class_order`: by default 'nothing found' names first). Without a ``patient_id`` column
+    the DICOM PatientID is read from each file's header.
     """
     from medtransfer.io import MedIOError, read_dicom_header
 
@@ -89,10 +119,15 @@ def samples_from_folder(data_dir: str | Path, labels_csv: str | Path) -> SampleT
         if values[0] < 0:
             raise DataError(f"Labels in '{labels_csv}' must be non-negative class indices.")
         label_names = [str(v) for v in range(values[-1] + 1)]
+        if classes:
+            if len(classes) <= values[-1]:
+                raise DataError(f"Labels in '{labels_csv}' go up to class index {values[-1]}, but data.classes "
+                                f"names {len(classes)} classes: {list(classes)}.")
+            label_names = list(classes)
         to_index = {str(v): v for v in range(values[-1] + 1)}
         to_index.update({lab: int(lab) for lab in raw_labels})
     else:
-        label_names = sorted(set(raw_labels))
+        label_names = class_order(set(raw_labels), classes, f"labels in '{labels_csv}'")
         to_index = {name: i for i, name in enumerate(label_names)}
     samples = []
     missing = []

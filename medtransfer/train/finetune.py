@@ -110,8 +110,12 @@ class ImageSet(Dataset):
         return self._cache[i], self.label(i)
 
 
-def resolve_samples(data: str | os.PathLike[str] | None, labels: str | os.PathLike[str] | None) -> SampleTable:
-    """``None`` → the synthetic demo set; ``*.npz`` → MedMNIST; a folder → needs ``labels``."""
+def resolve_samples(data: str | os.PathLike[str] | None, labels: str | os.PathLike[str] | None,
+                    classes: list[str] | None = None) -> SampleTable:
+    """``None`` → the synthetic demo set; ``*.npz`` → MedMNIST; a folder → needs ``labels``.
+
+    ``classes`` (``data.classes``) names the classes in index order: it orders named CSV labels and
+    names numeric ones (CSV indices, a ``.npz`` file's classes)."""
     from medtransfer.data.samples import samples_from_folder, samples_from_npz
 
     if data is None:
@@ -123,11 +127,17 @@ def resolve_samples(data: str | os.PathLike[str] | None, labels: str | os.PathLi
         return table
     path = Path(data)
     if path.suffix == ".npz":
-        return samples_from_npz(path)
+        table = samples_from_npz(path)
+        if classes:
+            if len(classes) != table.num_classes:
+                raise DataError(f"{path.name} has {table.num_classes} classes but data.classes names "
+                                f"{len(classes)}: {list(classes)}.")
+            table.label_names = list(classes)
+        return table
     if path.is_dir():
         if labels is None:
             raise DataError(f"--data {path} is a folder; also pass --labels CSV (columns: path,label[,patient_id]).")
-        return samples_from_folder(path, labels)
+        return samples_from_folder(path, labels, classes)
     raise DataError(f"--data '{path}' is neither a folder nor a .npz file.")
 
 
@@ -418,7 +428,7 @@ def finetune(
         _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     gen = seed_everything(cfg.train.seed)
 
-    table = samples if samples is not None else resolve_samples(data, labels)
+    table = samples if samples is not None else resolve_samples(data, labels, cfg.data.classes)
     if table.num_classes < 2:
         raise DataError("The labels hold a single class; fine-tuning needs at least two.")
     if cfg.model.task == "regression":
@@ -707,7 +717,7 @@ def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, pro
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg.modality)
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    table = samples if samples is not None else resolve_samples(data, labels)
+    table = samples if samples is not None else resolve_samples(data, labels, cfg.data.classes)
     if table.num_classes < 2:
         raise DataError("The labels hold a single class; fine-tuning needs at least two.")
     _split_and_subsample(table, cfg)  # once, so every member trains on the same split and subset

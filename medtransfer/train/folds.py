@@ -79,7 +79,7 @@ def finetune_folds(
     if k < 2:
         raise DataError(f"--folds must be at least 2, got {k}.")
     out = Path(out_dir) if out_dir else default_run_dir(cfg.modality)
-    table = resolve_samples(data, labels)
+    table = resolve_samples(data, labels, cfg.data.classes)
     if any(s.split is None for s in table.samples):
         split_by_patient(table, 0.0, cfg.data.test_fraction, cfg.train.seed)
     check_leakage(table.samples)
