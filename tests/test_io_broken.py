@@ -104,3 +104,21 @@ def test_bad_nifti(tmp_path):
     shutil.copy(src, tmp_path / "ct.nii")
     with pytest.raises(MedIOError):
         read_nifti(tmp_path / "ct.nii")
+
+
+def test_dicomdir_is_named_not_an_unknown_sop_class(tmp_path):
+    """A DICOMDIR carries its SOP class only in the file meta; skipping it should say what it is."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.FileSetID = "CD1"
+    ds.DirectoryRecordSequence = []
+    ds.save_as(tmp_path / "DICOMDIR", enforce_file_format=True)
+    err = _expect(tmp_path / "DICOMDIR", "DICOMDIR", "Media Storage Directory", cls=NoPixelDataError)
+    assert "unknown" not in err.reason

@@ -556,8 +556,11 @@ def read_dicom(
     ds = _dcmread(p)
     meta = dicom_meta(ds)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop = ds.get("SOPClassUID")
+        # A DICOMDIR names its SOP class only in the file meta (Media Storage Directory Storage).
+        sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
         name = str(getattr(sop, "name", str(sop or "unknown SOP class")))
+        if "DirectoryRecordSequence" in ds:
+            name = f"DICOMDIR, {name}" if sop else "DICOMDIR"
         if name.endswith("Image Storage") or "Rows" in ds:
             # An image object without its pixels is broken (cut short, or pixels stripped), not skippable.
             raise UndecodablePixelDataError(
