@@ -393,3 +393,30 @@ def test_evaluate_classification_multiclass():
     assert out["per_class"]["b"]["auc"] == pytest.approx(roc_auc_score(y == 1, prob[:, 1]), abs=1e-12)
     assert out["per_class"]["c"]["n_positive"] == int(np.sum(y == 2))
     assert out["n_patients"] is None and out["auc"]["resampled"] == "images"
+
+
+def test_ordinal_grade_is_the_median_not_the_argmax():
+    from medtransfer.metrics.classification import ordinal_grade
+
+    # P(y > 0) = 0.6, P(y > 1) = 0.4: the median grade is 1 although classes 0 and 2 are likelier
+    assert ordinal_grade(np.array([[0.4, 0.2, 0.4], [0.1, 0.1, 0.8], [0.7, 0.2, 0.1]])).tolist() == [1, 2, 0]
+
+
+def test_quadratic_weighted_kappa_and_grade_mae():
+    from sklearn.metrics import cohen_kappa_score
+
+    from medtransfer.metrics import ordinal_metrics, quadratic_weighted_kappa
+    from medtransfer.metrics.classification import grade_mae, ordinal_grade
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    p = rng.dirichlet(np.ones(5), 300)
+    p[np.arange(300), y] += 0.3
+    p /= p.sum(1, keepdims=True)
+    want = cohen_kappa_score(y, ordinal_grade(p), weights="quadratic")
+    assert quadratic_weighted_kappa(y, p) == pytest.approx(want) and 0.2 < want < 0.8
+    assert grade_mae(y, p) == pytest.approx(np.abs(ordinal_grade(p) - y).mean())
+    assert quadratic_weighted_kappa(y, np.eye(5)[y]) == pytest.approx(1.0)
+    m = ordinal_metrics(y, p, patient_ids=[f"P{i // 3}" for i in range(300)], n_boot=200)
+    qwk = m["quadratic_weighted_kappa"]
+    assert qwk["ci_low"] < qwk["value"] < qwk["ci_high"] and qwk["resampled"] == "patients"

@@ -11,6 +11,7 @@ from conftest import shared_data
 from medtransfer.cli.main import app
 from medtransfer.config import load_config
 from medtransfer.inference import load_run, predict_folder
+from medtransfer.inference.evaluate import evaluate_run
 from medtransfer.train.finetune import finetune
 
 FAST = ["data.size=64", "train.head_epochs=1", "train.finetune_epochs=1", "train.batch_size=16"]
@@ -268,3 +269,25 @@ def test_evaluate_matches_named_labels_to_the_model_classes(small_demo, tmp_path
     res = evaluate([dict(r, label={"0": "normal", "1": "pneumonia"}[r["label"]]) for r in rows], "foreign")
     assert res.exit_code != 0
     assert "['normal', 'pneumonia'] that the model does not predict" in res.output
+
+
+def test_graded_labels_with_model_task_ordinal(tmp_path):
+    """Grades 0-2 (block brightness grows with the grade), trained as cumulative logits: the report adds
+    kappa and grade MAE, skips per-class temperature scaling, and evaluate reports them again."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, k in zip(("train", "val", "test"), (120, 40, 40)):
+        y = rng.integers(0, 3, size=(k, 1))
+        x = rng.integers(0, 40, size=(k, 28, 28))
+        x[:, 8:20, 8:20] += 70 * y[:, :1, None]
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x.astype(np.uint8), y.astype(np.uint8)
+    np.savez(tmp_path / "grades.npz", **arrays)
+    cfg = load_config("general", overrides=[*TINY, "model.task=ordinal", "train.finetune_epochs=8"])
+    res = finetune(cfg, data=tmp_path / "grades.npz", out_dir=tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["ordered_classes"] is True and m["calibration"].get("temperature") is None
+    qwk = m["test"]["ordinal"]["quadratic_weighted_kappa"]
+    assert qwk["value"] > 0.5 and qwk["ci_low"] <= qwk["value"] <= qwk["ci_high"]
+    assert 0 <= m["test"]["ordinal"]["grade_mae"]["value"] < 0.6
+    ev = evaluate_run(res.run_dir, tmp_path / "grades.npz", out_dir=tmp_path / "ev")
+    assert ev["test"]["ordinal"]["quadratic_weighted_kappa"]["value"] == pytest.approx(qwk["value"])

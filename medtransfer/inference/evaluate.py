@@ -105,6 +105,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str] |
         threshold = 0.5
     metrics = write_classification_report(
         out, val=None, test=result, label_names=run.label_names, task=task, threshold=threshold,
+        ordinal=task == "multiclass" and run.config.model.task == "ordinal",
         extra_info={"model_name": f"{run.config.model.backbone} ({run.config.modality})",
                     "data": {"source": "built-in SYNTHETIC demo data" if data is None else str(data)}},
     )

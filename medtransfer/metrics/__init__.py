@@ -19,6 +19,8 @@ _EXPORTS: dict[str, str] = {
     "choose_threshold": "classification",
     "binary_metrics_at": "classification",
     "multiclass_metrics": "classification",
+    "ordinal_metrics": "classification",
+    "quadratic_weighted_kappa": "classification",
     "evaluate_classification": "classification",
     "THRESHOLD_METHODS": "classification",
     # calibration

@@ -282,6 +282,46 @@ def multiclass_metrics(y: Any, prob: Any) -> dict[str, Any]:
     }
 
 
+def ordinal_grade(prob: Any) -> np.ndarray:
+    """The predicted grade of ordered classes: the median of each predictive distribution, i.e. the number
+    of cumulative probabilities ``P(y > k)`` above 0.5 (the CORAL rule; it minimises the expected error
+    in grades, where argmax need not)."""
+    p = as_numpy(prob, dtype=np.float64)
+    above = 1.0 - np.cumsum(p, axis=1)[:, :-1]
+    return (above > 0.5).sum(axis=1)
+
+
+def quadratic_weighted_kappa(y: Any, prob: Any) -> float:
+    """Cohen's kappa with quadratic weights between true and predicted grades (1: perfect, 0: chance)."""
+    y_arr, p = _multiclass_inputs(y, prob)
+    k = p.shape[1]
+    pred = ordinal_grade(p)
+    observed = np.zeros((k, k))
+    np.add.at(observed, (y_arr, pred), 1.0)
+    expected = np.outer(observed.sum(1), observed.sum(0)) / max(observed.sum(), 1.0)
+    w = (np.subtract.outer(np.arange(k), np.arange(k)) ** 2) / max((k - 1) ** 2, 1)
+    den = float((w * expected).sum())
+    return float("nan") if den == 0 else 1.0 - float((w * observed).sum()) / den
+
+
+def grade_mae(y: Any, prob: Any) -> float:
+    """Mean absolute error in grades between the true and the predicted (median) grade."""
+    y_arr, p = _multiclass_inputs(y, prob)
+    return float(np.abs(ordinal_grade(p) - y_arr).mean())
+
+
+def ordinal_metrics(y: Any, prob: Any, patient_ids: Sequence[Any] | None = None, n_boot: int = 1000,
+                    alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
+    """Metrics of ordered classes (grades): quadratic weighted kappa and grade MAE of the median grade,
+    each with a percentile-bootstrap CI over patients."""
+    ids = list(patient_ids) if patient_ids is not None else None
+    out = {}
+    for key, fn in (("quadratic_weighted_kappa", quadratic_weighted_kappa), ("grade_mae", grade_mae)):
+        ci = bootstrap_ci(fn, y, prob, groups=ids, n_boot=n_boot, alpha=alpha, seed=seed) if n_boot else None
+        out[key] = _ci_block(ci, fn(y, prob))
+    return out
+
+
 # --------------------------------------------------------------------------------------------- summary
 def _strict_macro_auc(task: str, classes: np.ndarray):  # type: ignore[no-untyped-def]
     """Macro AUC over ``classes`` that is NaN as soon as one of them is undefined (for bootstrap resamples)."""

@@ -22,6 +22,7 @@ from medtransfer.metrics.classification import (
     THRESHOLD_METHODS,
     choose_threshold,
     evaluate_classification,
+    ordinal_metrics,
 )
 from medtransfer.metrics.model_card import write_model_card
 from medtransfer.metrics.segmentation import SegmentationEvaluator
@@ -140,6 +141,7 @@ def write_classification_report(
     seed: int = 0,
     n_bins: int = 10,
     plots: bool = True,
+    ordinal: bool = False,
 ) -> dict[str, Any]:
     """Evaluate validation and test predictions and write the report files into ``out_dir``.
 
@@ -157,6 +159,10 @@ def write_classification_report(
     ``operating_point``, ``calibration``, ``plots``. ``val``/``test`` hold the keys of
     :func:`evaluate_classification` except that ``auc`` is a plain float (None if undefined) with
     ``auc_ci = [low, high]`` and ``auc_ci_info`` beside it. Undefined values are None.
+
+    ``ordinal=True`` (a multiclass task whose classes are grades, e.g. from ``model.task=ordinal``) adds
+    ``ordinal`` to each split: quadratic weighted kappa and grade MAE of the median grade with bootstrap
+    CIs over patients; temperature scaling is skipped (the model's logits are cumulative, not per class).
 
     ``threshold`` fixes the operating point instead (e.g. the one a training run chose on its own
     validation set, when a trained model is evaluated on new data); ``val`` may then be None.
@@ -191,7 +197,11 @@ def write_classification_report(
         if task == "binary":
             op["positive_label"] = names[1]
 
+    if ordinal and task != "multiclass":
+        raise ValueError("ordinal=True needs task='multiclass' (graded classes).")
     metrics: dict[str, Any] = {"task": task, "label_names": names, "val": None, "test": None}
+    if ordinal:
+        metrics["ordered_classes"] = True
     for name, s in splits.items():
         prob_arg = s["prob"][:, 1] if task == "binary" else s["prob"]
         ev = evaluate_classification(s["y"], prob_arg, task=task, label_names=names, patient_ids=s["patient_ids"],
@@ -199,13 +209,15 @@ def write_classification_report(
         if task != "multiclass":
             op[name] = ev.get("operating_point")
         metrics[name] = _flatten_auc(ev)
+        if ordinal:
+            metrics[name]["ordinal"] = ordinal_metrics(s["y"], s["prob"], s["patient_ids"], n_boot, alpha, seed)
         rows, cols = _predictions_rows(s, names, task, threshold)
         write_csv_atomic(out / f"predictions_{name}.csv", rows, cols)
     metrics["operating_point"] = op
 
     calib: dict[str, Any] = {"n_bins": n_bins, "binning": "equal-width",
                              **{f"ece_{k}": (metrics[k] or {}).get("ece") for k in ("val", "test")}}
-    if "logits" in splits.get("val", {}) and "logits" in splits.get("test", {}):
+    if not ordinal and "logits" in splits.get("val", {}) and "logits" in splits.get("test", {}):
         temp = fit_temperature(splits["val"]["logits"], splits["val"]["y"], task=task)
         calibrated = apply_temperature(splits["test"]["logits"], temp, task=task)
         calib["temperature"] = temp

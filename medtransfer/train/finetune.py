@@ -666,7 +666,7 @@ def finetune(
     if not main:
         return FinetuneResult(run_dir, {}, history, report, splits)
     info = _model_info(cfg, data, samples, table, splits, spec, wspec, report, best["epoch"], dist.world)
-    metrics = write_evaluation(run_dir, results, table.label_names, history, info)
+    metrics = write_evaluation(run_dir, results, table.label_names, history, info, cfg.model.task == "ordinal")
     # The operating point chosen on validation travels with the model, so predict applies it unchanged.
     model.cpu()
     save_checkpoint(run_dir / "model.pt", model, cfg, spec, table.label_names,
@@ -761,7 +761,7 @@ def _finetune_ensemble(cfg: RunConfig, data: Any, labels: Any, out_dir: Any, pro
     report = member_runs[0].load_report
     info = _model_info(cfg, data, samples, table, splits, pre.spec, get_weight_spec(cfg.model.backbone), report,
                        None, 1)
-    metrics = write_evaluation(run_dir, results, table.label_names, None, info)
+    metrics = write_evaluation(run_dir, results, table.label_names, None, info, cfg.model.task == "ordinal")
     model.cpu()
     save_checkpoint(run_dir / "model.pt", model, cfg, pre.spec, table.label_names,
                     {"epoch": None, "load_report": report.to_dict(),
@@ -871,7 +871,8 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def write_evaluation(run_dir: Path, results: dict[str, dict[str, Any]], label_names: list[str],
-                     history: list[dict[str, Any]], info: dict[str, Any] | None = None) -> dict[str, Any]:
+                     history: list[dict[str, Any]], info: dict[str, Any] | None = None,
+                     ordinal: bool = False) -> dict[str, Any]:
     """Metrics with patient-level CIs, the operating point chosen on validation and applied to test,
     per-image predictions, plots and the model card (see :mod:`medtransfer.metrics.report`)."""
     from medtransfer.metrics import write_classification_report
@@ -880,5 +881,5 @@ def write_evaluation(run_dir: Path, results: dict[str, dict[str, Any]], label_na
         "binary" if len(label_names) == 2 else "multiclass")
     return write_classification_report(
         run_dir, val=results["val"], test=results.get("test"), label_names=label_names, task=task,
-        history=history, extra_info=info,
+        history=history, extra_info=info, ordinal=ordinal and task == "multiclass",
     )
