@@ -291,3 +291,10 @@ def test_graded_labels_with_model_task_ordinal(tmp_path):
     assert 0 <= m["test"]["ordinal"]["grade_mae"]["value"] < 0.6
     ev = evaluate_run(res.run_dir, tmp_path / "grades.npz", out_dir=tmp_path / "ev")
     assert ev["test"]["ordinal"]["quadratic_weighted_kappa"]["value"] == pytest.approx(qwk["value"])
+    # one decision rule everywhere: the median grade (here 1, where argmax would say 0)
+    assert m["operating_point"]["method"] == "median grade (ordinal)"
+    rows = _read_csv(tmp_path / "run" / "predictions_test.csv")
+    for r in rows:
+        p = np.array([float(r[f"prob_{k}"]) for k in range(3)])
+        assert int(r["predicted"]) == int((1 - np.cumsum(p)[:-1] > 0.5).sum())
+    assert load_run(res.run_dir).decide(np.array([0.4, 0.2, 0.4])) == 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from medtransfer.config import RunConfig, config_from_dict
@@ -45,10 +46,15 @@ class LoadedRun:
         return float(t) if isinstance(t, (int, float)) and len(self.label_names) == 2 else None
 
     def decide(self, prob) -> int:
-        """Class index for one probability row: the validation operating point for binary models."""
+        """Class index for one probability row: the validation operating point for binary models, the
+        median grade for ordinal ones, else the most probable class."""
         t = self.threshold
         if t is not None:
             return int(prob[1] >= t)
+        if self.model.task == "ordinal":  # the median grade, as the training report counted it
+            from medtransfer.metrics.classification import ordinal_grade
+
+            return int(ordinal_grade(np.asarray(prob, dtype=np.float64)[None])[0])
         return int(prob.argmax())
 
     def predicted_label(self, prob) -> str:

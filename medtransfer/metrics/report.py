@@ -22,6 +22,7 @@ from medtransfer.metrics.classification import (
     THRESHOLD_METHODS,
     choose_threshold,
     evaluate_classification,
+    ordinal_grade,
     ordinal_metrics,
 )
 from medtransfer.metrics.model_card import write_model_card
@@ -72,8 +73,8 @@ def _flatten_auc(block: dict[str, Any]) -> dict[str, Any]:
             "auc_ci_info": {k: v for k, v in auc.items() if k not in ("value", "ci_low", "ci_high")}, **block}
 
 
-def _predictions_rows(s: Mapping[str, Any], names: list[str], task: str,
-                      threshold: float | np.ndarray | None) -> tuple[list[dict[str, Any]], list[str]]:
+def _predictions_rows(s: Mapping[str, Any], names: list[str], task: str, threshold: float | np.ndarray | None,
+                      ordinal: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     prob, y = s["prob"], s["y"]
     ids = s["patient_ids"] or [""] * len(y)
     prob_cols = [f"prob_{n}" for n in names]
@@ -90,6 +91,8 @@ def _predictions_rows(s: Mapping[str, Any], names: list[str], task: str,
         return rows, ["path", "patient_id", *label_cols, *prob_cols, *pred_cols]
     if task == "binary":
         pred = (prob[:, 1] >= float(threshold)).astype(int)  # type: ignore[arg-type]
+    elif ordinal:
+        pred = ordinal_grade(prob)
     else:
         pred = prob.argmax(axis=1)
     for i in range(len(y)):
@@ -202,6 +205,7 @@ def write_classification_report(
     metrics: dict[str, Any] = {"task": task, "label_names": names, "val": None, "test": None}
     if ordinal:
         metrics["ordered_classes"] = True
+        op = {"method": "median grade (ordinal)", "chosen_on": None, "threshold": None}
     for name, s in splits.items():
         prob_arg = s["prob"][:, 1] if task == "binary" else s["prob"]
         ev = evaluate_classification(s["y"], prob_arg, task=task, label_names=names, patient_ids=s["patient_ids"],
@@ -211,7 +215,7 @@ def write_classification_report(
         metrics[name] = _flatten_auc(ev)
         if ordinal:
             metrics[name]["ordinal"] = ordinal_metrics(s["y"], s["prob"], s["patient_ids"], n_boot, alpha, seed)
-        rows, cols = _predictions_rows(s, names, task, threshold)
+        rows, cols = _predictions_rows(s, names, task, threshold, ordinal)
         write_csv_atomic(out / f"predictions_{name}.csv", rows, cols)
     metrics["operating_point"] = op
 
