@@ -67,3 +67,13 @@ def test_classes_name_numeric_labels(small_demo, tmp_path):
 def test_config_takes_a_list_of_names():
     assert load_config("xray", overrides=["data.classes=[normal, pneumonia]"]).data.classes == ["normal", "pneumonia"]
     assert load_config("xray").data.classes == []
+
+
+def test_compare_reads_run_b_at_run_a_positive_class():
+    from medtransfer.inference.evaluate import _positive_column
+
+    assert _positive_column(["normal", "abnormal"], ["normal", "abnormal"]) == 1
+    assert _positive_column(["normal", "abnormal"], ["abnormal", "normal"]) == 0  # trained with data.classes
+    assert _positive_column(["0", "1"], ["no_finding", "opacity"]) == 1  # numeric classes: by index
+    with pytest.raises(DataError, match="different classes"):
+        _positive_column(["normal", "effusion"], ["normal", "pneumonia"])

@@ -112,6 +112,16 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str] |
     return metrics
 
 
+def _positive_column(names_a: list[str], names_b: list[str]) -> int:
+    """Which probability column of run B is run A's positive class: matched by name (two runs trained on
+    differently ordered labels), by index when either run has numeric class names."""
+    if names_a == names_b or any(n.isdigit() for n in [*names_a, *names_b]):
+        return 1
+    if set(names_a) == set(names_b):
+        return names_b.index(names_a[1])
+    raise DataError(f"The runs predict different classes: A {names_a}, B {names_b}; compare needs the same two.")
+
+
 def compare_runs(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str],
                  data: str | os.PathLike[str] | None = None, labels: str | os.PathLike[str] | None = None,
                  split: str | None = None, out: str | os.PathLike[str] | None = None,
@@ -123,12 +133,14 @@ def compare_runs(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str],
     ra, rb = load_run(run_a, device), load_run(run_b, device)
     if len(ra.label_names) != 2 or len(rb.label_names) != 2:
         raise DataError("compare needs two binary models (DeLong's test compares two AUCs).")
+    col_b = _positive_column(ra.label_names, rb.label_names)
     table, samples = select_samples(ra, data, labels, split)
     pa = predict_samples(ra, table, samples)
     pb = predict_samples(rb, table, samples)
     y = pa["y"]
-    dl = delong_test(y, pa["prob"][:, 1], pb["prob"][:, 1])
-    boot = paired_bootstrap_auc_diff(y, pa["prob"][:, 1], pb["prob"][:, 1], groups=pa["patient_ids"], n_boot=n_boot)
+    dl = delong_test(y, pa["prob"][:, 1], pb["prob"][:, col_b])
+    boot = paired_bootstrap_auc_diff(y, pa["prob"][:, 1], pb["prob"][:, col_b], groups=pa["patient_ids"],
+                                     n_boot=n_boot)
     result = {
         "run_a": str(run_a), "run_b": str(run_b), "n": int(len(y)), "n_patients": len(set(pa["patient_ids"])),
         "delong": nan_to_none(dataclasses.asdict(dl)), "paired_bootstrap": nan_to_none(dataclasses.asdict(boot)),
