@@ -171,6 +171,7 @@ def test_classification_report_applies_val_threshold_to_test(tmp_path):
     assert "not a medical device" in card and "# Model card: demo" in card
     assert "resnet18" in card and "0.5000" in card
     assert "licence**: not recorded" in card  # no weight licence was given: not invented
+    assert "positive class**: pneumonia" in card
     assert _no_temp_files(tmp_path)
 
 

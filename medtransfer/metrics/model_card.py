@@ -105,6 +105,8 @@ def _operating_point_section(op: Mapping[str, Any] | None) -> list[str]:
              + (f" (target {op['target']})" if op.get("target") is not None else ""),
              f"- **threshold**: {_fmt(op.get('threshold'), 4)} (positive if probability >= threshold), chosen on "
              f"{_fmt(op.get('chosen_on'))}"]
+    if op.get("positive_label") is not None:
+        lines.append(f"- **positive class**: {op['positive_label']} (sensitivity and PPV refer to it)")
     for split in ("val", "test"):
         m = op.get(split)
         if isinstance(m, Mapping) and "sensitivity" in m:
