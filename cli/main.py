@@ -143,15 +143,30 @@ def finetune(
     except MedTransferError as exc:
         raise _fail(exc, 1) from None
     m = result.metrics
-    val_auc = m.get("val", {}).get("auc")
-    console.print(f"[bold green]done[/] in {m['minutes']:.1f} min; best epoch {m['best_epoch']}; "
-                  f"val AUC {val_auc:.3f}" if val_auc is not None else "")
-    if "test" in m:
-        t = m["test"]
-        ci = t.get("auc_ci")
-        ci_txt = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci and None not in ci else ""
-        console.print(f"test AUC {t['auc']:.3f}{ci_txt} on {t['n']} images / {t.get('n_patients', '?')} patients")
+    val_auc = (m.get("val") or {}).get("auc")
+    members = m.get("members")
+    console.print(f"[bold green]done[/] in {m['minutes']:.1f} min; "
+                  + (f"ensemble of {len(members)}; " if members else f"best epoch {m.get('best_epoch')}; ")
+                  + (f"val AUC {val_auc:.3f}" if val_auc is not None else "val AUC undefined"))
+    if m.get("test"):
+        _print_test_summary(m)
     typer.echo(str(result.run_dir))
+
+
+def _print_test_summary(m: dict) -> None:
+    """The test AUC with its CI, and the rates at the validation operating point (binary runs)."""
+    t = m["test"]
+    ci = t.get("auc_ci") or [None, None]
+    auc = "undefined (one class)" if t.get("auc") is None else f"{t['auc']:.3f}"
+    ci_txt = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if None not in ci else ""
+    console.print(f"test AUC {auc}{ci_txt} on {t['n']} images / {t.get('n_patients', '?')} patients")
+    op = (m.get("operating_point") or {}).get("test") or {}
+    rates = [f"{k} {op[k]:.3f}" + (f" (95% CI {op[k + '_ci'][0]:.3f}–{op[k + '_ci'][1]:.3f})"
+                                   if None not in (op.get(k + "_ci") or [None]) else "")
+             for k in ("sensitivity", "specificity") if op.get(k) is not None]
+    if rates:
+        threshold = m["operating_point"].get("threshold")
+        console.print(f"at the validation operating point (threshold {threshold:.3g}): " + ", ".join(rates))
 
 
 @app.command()
@@ -254,18 +269,7 @@ def evaluate(
         metrics = evaluate_run(run_dir, data, labels, split, out, device)
     except MedTransferError as exc:
         raise _fail(exc, 1) from None
-    t = metrics["test"]
-    ci = t.get("auc_ci") or [None, None]
-    auc = "undefined (one class)" if t["auc"] is None else f"{t['auc']:.3f}"
-    ci_txt = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if None not in ci else ""
-    console.print(f"AUC {auc}{ci_txt} on {t['n']} images / {t.get('n_patients', '?')} patients")
-    op = (metrics.get("operating_point") or {}).get("test") or {}
-    rates = [f"{k} {op[k]:.3f}" + (f" (95% CI {op[k + '_ci'][0]:.3f}–{op[k + '_ci'][1]:.3f})"
-                                   if None not in (op.get(k + "_ci") or [None]) else "")
-             for k in ("sensitivity", "specificity") if op.get(k) is not None]
-    if rates:
-        threshold = metrics["operating_point"].get("threshold")
-        console.print(f"at the validation operating point (threshold {threshold:.3g}): " + ", ".join(rates))
+    _print_test_summary(metrics)
     typer.echo(str(out or Path(run_dir) / "evaluation"))
 
 

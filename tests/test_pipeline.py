@@ -298,3 +298,15 @@ def test_graded_labels_with_model_task_ordinal(tmp_path):
         p = np.array([float(r[f"prob_{k}"]) for k in range(3)])
         assert int(r["predicted"]) == int((1 - np.cumsum(p)[:-1] > 0.5).sum())
     assert load_run(res.run_dir).decide(np.array([0.4, 0.2, 0.4])) == 1
+
+
+def test_finetune_cli_without_a_test_split_ends_cleanly(small_demo, tmp_path):
+    """No test split (data.test_fraction=0): the summary says what there is; it used to crash after training."""
+    args = ["finetune", "--data", str(small_demo), "--labels", str(small_demo / "labels.csv"), "--out",
+            str(tmp_path / "run"), "-q", "--set", "data.test_fraction=0"]
+    for o in [*FAST, "train.finetune_epochs=0"]:
+        args += ["--set", o]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "best epoch 1; val AUC" in res.output and "test AUC" not in res.output
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"] is None
