@@ -124,6 +124,30 @@ class Preprocessor:
     def load_dicom(self, path: str) -> torch.Tensor:
         return self.load_dicom_with_meta(path)[0]
 
+    def load_image(self, path: str) -> torch.Tensor:
+        """Any 2D image file of a labels CSV → resized ``[0, 1]`` tensor ``(C, S, S)``: DICOM (physical
+        units, the preset's window), PNG / JPEG / TIFF / BMP (display values scaled by their format's
+        range; no window), or a 2D NIfTI image (physical units, the preset's window; no VOI tags)."""
+        from medtransfer.io import is_raster_path, read_nifti, read_raster
+
+        if is_raster_path(path):
+            image = read_raster(path)
+            lo, hi = image.meta["value_range"]
+            a = image.array.astype(np.float32)
+            unit = np.clip((a - lo) / (hi - lo), 0, 1)
+            unit = unit.transpose(2, 0, 1) if unit.ndim == 3 else unit[None]
+            return resize_square(torch.from_numpy(_match_channels(unit, self.spec.channels, image)), self.spec.size)
+        if path.lower().endswith((".nii", ".nii.gz")):
+            vol = read_nifti(path)
+            a = np.squeeze(np.asarray(vol.array, dtype=np.float32))
+            if a.ndim != 2:
+                raise UnsupportedImageError(
+                    path, f"a {a.ndim}D NIfTI image (shape {tuple(vol.array.shape)}); this model takes 2D images. "
+                    "Train on volumes from a .npz file (slices become channels).")
+            return resize_square(torch.from_numpy(dicom_to_unit(ImageData(a, {"path": path}), self.spec)),
+                                 self.spec.size)
+        return self.load_dicom(path)
+
     def load_dicom_with_meta(self, path: str) -> tuple[torch.Tensor, dict[str, Any]]:
         """A DICOM file → resized ``[0, 1]`` tensor ``(C, S, S)`` and its metadata."""
         image = read_dicom(path)

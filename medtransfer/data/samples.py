@@ -101,13 +101,16 @@ def class_order(names: list[str] | set[str], classes: list[str] | None = None, s
 
 
 def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: list[str] | None = None) -> SampleTable:
-    """A folder of DICOM files and a CSV with ``path,label[,patient_id][,split]`` columns.
+    """A folder of images and a CSV with ``path,label[,patient_id][,split]`` columns.
+
+    Images: DICOM files, PNG / JPEG / TIFF / BMP files or 2D NIfTI images (the last two need the
+    ``patient_id`` column; DICOM files fall back to their PatientID).
 
     Labels may be class indices or names; names take the order of ``classes`` (see
     :func:`class_order`: by default 'nothing found' names first). Without a ``patient_id`` column
     the DICOM PatientID is read from each file's header.
     """
-    from medtransfer.io import MedIOError, read_dicom_header
+    from medtransfer.io import MedIOError, is_raster_path, read_dicom_header
 
     root = Path(data_dir)
     rows = _read_labels_csv(Path(labels_csv))
@@ -138,6 +141,11 @@ def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: l
             missing.append(str(path))
             continue
         pid = row.get("patient_id") or ""
+        if not pid and (is_raster_path(path) or path.name.lower().endswith((".nii", ".nii.gz"))):
+            raise DataError(
+                f"{path} is a {path.suffix.lstrip('.').upper() or 'NIfTI'} file, which carries no patient "
+                "identity: add a patient_id column to the labels CSV so that splits can be grouped by patient."
+            )
         if not pid:
             try:
                 pid = str(read_dicom_header(path).get("PatientID", "") or "")

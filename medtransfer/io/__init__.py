@@ -17,6 +17,7 @@ from medtransfer.io.dicom import (
 )
 from medtransfer.io.inventory import inventory, render_inventory
 from medtransfer.io.nifti import read_nifti
+from medtransfer.io.raster import RASTER_SUFFIXES, is_raster_path, read_raster
 from medtransfer.io.seg import Segmentation, read_seg
 from medtransfer.io.series import SeriesFiles, find_series, order_slices, read_series
 from medtransfer.io.volume import Problem, Volume
@@ -24,6 +25,7 @@ from medtransfer.io.windows import WINDOW_STACKS, WINDOWS, resolve_window, stack
 
 __all__ = [
     "PHI_KEYWORDS",
+    "RASTER_SUFFIXES",
     "WINDOWS",
     "WINDOW_STACKS",
     "ImageData",
@@ -42,11 +44,13 @@ __all__ = [
     "frame_geometry",
     "frame_rescale",
     "inventory",
+    "is_raster_path",
     "order_slices",
     "percentile_window",
     "read_dicom",
     "read_dicom_header",
     "read_nifti",
+    "read_raster",
     "read_seg",
     "read_series",
     "render_inventory",

@@ -96,7 +96,7 @@ class ImageSet(Dataset):
         s = self.samples[i]
         if self.table.source == "npz":
             return self.pre.load_npz(self.table.arrays[s.split][s.index])
-        return self.pre.load_dicom(s.path)
+        return self.pre.load_image(s.path)
 
     def label(self, i: int) -> int | torch.Tensor:
         y = self.samples[i].label
@@ -188,12 +188,17 @@ def preprocess_spec(cfg: RunConfig, channels: int, mean: tuple[float, ...], std:
 
 
 def _input_channels(table: SampleTable) -> int:
-    """1 for grayscale, 3 for colour, D for ``(D, H, W)`` volumes (their slices become channels)."""
+    """1 for grayscale, 3 for colour, D for ``(D, H, W)`` volumes (their slices become channels).
+    A folder of colour PNG / JPEG images (dermoscopy, photographs) is colour when its first image is."""
     if table.source == "npz":
         first = next(iter(table.arrays.values()))
         if first.ndim == 4:
             return 3 if first.shape[-1] in (3, 4) and first.shape[1] not in (3, 4) else int(first.shape[1])
         return 1
+    from medtransfer.io import is_raster_path, read_raster
+
+    if table.samples and is_raster_path(table.samples[0].path):
+        return 3 if read_raster(table.samples[0].path).array.ndim == 3 else 1
     return 1
 
 

@@ -1,0 +1,86 @@
+"""Labels CSVs that point at PNG / JPEG / TIFF or 2D NIfTI images instead of DICOM files."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medtransfer.config import load_config
+from medtransfer.data.preprocess import PreprocessSpec, Preprocessor, UnsupportedImageError
+from medtransfer.errors import DataError
+from medtransfer.io import read_raster
+from medtransfer.train.finetune import finetune
+
+TINY = ["model.backbone=tiny_cnn.random", "model.weights=none", "data.size=32", "train.head_epochs=1",
+        "train.finetune_epochs=2", "train.lr=0.01"]
+
+
+def _pre(channels=1, size=16, window="tags"):
+    return Preprocessor(PreprocessSpec(size, channels, window, (0.5, 99.5), (0.5,) * channels, (0.5,) * channels))
+
+
+def test_png_values_are_scaled_by_their_format_not_windowed(tmp_path):
+    a8 = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))  # 0 … 240
+    Image.fromarray(a8).save(tmp_path / "g8.png")
+    a16 = (a8.astype(np.uint16) * 257)  # the same image in 16 bits
+    Image.fromarray(a16).save(tmp_path / "g16.png")
+    x8, x16 = (_pre().load_image(str(tmp_path / f)) for f in ("g8.png", "g16.png"))
+    assert x8.shape == (1, 16, 16)
+    torch.testing.assert_close(x8[0, 0], torch.arange(0, 256, 16, dtype=torch.float32) / 255, atol=1e-4, rtol=0)
+    torch.testing.assert_close(x16, x8, atol=1e-4, rtol=0)  # 16-bit: divided by 65535, not by its maximum
+    assert read_raster(tmp_path / "g16.png").meta["value_range"] == (0.0, 65535.0)
+
+
+def test_rgb_png_gray_stored_as_rgb_and_jpeg(tmp_path):
+    rgb = np.zeros((16, 16, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    Image.fromarray(rgb).save(tmp_path / "red.png")
+    gray_as_rgb = np.repeat(np.full((16, 16, 1), 100, np.uint8), 3, axis=2)
+    Image.fromarray(gray_as_rgb).save(tmp_path / "gray.jpg", quality=100)
+    assert read_raster(tmp_path / "red.png").array.shape == (16, 16, 3)
+    assert read_raster(tmp_path / "gray.jpg").array.ndim == 2  # equal channels: one gray image
+    x = _pre(channels=3).load_image(str(tmp_path / "red.png"))
+    assert x[0].mean() == pytest.approx(1.0) and x[1].max() == 0
+    assert _pre(channels=1).load_image(str(tmp_path / "red.png")).mean() == pytest.approx(0.299, abs=1e-3)
+
+
+def test_nifti_2d_in_physical_units_and_3d_refused(tmp_path):
+    import nibabel as nib
+
+    ct = np.linspace(-1000, 1000, 16 * 16, dtype=np.float32).reshape(16, 16, 1)
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), tmp_path / "slice.nii.gz")
+    x = _pre(window="percentile").load_image(str(tmp_path / "slice.nii.gz"))
+    assert x.shape == (1, 16, 16) and x.min() == 0 and x.max() == 1
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
+    with pytest.raises(UnsupportedImageError, match="3D NIfTI image .* this model takes 2D images"):
+        _pre().load_image(str(tmp_path / "vol.nii.gz"))
+
+
+def _png_set(folder, n=40, colour=False, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = ["path,label,patient_id"]
+    for i in range(n):
+        y = i % 2
+        a = rng.integers(0, 80, size=(40, 40, 3) if colour else (40, 40)).astype(np.uint8)
+        a[10:30, 10:30] += 150 * y
+        Image.fromarray(a).save(folder / f"img{i:03d}.png")
+        rows.append(f"img{i:03d}.png,{['normal', 'lesion'][y]},P{i // 2 + 100 * y}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.csv"
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_finetune_on_a_png_folder(tmp_path, colour):
+    labels = _png_set(tmp_path, colour=colour)
+    res = finetune(load_config("xray", overrides=TINY), data=tmp_path, labels=labels, out_dir=tmp_path / "run")
+    assert res.metrics["label_names"] == ["normal", "lesion"]
+    assert res.metrics["test"]["auc"] > 0.9  # the bright square is easy
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["preprocess"]["channels"] == (3 if colour else 1)
+
+
+def test_png_without_patient_id_says_what_to_add(tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text("path,label\na.png,0\n")
+    from medtransfer.data.samples import samples_from_folder
+
+    with pytest.raises(DataError, match="PNG file, which carries no patient identity: add a patient_id column"):
+        samples_from_folder(tmp_path, tmp_path / "labels.csv")
