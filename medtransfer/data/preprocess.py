@@ -5,6 +5,7 @@ so a run directory reproduces exactly the tensors its model was trained on.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -137,13 +138,16 @@ class Preprocessor:
             unit = np.clip((a - lo) / (hi - lo), 0, 1)
             unit = unit.transpose(2, 0, 1) if unit.ndim == 3 else unit[None]
             return resize_square(torch.from_numpy(_match_channels(unit, self.spec.channels, image)), self.spec.size)
+        if os.path.isdir(path):
+            raise UnsupportedImageError(path, "a folder (a DICOM series?): this model takes 2D images; a 3D "
+                                        "backbone (medicalnet_resnet10.23datasets, tiny_cnn3d.random) takes series")
         if path.lower().endswith((".nii", ".nii.gz")):
             vol = read_nifti(path)
             a = np.squeeze(np.asarray(vol.array, dtype=np.float32))
             if a.ndim != 2:
                 raise UnsupportedImageError(
                     path, f"a {a.ndim}D NIfTI image (shape {tuple(vol.array.shape)}); this model takes 2D images. "
-                    "Train on volumes from a .npz file (slices become channels).")
+                    "Choose a 3D backbone (medicalnet_resnet10.23datasets, tiny_cnn3d.random) for volumes.")
             return resize_square(torch.from_numpy(dicom_to_unit(ImageData(a, {"path": path}), self.spec)),
                                  self.spec.size)
         return self.load_dicom(path)
@@ -157,6 +161,41 @@ class Preprocessor:
     def load_npz(self, array: np.ndarray) -> torch.Tensor:
         return resize_square(torch.from_numpy(npz_to_unit(array, self.spec.channels)), self.spec.size)
 
+    def load_npz_volume(self, array: np.ndarray) -> torch.Tensor:
+        """A MedMNIST ``(D, H, W)`` volume for a 3D backbone → ``(C, S, S, S)`` (stored values scaled to
+        ``[0, 1]`` as for 2D, no window: MedMNIST volumes are already normalised)."""
+        if array.ndim != 3:
+            raise UnsupportedImageError("npz", f"a 3D backbone needs (D, H, W) volumes, got shape {array.shape}")
+        a = array.astype(np.float32)
+        a = a / 255.0 if array.dtype == np.uint8 or a.max() > 1.0 else a
+        s = self.spec.size
+        x = F.interpolate(torch.from_numpy(a)[None, None], size=(s, s, s), mode="trilinear", align_corners=False)[0]
+        return x.repeat(self.spec.channels, 1, 1, 1) if self.spec.channels > 1 else x
+
+    def _volume_tensor(self, a: np.ndarray, where: str) -> torch.Tensor:
+        """A 3D array → ``(C, S, S, S)`` in ``[0, 1]`` (percentile window, trilinear resize)."""
+        if a.ndim != 3:
+            raise UnsupportedImageError(where, f"expected a 3D grayscale volume, got shape {a.shape}")
+        unit = percentile_window(a, *self.spec.percentiles)
+        x = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None, None]
+        s = self.spec.size
+        x = F.interpolate(x, size=(s, s, s), mode="trilinear", align_corners=False)[0]
+        return x.repeat(self.spec.channels, 1, 1, 1) if self.spec.channels > 1 else x
+
+    def load_volume(self, path: str) -> torch.Tensor:
+        """A 3D sample of a labels CSV → ``(C, S, S, S)``: a NIfTI volume (canonical RAS order) or a
+        folder holding one DICOM series (slices ordered by position)."""
+        from medtransfer.io import read_nifti
+        from medtransfer.io.series import list_files
+
+        if os.path.isdir(path):
+            return self.load_series([str(p) for p in list_files(path)])[0]
+        if path.lower().endswith((".nii", ".nii.gz")):
+            vol = read_nifti(path)
+            a = np.asarray(vol.array, dtype=np.float32)
+            return self._volume_tensor(a[..., 0] if a.ndim == 4 and a.shape[-1] == 1 else a, path)
+        raise UnsupportedImageError(path, "a 3D model takes a NIfTI volume or a folder with one DICOM series")
+
     def load_series(self, paths: list[str]) -> tuple[torch.Tensor, dict[str, str]]:
         """A DICOM series → ``(C, S, S, S)`` in ``[0, 1]`` (percentile window) and its identifiers.
 
@@ -169,14 +208,7 @@ class Preprocessor:
         serious = [p for p in vol.problems if p.kind in ("mixed_size", "mixed_orientation", "no_position")]
         if serious:
             raise UnsupportedImageError(paths[0], "; ".join(p.message for p in serious))
-        a = np.asarray(vol.array, dtype=np.float32)
-        if a.ndim != 3:
-            raise UnsupportedImageError(paths[0], f"expected a 3D grayscale volume, got shape {a.shape}")
-        unit = percentile_window(a, *self.spec.percentiles)
-        x = torch.from_numpy(unit)[None, None]
-        s = self.spec.size
-        x = F.interpolate(x, size=(s, s, s), mode="trilinear", align_corners=False)[0]
-        x = x.repeat(self.spec.channels, 1, 1, 1) if self.spec.channels > 1 else x
+        x = self._volume_tensor(np.asarray(vol.array, dtype=np.float32), paths[0])
         meta = vol.meta or {}
         ids = {"sop_instance_uid": "", "study_instance_uid": str(meta.get("study_instance_uid", "")),
                "series_instance_uid": str(meta.get("series_instance_uid", ""))}

@@ -137,7 +137,7 @@ def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: l
     for row in rows:
         path = Path(row["path"])
         path = path if path.is_absolute() else root / path
-        if not path.is_file():
+        if not (path.is_file() or path.is_dir()):  # a folder: one DICOM series (3D backbones)
             missing.append(str(path))
             continue
         pid = row.get("patient_id") or ""
@@ -148,7 +148,8 @@ def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: l
             )
         if not pid:
             try:
-                pid = str(read_dicom_header(path).get("PatientID", "") or "")
+                first = path if path.is_file() else next((q for q in sorted(path.rglob("*")) if q.is_file()), path)
+                pid = str(read_dicom_header(first).get("PatientID", "") or "")
             except MedIOError as exc:
                 raise DataError(f"Cannot read the PatientID of {exc.path}: {exc.reason}") from None
         if not pid:

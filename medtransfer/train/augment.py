@@ -13,8 +13,12 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     """Random small rotation and zoom, optional left-right flip, brightness and contrast jitter.
 
     ``x`` is ``(N, C, H, W)`` in ``[0, 1]``; the output stays in ``[0, 1]``. Geometry is sampled
-    per image; padding is zero (background).
+    per image; padding is zero (background). A volume batch ``(N, C, D, H, W)`` gets one in-plane
+    transform per volume, the same for all its slices (a rotation about the slice axis).
     """
+    if x.ndim == 5:
+        n, c, d, h, w = x.shape
+        return augment_batch(x.reshape(n, c * d, h, w), cfg, generator).reshape(n, c, d, h, w)
     n = x.shape[0]
     dev = x.device
 

@@ -95,7 +95,10 @@ class ImageSet(Dataset):
     def load(self, i: int) -> torch.Tensor:
         s = self.samples[i]
         if self.table.source == "npz":
-            return self.pre.load_npz(self.table.arrays[s.split][s.index])
+            array = self.table.arrays[s.split][s.index]
+            return self.pre.load_npz_volume(array) if self.pre.spec.dims == 3 else self.pre.load_npz(array)
+        if self.pre.spec.dims == 3:
+            return self.pre.load_volume(s.path)
         return self.pre.load_image(s.path)
 
     def label(self, i: int) -> int | torch.Tensor:
@@ -176,14 +179,15 @@ def compute_info(device: torch.device, amp_dtype: torch.dtype | None, channels_l
             "pinned_memory": device.type == "cuda", "world_size": world, "torch": torch.__version__}
 
 
-def preprocess_spec(cfg: RunConfig, channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> PreprocessSpec:
+def preprocess_spec(cfg: RunConfig, channels: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    dims: int = 2) -> PreprocessSpec:
     """The preprocessing of this run; the weights' per-channel mean/std are averaged when the input
     channels differ from the weights' (exact for mean = std = 0.5 with summed stem kernels)."""
     if len(mean) != channels:
         mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
     return PreprocessSpec(
         size=cfg.data.size, channels=channels, window=cfg.data.window,
-        percentiles=tuple(cfg.data.percentiles), mean=tuple(mean), std=tuple(std),
+        percentiles=tuple(cfg.data.percentiles), mean=tuple(mean), std=tuple(std), dims=dims,
     )
 
 
@@ -452,10 +456,10 @@ def finetune(
         raise DataError(f"Need training and validation samples; the split gave {splits}.")
 
     wspec = get_weight_spec(cfg.model.backbone)
-    channels = _input_channels(table)
+    channels = _input_channels(table) if wspec.dims == 2 else 1  # a 3D backbone takes whole volumes
     backbone, report = load_backbone(wspec, channels, cfg.model.weights)
     model = TransferModel(backbone, table.num_classes, cfg.model.head, cfg.model.dropout, cfg.model.task).to(device)
-    spec = preprocess_spec(cfg, channels, wspec.mean, wspec.std)
+    spec = preprocess_spec(cfg, channels, wspec.mean, wspec.std, wspec.dims)
     pre = Preprocessor(spec)
     if main:
         _atomic_write_text(run_dir / "split_report.json", json.dumps(splits, indent=2))
