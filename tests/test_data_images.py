@@ -160,3 +160,25 @@ def test_a_dicom_series_folder_is_one_3d_sample():
         labels.write_text(f"path,label\n{series},1\n{root / 'Study1' / '13_HCropVolume'},0\n")
         table = samples_from_folder(root, labels)
     assert [s.patient_id for s in table.samples] == ["PGBM-003", "PGBM-002"]  # from the series' headers
+
+
+def test_a_series_and_its_nifti_reach_a_3d_model_the_same_way_round(tmp_path):
+    """DICOM series come in acquisition order, NIfTI files are read in RAS order: both are put in the
+    closest RAS order, so a model trained on one can be applied to the other."""
+    import nibabel as nib
+
+    from conftest import shared_data
+    from medtransfer.io import read_series
+    from medtransfer.io.series import list_files
+
+    series = shared_data("brain_mr_dicom_studies") / "Study3" / "11-T1post-18670"
+    vol = read_series([str(p) for p in list_files(series)])
+    # the same voxels stored in another axis order (a flipped, permuted NIfTI): same physical image
+    perm = np.transpose(np.flip(vol.array, 1), (2, 0, 1))
+    flip = np.diag([1.0, -1.0, 1.0, 1.0])
+    flip[1, 3] = vol.array.shape[1] - 1
+    affine = vol.affine @ flip @ np.array([[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1.0]])
+    nib.save(nib.Nifti1Image(perm.astype(np.float32), affine), tmp_path / "same.nii.gz")
+    pre = Preprocessor(PreprocessSpec(24, 1, "tags", (0.5, 99.5), (0.5,), (0.5,), dims=3))
+    torch.testing.assert_close(pre.load_volume(str(tmp_path / "same.nii.gz")), pre.load_volume(str(series)),
+                               atol=1e-5, rtol=0)

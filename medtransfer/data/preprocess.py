@@ -99,6 +99,17 @@ def npz_to_unit(array: np.ndarray, channels: int) -> np.ndarray:
     return _match_channels(np.ascontiguousarray(a), channels)
 
 
+def _canonical(vol: Any) -> np.ndarray:
+    """The volume's array in the closest RAS axis order, so that a NIfTI file and a DICOM series of the
+    same anatomy (stored in any acquisition orientation) reach the model the same way round."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    a = np.asarray(vol.array, dtype=np.float32)
+    if a.ndim != 3:
+        return a
+    return np.ascontiguousarray(apply_orientation(a, io_orientation(vol.affine)))
+
+
 def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
     """Pad ``(C, H, W)`` (or ``(N, C, H, W)``) with zeros to a centred square, then resize to ``size``."""
     squeeze = x.ndim == 3
@@ -192,8 +203,9 @@ class Preprocessor:
             return self.load_series([str(p) for p in list_files(path)])[0]
         if path.lower().endswith((".nii", ".nii.gz")):
             vol = read_nifti(path)
-            a = np.asarray(vol.array, dtype=np.float32)
-            return self._volume_tensor(a[..., 0] if a.ndim == 4 and a.shape[-1] == 1 else a, path)
+            if vol.array.ndim == 4 and vol.array.shape[-1] == 1:
+                vol.array = vol.array[..., 0]
+            return self._volume_tensor(_canonical(vol), path)
         raise UnsupportedImageError(path, "a 3D model takes a NIfTI volume or a folder with one DICOM series")
 
     def load_series(self, paths: list[str]) -> tuple[torch.Tensor, dict[str, str]]:
@@ -208,7 +220,7 @@ class Preprocessor:
         serious = [p for p in vol.problems if p.kind in ("mixed_size", "mixed_orientation", "no_position")]
         if serious:
             raise UnsupportedImageError(paths[0], "; ".join(p.message for p in serious))
-        x = self._volume_tensor(np.asarray(vol.array, dtype=np.float32), paths[0])
+        x = self._volume_tensor(_canonical(vol), paths[0])
         meta = vol.meta or {}
         ids = {"sop_instance_uid": "", "study_instance_uid": str(meta.get("study_instance_uid", "")),
                "series_instance_uid": str(meta.get("series_instance_uid", ""))}
