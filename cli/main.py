@@ -172,7 +172,7 @@ def _print_test_summary(m: dict) -> None:
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., help="Run directory written by 'medtransfer finetune'."),
-    input_dir: Path = typer.Argument(..., help="Folder of DICOM files (searched recursively; any file name)."),
+    input_dir: Path = typer.Argument(..., help="Folder of DICOM files (searched recursively; any file name); NIfTI and PNG / JPEG files are read too."),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="Output CSV (streamed to OUT.partial, moved into place when done)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     workers: int = typer.Option(0, "--workers", "-j", min=0, help="Decoding processes running beside the model (0: decode in the main process)."),

@@ -70,11 +70,16 @@ def _png_set(folder, n=40, colour=False, seed=0):
 
 @pytest.mark.parametrize("colour", [False, True])
 def test_finetune_on_a_png_folder(tmp_path, colour):
-    labels = _png_set(tmp_path, colour=colour)
-    res = finetune(load_config("xray", overrides=TINY), data=tmp_path, labels=labels, out_dir=tmp_path / "run")
+    (tmp_path / "data").mkdir()
+    labels = _png_set(tmp_path / "data", colour=colour)
+    res = finetune(load_config("xray", overrides=TINY), data=tmp_path / "data", labels=labels,
+                   out_dir=tmp_path / "run")
     assert res.metrics["label_names"] == ["normal", "lesion"]
     assert res.metrics["test"]["auc"] > 0.9  # the bright square is easy
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["preprocess"]["channels"] == (3 if colour else 1)
+    from medtransfer.inference import predict_folder
+
+    assert predict_folder(tmp_path / "run", tmp_path / "data", tmp_path / "p.csv").counts == {"ok": 40, "skipped": 1}
 
 
 def test_png_without_patient_id_says_what_to_add(tmp_path):
@@ -102,16 +107,30 @@ def _nifti_set(folder, n=32, seed=0):
 
 
 def test_finetune_a_3d_backbone_on_nifti_volumes(tmp_path):
-    labels = _nifti_set(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    labels = _nifti_set(data)
     cfg = load_config("xray", overrides=[*TINY, "model.backbone=tiny_cnn3d.random", "data.size=16",
                                          "train.finetune_epochs=4"])
-    res = finetune(cfg, data=tmp_path, labels=labels, out_dir=tmp_path / "run")
+    res = finetune(cfg, data=data, labels=labels, out_dir=tmp_path / "run")
     spec = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["preprocess"]
     assert spec["dims"] == 3 and spec["channels"] == 1
     assert res.metrics["test"]["auc"] > 0.9
+    # predict over the folder: one row per volume, the same probabilities the test report holds
+    import csv
+
+    from medtransfer.inference import predict_folder
+
+    summary = predict_folder(tmp_path / "run", data, tmp_path / "preds.csv")
+    assert summary.counts == {"ok": 32, "skipped": 1}  # labels.csv is not an image
+    with open(tmp_path / "preds.csv") as f:
+        got = {r["path"]: float(r["prob_lesion"]) for r in csv.DictReader(f) if r["status"] == "ok"}
+    with open(tmp_path / "run" / "predictions_test.csv") as f:
+        want = {r["path"]: float(r["prob_lesion"]) for r in csv.DictReader(f)}
+    assert want and all(abs(got[k] - v) < 1e-5 for k, v in want.items())
     # a 2D model is told what to choose instead of failing somewhere inside
     with pytest.raises(UnsupportedImageError, match="3D NIfTI image .* Choose a 3D backbone"):
-        _pre().load_image(str(tmp_path / "vol000.nii.gz"))
+        _pre().load_image(str(data / "vol000.nii.gz"))
 
 
 def test_volume_npz_into_a_3d_backbone(tmp_path):

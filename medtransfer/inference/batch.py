@@ -144,6 +144,14 @@ class _Decode(Dataset):
         if item.status:
             return out
         try:
+            if _image_file(item.paths[0]):  # NIfTI / PNG: no DICOM header, so no UIDs and no selection by tags
+                skip = self.filt.reason_to_skip("", "")
+                if skip:
+                    out.update(status="skipped", reason=skip)
+                    return out
+                load = self.pre.load_volume if self.dims == 3 else self.pre.load_image
+                out.update(tensor=load(item.paths[0]), status="ok")
+                return out
             if self.dims == 3:
                 tensor, ids = self.pre.load_series(item.paths)
             else:
@@ -199,6 +207,13 @@ def _hidden(path: str) -> bool:
     return os.path.basename(path).startswith(".")
 
 
+def _image_file(path: str) -> bool:
+    """A NIfTI or PNG / JPEG / TIFF / BMP file: read directly, not as DICOM."""
+    from medtransfer.io import is_raster_path
+
+    return path.lower().endswith((".nii", ".nii.gz")) or is_raster_path(path)
+
+
 def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
     """The sorted work list: files for 2D models; series (plus files in no series) for 3D models."""
     files = [str(p) for p in iter_files(folder)]
@@ -206,8 +221,9 @@ def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
         return [WorkItem(p, [p], "skipped", HIDDEN) if _hidden(p) else WorkItem(p, [p]) for p in files]
     from medtransfer.io.series import find_series, object_kind
 
-    series, problems = find_series([p for p in files if not _hidden(p)])
-    items: list[WorkItem] = []
+    series, problems = find_series([p for p in files if not _hidden(p) and not _image_file(p)])
+    items: list[WorkItem] = [WorkItem(p, [p]) for p in files
+                             if not _hidden(p) and p.lower().endswith((".nii", ".nii.gz"))]
     in_series: set[str] = set()
     for s in series:
         paths = sorted(str(p) for p in s.paths)
@@ -221,7 +237,7 @@ def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
         items.append(item)
     unreadable = {p: prob for prob in problems for p in prob.paths}
     for p in files:
-        if p in in_series:
+        if p in in_series or (not _hidden(p) and p.lower().endswith((".nii", ".nii.gz"))):
             continue
         if _hidden(p):
             items.append(WorkItem(p, [p], "skipped", HIDDEN))
