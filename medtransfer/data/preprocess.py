@@ -140,7 +140,7 @@ class Preprocessor:
         """Any 2D image file of a labels CSV → resized ``[0, 1]`` tensor ``(C, S, S)``: DICOM (physical
         units, the preset's window), PNG / JPEG / TIFF / BMP (display values scaled by their format's
         range; no window), or a 2D NIfTI image (physical units, the preset's window; no VOI tags)."""
-        from medtransfer.io import is_raster_path, read_nifti, read_raster
+        from medtransfer.io import is_nifti_path, is_raster_path, read_nifti, read_raster
 
         if is_raster_path(path):
             image = read_raster(path)
@@ -152,7 +152,7 @@ class Preprocessor:
         if os.path.isdir(path):
             raise UnsupportedImageError(path, "a folder (a DICOM series?): this model takes 2D images; a 3D "
                                         "backbone (medicalnet_resnet10.23datasets, tiny_cnn3d.random) takes series")
-        if path.lower().endswith((".nii", ".nii.gz")):
+        if is_nifti_path(path):
             vol = read_nifti(path)
             a = np.squeeze(np.asarray(vol.array, dtype=np.float32))
             if a.ndim != 2:
@@ -196,12 +196,12 @@ class Preprocessor:
     def load_volume(self, path: str) -> torch.Tensor:
         """A 3D sample of a labels CSV → ``(C, S, S, S)``: a NIfTI volume (canonical RAS order) or a
         folder holding one DICOM series (slices ordered by position)."""
-        from medtransfer.io import read_nifti
+        from medtransfer.io import is_nifti_path, read_nifti
         from medtransfer.io.series import list_files
 
         if os.path.isdir(path):
             return self.load_series([str(p) for p in list_files(path)])[0]
-        if path.lower().endswith((".nii", ".nii.gz")):
+        if is_nifti_path(path):
             vol = read_nifti(path)
             if vol.array.ndim == 4 and vol.array.shape[-1] == 1:
                 vol.array = vol.array[..., 0]

@@ -110,7 +110,7 @@ def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: l
     :func:`class_order`: by default 'nothing found' names first). Without a ``patient_id`` column
     the DICOM PatientID is read from each file's header.
     """
-    from medtransfer.io import MedIOError, is_raster_path, read_dicom_header
+    from medtransfer.io import MedIOError, is_nifti_path, is_raster_path, read_dicom_header
 
     root = Path(data_dir)
     rows = _read_labels_csv(Path(labels_csv))
@@ -141,7 +141,7 @@ def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: l
             missing.append(str(path))
             continue
         pid = row.get("patient_id") or ""
-        if not pid and (is_raster_path(path) or path.name.lower().endswith((".nii", ".nii.gz"))):
+        if not pid and (is_raster_path(path) or is_nifti_path(path)):
             raise DataError(
                 f"{path} is a {path.suffix.lstrip('.').upper() or 'NIfTI'} file, which carries no patient "
                 "identity: add a patient_id column to the labels CSV so that splits can be grouped by patient."

@@ -34,7 +34,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from medtransfer.data.preprocess import UnsupportedImageError
 from medtransfer.errors import MedTransferError
-from medtransfer.io import MedIOError, NoPixelDataError, NotDicomError, read_dicom_header
+from medtransfer.io import (
+    MedIOError,
+    NoPixelDataError,
+    NotDicomError,
+    is_nifti_path,
+    is_raster_path,
+    read_dicom_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +216,7 @@ def _hidden(path: str) -> bool:
 
 def _image_file(path: str) -> bool:
     """A NIfTI or PNG / JPEG / TIFF / BMP file: read directly, not as DICOM."""
-    from medtransfer.io import is_raster_path
-
-    return path.lower().endswith((".nii", ".nii.gz")) or is_raster_path(path)
+    return is_nifti_path(path) or is_raster_path(path)
 
 
 def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
@@ -222,8 +227,8 @@ def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
     from medtransfer.io.series import find_series, object_kind
 
     series, problems = find_series([p for p in files if not _hidden(p) and not _image_file(p)])
-    items: list[WorkItem] = [WorkItem(p, [p]) for p in files
-                             if not _hidden(p) and p.lower().endswith((".nii", ".nii.gz"))]
+    volumes = {p for p in files if not _hidden(p) and is_nifti_path(p)}  # one NIfTI file: one volume
+    items: list[WorkItem] = [WorkItem(p, [p]) for p in sorted(volumes)]
     in_series: set[str] = set()
     for s in series:
         paths = sorted(str(p) for p in s.paths)
@@ -237,7 +242,7 @@ def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
         items.append(item)
     unreadable = {p: prob for prob in problems for p in prob.paths}
     for p in files:
-        if p in in_series or (not _hidden(p) and p.lower().endswith((".nii", ".nii.gz"))):
+        if p in in_series or p in volumes:
             continue
         if _hidden(p):
             items.append(WorkItem(p, [p], "skipped", HIDDEN))

@@ -16,7 +16,7 @@ from medtransfer.io.dicom import (
     read_dicom_header,
 )
 from medtransfer.io.inventory import inventory, render_inventory
-from medtransfer.io.nifti import read_nifti
+from medtransfer.io.nifti import is_nifti_path, read_nifti
 from medtransfer.io.raster import RASTER_SUFFIXES, is_raster_path, read_raster
 from medtransfer.io.seg import Segmentation, read_seg
 from medtransfer.io.series import SeriesFiles, find_series, order_slices, read_series
@@ -44,6 +44,7 @@ __all__ = [
     "frame_geometry",
     "frame_rescale",
     "inventory",
+    "is_nifti_path",
     "is_raster_path",
     "order_slices",
     "percentile_window",

@@ -16,6 +16,11 @@ from medtransfer.io.dicom import MedIOError
 from medtransfer.io.volume import Volume
 
 
+def is_nifti_path(path: str | os.PathLike[str]) -> bool:
+    """A ``.nii`` or ``.nii.gz`` file name (any case)."""
+    return str(path).lower().endswith((".nii", ".nii.gz"))
+
+
 def read_nifti(path: str | os.PathLike[str], *, canonical: bool = True, label: bool = False) -> Volume:
     """Read a NIfTI image. ``label=True`` returns an integer label map (``int16``, or ``int32`` if
     the labels need it) and fails on non-integer voxel values; otherwise ``float32`` with the

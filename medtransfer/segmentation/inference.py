@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from medtransfer.errors import ConfigError, DataError
-from medtransfer.io import Volume
+from medtransfer.io import Volume, is_nifti_path
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +103,6 @@ def _expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[tuple[str, 
         else:
             items.append((str(p), "error", "not found"))
     return items
-
-
-def is_nifti_path(p: Path) -> bool:
-    return p.name.lower().endswith((".nii", ".nii.gz"))
 
 
 def _out_stem(name: str, kind: str, source: Any, used: set[str]) -> str:
