@@ -193,8 +193,9 @@ def predict(
     prob_<class> column per class, predicted (at the operating point chosen on validation).
     Broken DICOM files are 'error'; files that are not DICOM (README, viewer programs), hidden files
     (._*, .DS_Store), DICOM objects without an image (SR, RTSTRUCT) and images outside the selection
-    are 'skipped'; hidden folders are not entered. The batch always finishes. No patient names or birth dates are written
-    unless --patient-fields asks for them. --study-json DIR adds one JSON per study.
+    are 'skipped'; hidden folders are not entered. The batch always finishes. No patient names or
+    birth dates are written unless --patient-fields asks for them. --study-json DIR adds one JSON per
+    study.
 
     Exit code 0 when at least one input was predicted, 1 otherwise.
 

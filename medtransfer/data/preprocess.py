@@ -178,16 +178,16 @@ class Preprocessor:
         if array.ndim != 3:
             raise UnsupportedImageError("npz", f"a 3D backbone needs (D, H, W) volumes, got shape {array.shape}")
         a = array.astype(np.float32)
-        a = a / 255.0 if array.dtype == np.uint8 or a.max() > 1.0 else a
-        s = self.spec.size
-        x = F.interpolate(torch.from_numpy(a)[None, None], size=(s, s, s), mode="trilinear", align_corners=False)[0]
-        return x.repeat(self.spec.channels, 1, 1, 1) if self.spec.channels > 1 else x
+        return self._resize_volume(a / 255.0 if array.dtype == np.uint8 or a.max() > 1.0 else a)
 
     def _volume_tensor(self, a: np.ndarray, where: str) -> torch.Tensor:
-        """A 3D array → ``(C, S, S, S)`` in ``[0, 1]`` (percentile window, trilinear resize)."""
+        """A 3D array in physical units → ``(C, S, S, S)`` in ``[0, 1]`` (percentile window)."""
         if a.ndim != 3:
             raise UnsupportedImageError(where, f"expected a 3D grayscale volume, got shape {a.shape}")
-        unit = percentile_window(a, *self.spec.percentiles)
+        return self._resize_volume(percentile_window(a, *self.spec.percentiles))
+
+    def _resize_volume(self, unit: np.ndarray) -> torch.Tensor:
+        """A ``[0, 1]`` volume → ``(C, S, S, S)``: trilinear to ``size`` in every axis, channels repeated."""
         x = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None, None]
         s = self.spec.size
         x = F.interpolate(x, size=(s, s, s), mode="trilinear", align_corners=False)[0]

@@ -175,6 +175,8 @@ def write_classification_report(
         raise ValueError("Without a validation set, pass the fixed operating point as threshold=.")
     if val is None and test is None:
         raise ValueError("Nothing to evaluate: both val and test are None.")
+    if ordinal and task != "multiclass":
+        raise ValueError("ordinal=True needs task='multiclass' (graded classes).")
     if threshold_method not in THRESHOLD_METHODS:
         raise ValueError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}; got {threshold_method!r}.")
     out = Path(out_dir)
@@ -186,7 +188,8 @@ def write_classification_report(
 
     if task == "multiclass":
         threshold, fallback = None, False
-        op: dict[str, Any] = {"method": "argmax", "chosen_on": None, "threshold": None}
+        op: dict[str, Any] = {"method": "median grade (ordinal)" if ordinal else "argmax", "chosen_on": None,
+                              "threshold": None}
     elif threshold is not None:
         threshold = float(threshold) if task == "binary" else np.asarray(threshold, dtype=np.float64)
         op = {"method": "fixed", "chosen_on": "given (the training run's validation set)", "fallback": False,
@@ -200,12 +203,9 @@ def write_classification_report(
         if task == "binary":
             op["positive_label"] = names[1]
 
-    if ordinal and task != "multiclass":
-        raise ValueError("ordinal=True needs task='multiclass' (graded classes).")
     metrics: dict[str, Any] = {"task": task, "label_names": names, "val": None, "test": None}
     if ordinal:
         metrics["ordered_classes"] = True
-        op = {"method": "median grade (ordinal)", "chosen_on": None, "threshold": None}
     for name, s in splits.items():
         prob_arg = s["prob"][:, 1] if task == "binary" else s["prob"]
         ev = evaluate_classification(s["y"], prob_arg, task=task, label_names=names, patient_ids=s["patient_ids"],
