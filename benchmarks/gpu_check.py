@@ -38,7 +38,7 @@ import torch
 import medtransfer as mt
 from medtransfer.backbones import get_weight_spec, load_backbone
 from medtransfer.data.demo import demo_dataset_dir
-from medtransfer.train.finetune import amp_dtype_for, pick_device
+from medtransfer.utils.device import amp_dtype_for, pick_device
 from medtransfer.transfer import TransferModel
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"
