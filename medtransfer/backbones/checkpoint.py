@@ -41,6 +41,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's contents (names, dtypes, shapes and bytes, in name order), independent
+    of the file format that holds it."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def sha256_matches(digest: str, expected: str) -> bool:
     """Full digest or a registered prefix of at least 8 hex digits (torchvision names carry one)."""
     expected = expected.lower()
