@@ -49,8 +49,8 @@ def preprocess_ct(volume: Volume, prep: CTPreprocessing, size: tuple[int, int, i
     """A CT :class:`Volume` in HU → ``(X, Y, Z)`` float32 in [0, 1] on ``prep``'s grid, and a report.
 
     ``size`` replaces ``prep.size`` (e.g. a smaller grid to save compute; the spacing stays). The
-    report gives the orientation and spacing before and after, the shapes, the HU percentiles and
-    the fractions of voxels clipped at either end of the window.
+    report gives the orientation and spacing before and after, the shapes, the HU percentiles, the
+    fractions of voxels clipped at either end of the window, and the output's RAS affine.
     """
     from monai.transforms import CenterSpatialCrop, Orientation, ScaleIntensityRange, Spacing, SpatialPad
 
@@ -75,5 +75,6 @@ def preprocess_ct(volume: Volume, prep: CTPreprocessing, size: tuple[int, int, i
         "hu_percentiles_0.5_50_99.5": [round(float(v), 1) for v in np.percentile(hu, [0.5, 50, 99.5])],
         "fraction_below_window": float((hu < lo).mean()), "fraction_above_window": float((hu > hi).mean()),
         "out_range": [float(out.min()), float(out.max())], "hu_window": list(prep.hu_window),
+        "affine_out": np.asarray(x.affine, dtype=np.float64).round(6).tolist(),
     }
     return out, report
