@@ -101,25 +101,8 @@ def _check_windowed_ct(flat: torch.Tensor, lo: float, hi: float, c: InputContrac
         )
 
 
-def check_input_contract(
-    batch: Any,
-    spec_or_contract: WeightSpec | InputContract | str,
-    *,
-    channels: int | None = None,
-    dims: int | None = None,
-) -> InputContract:
-    """Check a batch ``(N, C, H, W)`` or ``(N, C, D, H, W)`` against the weights' input contract.
-
-    ``channels`` / ``dims`` describe the backbone as built (adapted channels, inflated to 3D) when
-    they differ from the weights' own. Returns the contract; raises :class:`InputContractError`.
-    """
-    if isinstance(spec_or_contract, str):
-        spec_or_contract = get_weight_spec(spec_or_contract)
-    c = (
-        InputContract.from_spec(spec_or_contract, channels, dims)
-        if isinstance(spec_or_contract, WeightSpec) else spec_or_contract
-    )
-    x = _as_tensor(batch)
+def _check_layout(x: torch.Tensor, c: InputContract) -> None:
+    """Dimensions, channels and dtype of a batch against the contract."""
     want_nd = c.dims + 2
     layout = "(N, C, H, W)" if c.dims == 2 else "(N, C, D, H, W)"
     if x.ndim != want_nd:
@@ -143,6 +126,28 @@ def check_input_contract(
         raise InputContractError(
             f"'{c.name}' expects a float batch; got {x.dtype}. Fix: convert and normalise ({c.fix_hint()})."
         )
+
+
+def check_input_contract(
+    batch: Any,
+    spec_or_contract: WeightSpec | InputContract | str,
+    *,
+    channels: int | None = None,
+    dims: int | None = None,
+) -> InputContract:
+    """Check a batch ``(N, C, H, W)`` or ``(N, C, D, H, W)`` against the weights' input contract.
+
+    ``channels`` / ``dims`` describe the backbone as built (adapted channels, inflated to 3D) when
+    they differ from the weights' own. Returns the contract; raises :class:`InputContractError`.
+    """
+    if isinstance(spec_or_contract, str):
+        spec_or_contract = get_weight_spec(spec_or_contract)
+    c = (
+        InputContract.from_spec(spec_or_contract, channels, dims)
+        if isinstance(spec_or_contract, WeightSpec) else spec_or_contract
+    )
+    x = _as_tensor(batch)
+    _check_layout(x, c)
     xf = x.float()
     if not torch.isfinite(xf).all():
         raise InputContractError(f"The batch for '{c.name}' holds NaN or infinite values; check the preprocessing.")

@@ -274,16 +274,22 @@ def _adapt_checkpoint(
             report.adapted.append({"key": key, "from": list(ckpt[key].shape), "to": list(want), "how": "; ".join(hows)})
         else:
             report.loaded.append(key)
+    report.converted = [{"from": a.replace("torch.", ""), "to": b.replace("torch.", ""), "tensors": n}
+                        for (a, b), n in conversions.items()]
+    _complete(spec, state, target, report, path)
+    return state
+
+
+def _complete(spec: WeightSpec, state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+              report: LoadReport, path: str) -> None:
+    """Fill BatchNorm counters older checkpoints lack; raise when anything else is missing or unexpected."""
     for key in target:
         if key not in state and key.endswith("num_batches_tracked"):
             state[key] = torch.zeros_like(target[key])
             report.reinitialised.append({"key": key, "why": "not in the checkpoint (older PyTorch); set to 0"})
-    report.converted = [{"from": a.replace("torch.", ""), "to": b.replace("torch.", ""), "tensors": n}
-                        for (a, b), n in conversions.items()]
     report.missing = [k for k in target if k not in state]
     if report.unexpected or report.missing:
         raise CheckpointError(
             f"'{path}' does not fit '{spec.name}': {len(report.missing)} missing tensors "
             f"(e.g. {report.missing[:3]}), {len(report.unexpected)} unexpected (e.g. {report.unexpected[:3]})."
         )
-    return state
