@@ -163,3 +163,31 @@ def test_the_whole_upstream_model_file_is_reduced_to_the_encoder_and_verified_by
     torch.save(whole, upstream)
     with pytest.raises(CheckpointError, match="not the registered weights"):
         import_weights(upstream, NAME)
+
+
+@pytest.mark.parametrize("prefix, extra", [
+    (ASTRA_PREFIX, {"language_model.lm_head.weight": torch.zeros(4, 4)}),  # Astra_CTRG converted_weights.pth
+    ("encode_image.i3_resnet.", {"encode_image.i3_resnet.classifier.weight": torch.zeros(1692, 2048, 1, 1, 1),
+                                 "encode_image.i3_resnet.contrastive_head.weight": torch.zeros(512, 2048, 1, 1, 1),
+                                 "encode_text.linear_layer.weight": torch.zeros(512, 768)}),  # Merlin's own file
+])
+def test_a_whole_upstream_model_file_given_as_weights_loads_the_encoder_and_lists_the_rest(tmp_path, prefix, extra):
+    from medtransfer.backbones import get_weight_spec
+
+    enc = synthetic_upstream_state_dict()
+    path = tmp_path / "upstream.pth"
+    torch.save({"state_dict": {**{prefix + k: v for k, v in enc.items()}, **extra}}, path)
+    real = get_weight_spec("i3resnet152.merlin_astra")
+    spec = WeightSpec(**{**real.__dict__, "name": "i3resnet_small.file", "builder": lambda c: I3ResNet(c, SMALL)})
+    model, report = load_backbone(spec, 1, str(path))
+    assert not report.missing and not report.unexpected
+    discarded = sorted(d["key"] for d in report.discarded)
+    reinit = [r["key"] for r in report.reinitialised]
+    if prefix == ASTRA_PREFIX:
+        assert discarded == ["upstream_only.language_model.lm_head.weight"] and not reinit
+    else:  # Merlin's EHR classifier is replaced by a new head; its contrastive head and text side are dropped
+        assert discarded == ["contrastive_head.weight", "upstream_only.encode_text.linear_layer.weight"]
+        assert reinit == ["classifier.weight"]
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().forward_upstream(x), upstream_forward(enc, x, SMALL), rtol=1e-4, atol=1e-4)

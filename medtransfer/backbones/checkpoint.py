@@ -293,11 +293,28 @@ def _layout_radimagenet_densenet(ckpt: dict[str, torch.Tensor]) -> dict[str, tor
     return _layout_torchvision_densenet(out)
 
 
+# Where the I3ResNet sits in upstream files: Astra's whole report model, Merlin's CLIP model, the encoder alone.
+MERLIN_PREFIXES = ("visual_encoder.model.encode_image.i3_resnet.", "encode_image.i3_resnet.", "i3_resnet.")
+
+
+def _layout_merlin_i3resnet(ckpt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Merlin / Astra files: the encoder's tensors lose their prefix; every other tensor of the upstream
+    model (text encoder, language model) goes under ``upstream_only.`` so the loader lists it as discarded."""
+    if not any(k.startswith(MERLIN_PREFIXES) for k in ckpt):
+        return ckpt
+    out = {}
+    for k, v in ckpt.items():
+        prefix = next((p for p in MERLIN_PREFIXES if k.startswith(p)), None)
+        out[k[len(prefix):] if prefix else f"upstream_only.{k}"] = v
+    return out
+
+
 KEY_LAYOUTS: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
     "same": _layout_same,
     "timm": _layout_timm,
     "torchvision_densenet": _layout_torchvision_densenet,
     "radimagenet_resnet": _layout_radimagenet_resnet,
     "radimagenet_densenet": _layout_radimagenet_densenet,
+    "merlin_i3resnet": _layout_merlin_i3resnet,
 }
 """Named key mappings a :class:`WeightSpec` can declare (``by_order`` is handled by the loader)."""
