@@ -25,9 +25,9 @@ trilinearly to ``--size28`` (28³ file) or kept at 64³; the stored axis order i
 
 Writes ``benchmarks/results/ct_foundation.json`` and ``ct_foundation.png``.
 
-Usage: ``python benchmarks/ct_foundation.py`` (the full run, planned for about 60 minutes on an idle
-2-core CPU: the script prints its plan first) or ``--quick`` (a few volumes per split, every arm
-once, the measured seconds per volume and the extrapolated plan; under 2 minutes).
+Usage: ``python benchmarks/ct_foundation.py`` (the full run, planned for 45-60 minutes on an idle
+2-core CPU) or ``--quick`` (a few volumes per split, every arm once; it measures the seconds per
+volume of each truncation and prints the full run's extrapolated minutes; under 2 minutes).
 """
 from __future__ import annotations
 

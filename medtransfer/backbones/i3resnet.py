@@ -9,7 +9,9 @@ and padding 1; no classifier. Every stage after the first halves all three axes.
 
 Axis order (upstream ``I3ResNet.forward``): the input is ``[B, C, X, Y, Z]`` in RAS (medtransfer's
 volume order: column, row, slice), permuted to ``[B, C, Z, X, Y]``; a 1-channel CT is repeated to
-the 3 channels the inflated ImageNet stem expects. ``layer4`` then gives ``[B, 2048, Z/16, X/32, Y/32]``
+the 3 channels the inflated ImageNet stem expects. Here that repetition is folded into the stem: for
+a 1-channel input the loader sums ``conv1``'s three input kernels (in float32), the same convolution
+at a third of its cost. ``layer4`` then gives ``[B, 2048, Z/16, X/32, Y/32]``
 (2048 × 10 × 7 × 7 at 224 × 224 × 160). :meth:`I3ResNet.forward_upstream` returns that map;
 :meth:`I3ResNet.forward_stages` returns every stage's map permuted back to the input's axis order.
 """
