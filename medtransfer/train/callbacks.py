@@ -261,6 +261,23 @@ class TimeLimit(Callback):
             raise StopTraining("time limit")
 
 
+class DatasetState(Callback):
+    """Saves and restores the random state of a dataset that samples its own items (random patches),
+    so a resumed run draws what the uninterrupted one would have."""
+
+    key = "dataset"
+    order = 0
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def state_dict(self):
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state):
+        self.dataset.load_state_dict(state)
+
+
 # ---- writers ------------------------------------------------------------------------------------
 class History(Callback):
     """Logs every epoch and rewrites ``history.csv`` through the run directory."""

@@ -20,8 +20,8 @@ from medtransfer.evaluation import labelled_results, predict_loader, write_evalu
 from medtransfer.options import Task
 from medtransfer.run import RunDirectory, load_run
 from medtransfer.run.checkpoint import model_payload
-from medtransfer.train.finetune import REPORT_SECONDS, FinetuneResult, Prepared, fit_classifier, model_info
-from medtransfer.train.finetune import prepare, resolve_auto
+from medtransfer.train.classifier import REPORT_SECONDS, FinetuneResult, Prepared, fit_classifier, model_info
+from medtransfer.train.classifier import prepare, resolve_auto
 from medtransfer.transfer import EnsembleModel
 from medtransfer.utils.distributed import Distributed
 

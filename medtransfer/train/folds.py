@@ -21,7 +21,7 @@ from medtransfer.data.datasets import resolve_samples
 from medtransfer.data.samples import Sample, SampleTable, check_leakage, split_by_patient
 from medtransfer.errors import DataError
 from medtransfer.run import RunDirectory, default_run_dir
-from medtransfer.train.finetune import fit_classifier, prepare, resolve_auto
+from medtransfer.train.classifier import fit_classifier, prepare, resolve_auto
 
 
 def patient_folds(samples: list[Sample], k: int, seed: int = 0) -> dict[str, int]:

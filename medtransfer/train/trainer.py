@@ -51,13 +51,13 @@ class Phase:
     ``batches()`` returns this epoch's iterable of ``(x, y)``; ``forward`` maps a prepared batch to
     logits (None: the trainer's network, DDP-wrapped when distributed); ``prepare`` turns a batch on
     the device into the network's input (augmentation, normalisation, memory format; None: as is);
-    ``validate()`` returns the epoch's validation metrics (``{}`` on epochs without validation);
+    ``validate(epoch)`` returns the epoch's validation metrics (``{}`` on epochs without validation);
     ``info`` is added to every history row of the phase."""
 
     name: str
     epochs: int
     batches: Callable[[], Iterable[tuple[Any, Any]]]
-    validate: Callable[[], dict[str, float]]
+    validate: Callable[[int], dict[str, float]]
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -136,7 +136,7 @@ class Trainer:
         for sampler in self.samplers:
             sampler.set_epoch(epoch)
         train_loss = self.train_one_epoch(phase)
-        metrics = phase.validate()
+        metrics = phase.validate(epoch)
         self._emit("on_validation_end", metrics)
         row = {"epoch": epoch, "phase": phase.name, "train_loss": train_loss, **metrics,
                **self.lr_columns(self.optimizer), **phase.info, "seconds": time.perf_counter() - t0}

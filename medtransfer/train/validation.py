@@ -25,14 +25,14 @@ class Validation:
         self.full_pass_seconds: float | None = None
         self._feature_loaders: dict[str, DataLoader] | None = None
 
-    def images(self) -> dict[str, float]:
+    def images(self, epoch: int = 0) -> dict[str, float]:
         s = self.setup
         t0 = time.perf_counter()
         prob, logit = predict_loader(s.model, s.eval_loaders["val"], s.pre, s.device, None, s.autocast)
         self.full_pass_seconds = time.perf_counter() - t0
         return self._score(prob, logit)
 
-    def features(self) -> dict[str, float]:
+    def features(self, epoch: int = 0) -> dict[str, float]:
         s = self.setup
         loader = self.feature_loaders()["val"]
         return self._score(*predict_loader(s.model, loader, None, s.device, s.model.head, s.autocast))
