@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from medtransfer.errors import MedTransferError
+from medtransfer.io.windows import apply_window, percentile_window, window_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -334,14 +335,6 @@ def _stored_range(ds) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def apply_window(array: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM linear VOI function (PS3.3 C.11.2.1.2.1) mapped to ``[0, 1]``."""
-    width = max(float(width), 1.0)
-    lo = center - 0.5 - (width - 1) / 2
-    out = (array.astype(np.float32) - np.float32(lo)) / np.float32(width - 1)
-    return np.clip(out, 0.0, 1.0)
-
-
 def _native_pixels(ds, path: Path, ts: str) -> np.ndarray | None:
     """Uncompressed grayscale pixels straight from the PixelData bytes (None: let pydicom do it).
 
@@ -643,8 +636,6 @@ def read_dicom(
         meta["voi_applied"] = "explicit"
         return ImageData(apply_window(array, *voi), meta)
     if voi != "tags":
-        from medtransfer.io.windows import window_by_name
-
         c, w = window_by_name(voi)
         meta["voi_applied"] = f"preset:{voi}"
         return ImageData(apply_window(array, c, w), meta)
@@ -662,11 +653,3 @@ def read_dicom(
         return ImageData(voi_out, meta)
     meta["voi_applied"] = "percentile"
     return ImageData(percentile_window(array), meta)
-
-
-def percentile_window(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Scale ``array`` to ``[0, 1]`` between two percentiles (robust to outlier pixels)."""
-    a, b = np.percentile(array, [low, high])
-    if b <= a:
-        return np.zeros_like(array, dtype=np.float32)
-    return np.clip((array.astype(np.float32) - np.float32(a)) / np.float32(b - a), 0.0, 1.0)
