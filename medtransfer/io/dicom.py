@@ -7,24 +7,32 @@ Conventions (kept by every reader in :mod:`medtransfer.io`):
   Hounsfield units. BitsStored and PixelRepresentation are respected (high bits masked, sign
   extended).
 * Higher values are always brighter on screen. MONOCHROME1 images (where high stored values are
-  displayed dark) are mirrored within their representable range, and so are their window centres;
-  ``meta["inverted"]`` records it. Pass ``invert_monochrome1=False`` to keep raw polarity.
+  displayed dark) are mirrored within their representable range ``[lo, hi]`` (``meta["value_range"]``);
+  ``meta["inverted"]`` records it and ``meta["window_center"]`` is then the mirrored centre
+  ``lo + hi + 1 - center``, the one that windows the inverted array like the file's window. Pass
+  ``invert_monochrome1=False`` to keep raw polarity.
 * Single-frame grayscale → ``(H, W)``; multi-frame → ``(F, H, W)``; colour → ``(..., H, W, 3)`` RGB
   (YBR and PALETTE COLOR are converted to RGB, values 0–255 for 8-bit data).
 * No VOI is applied unless asked (``voi="tags"``, a named window such as ``"lung"`` from
   :data:`medtransfer.io.windows.WINDOWS`, or a ``(center, width)`` pair): then the result is in
-  ``[0, 1]`` using the DICOM linear window function (PS3.3 C.11.2.1.2).
+  ``[0, 1]``, in the standard's order (PS3.4 N.2): Modality LUT → VOI (the linear window of PS3.3
+  C.11.2.1.2 in modality units, or the VOI LUT Sequence) → MONOCHROME1 inversion. VOI does not apply to
+  colour images: they come back on ``[0, 1]`` with a warning. ``meta["voi_applied"]`` says what was done.
 * Compressed transfer syntaxes decode through the installed pydicom plugins; where several can,
-  the fastest measured one is used (:data:`PREFERRED_DECODERS`). A syntax without a plugin raises
-  :class:`MedIOError` naming the package to install.
+  the fastest measured one is used (:data:`medtransfer.io.decoders.PREFERRED_DECODERS`). A syntax
+  without a plugin, or plugins that fail, raise :class:`UndecodablePixelDataError` naming the syntax,
+  the bit depth, the plugins tried and the package (and licence) that would decode it.
+* Something wrong that could still be read (an invalid NumberOfFrames) is listed in ``meta["problems"]``.
 """
 from __future__ import annotations
 
 import logging
 import mmap
 import os
-from io import BytesIO
 import warnings
+from io import BytesIO
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +40,12 @@ from typing import Any
 import numpy as np
 
 from medtransfer.errors import MedTransferError
-from medtransfer.io.decoders import (
+from medtransfer.io.decoders import (  # PREFERRED_DECODERS, decoder_available: still importable from here
     NATIVE_SYNTAXES,
     PLUGINS,
-    PREFERRED_DECODERS,
+    PREFERRED_DECODERS,  # noqa: F401
     decode_failure_reason,
-    decoder_available,
+    decoder_available,  # noqa: F401
     decoder_for,
     missing_decoder_hint,
     plugin_reason,
@@ -171,6 +179,7 @@ _FAST_TAGS: dict[str, tuple[int, str]] = {
     "SOPClassUID": (0x00080016, "UI"), "SOPInstanceUID": (0x00080018, "UI"), "StudyInstanceUID": (0x0020000D, "UI"),
     "SeriesInstanceUID": (0x0020000E, "UI"), "FrameOfReferenceUID": (0x00200052, "UI"),
     "Modality": (0x00080060, "CS"), "PhotometricInterpretation": (0x00280004, "CS"),
+    "PatientID": (0x00100020, "LO"), "SeriesDescription": (0x0008103E, "LO"),
 }
 
 
@@ -180,6 +189,30 @@ def _fget(ds, keyword: str, default: Any = None) -> Any:
     DS values come back as float (or list of float), IS as int, US as int, UI/CS as str;
     anything unusual falls back to pydicom's own conversion.
     """
+    cache = ds.__dict__.get("_medtransfer_fast")
+    if cache is not None:
+        if keyword not in cache:
+            cache[keyword] = _fget_uncached(ds, keyword, _MISSING)
+        value = cache[keyword]
+        return default if value is _MISSING else value
+    return _fget_uncached(ds, keyword, default)
+
+
+_MISSING = object()
+
+
+@contextmanager
+def _fast_tag_cache(ds) -> Iterator[None]:
+    """Within the block, :func:`_fget` parses each tag of ``ds`` once (read_dicom asks for some ten tags
+    several times; the dataset is private to the call, so nothing goes stale)."""
+    object.__setattr__(ds, "_medtransfer_fast", {})
+    try:
+        yield
+    finally:
+        object.__delattr__(ds, "_medtransfer_fast")
+
+
+def _fget_uncached(ds, keyword: str, default: Any) -> Any:
     tag, vr = _FAST_TAGS[keyword]
     try:
         elem = ds.get_item(tag)
@@ -198,6 +231,10 @@ def _fget(ds, keyword: str, default: Any = None) -> Any:
             if len(raw) != 2:
                 return ds.get(keyword, default)
             return int.from_bytes(raw, "little" if elem.is_little_endian else "big")
+        if vr == "LO":  # plain ASCII, one value: what pydicom gives; else its own decoding (character sets)
+            if b"\\" in raw or b"\x1b" in raw:
+                return ds.get(keyword, default)
+            return raw.decode("ascii").rstrip("\0 ")
         text = raw.decode("ascii").strip(" \0")
         if vr in ("UI", "CS"):
             return text
@@ -245,6 +282,13 @@ def _n_frames(ds) -> int:
         return 1
 
 
+def _classic_rescale(ds) -> tuple[float, float] | None:
+    """The top-level RescaleSlope/Intercept (1, 0 when absent); None when the frames carry their own."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds or "PerFrameFunctionalGroupsSequence" not in ds:
+        return _float(_fget(ds, "RescaleSlope"), 1.0), _float(_fget(ds, "RescaleIntercept"), 0.0)
+    return None
+
+
 def frame_rescale(ds) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame RescaleSlope and RescaleIntercept, shape ``(F,)`` each.
 
@@ -252,9 +296,9 @@ def frame_rescale(ds) -> tuple[np.ndarray, np.ndarray]:
     shared); classic objects in the top-level attributes. Missing values mean slope 1, intercept 0.
     """
     n = _n_frames(ds)
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds or "PerFrameFunctionalGroupsSequence" not in ds:
-        slope, intercept = _float(_fget(ds, "RescaleSlope"), 1.0), _float(_fget(ds, "RescaleIntercept"), 0.0)
-        return np.full(n, slope), np.full(n, intercept)
+    classic = _classic_rescale(ds)
+    if classic is not None:
+        return np.full(n, classic[0]), np.full(n, classic[1])
     slopes, intercepts = np.ones(n), np.zeros(n)
     for i in range(n):
         item = _fg_item(ds, "PixelValueTransformationSequence", i)
@@ -340,8 +384,15 @@ def _pixel_data_length(ds) -> int | None:
     elem = _deferred_pixel_element(ds)
     if elem is not None:
         return None if elem.length == 0xFFFFFFFF else int(elem.length)
-    raw = ds.get("PixelData")
+    raw = _pixel_bytes(ds)
     return len(raw) if isinstance(raw, (bytes, bytearray)) and transfer_syntax(ds) in NATIVE_SYNTAXES else None
+
+
+def _pixel_bytes(ds):
+    """The PixelData value as read, without pydicom's element conversion (~70 µs per 512×512 slice)."""
+    elem = ds.get_item(_PIXEL_DATA_TAG)
+    value = getattr(elem, "value", None)
+    return value if isinstance(value, (bytes, bytearray)) else ds.get("PixelData")
 
 
 def _native_buffer(ds, path: Path, ts: str):
@@ -350,7 +401,7 @@ def _native_buffer(ds, path: Path, ts: str):
     inflated stream)."""
     elem = _deferred_pixel_element(ds)
     if elem is None or ts == "1.2.840.10008.1.2.1.99":
-        return ds.PixelData
+        return _pixel_bytes(ds)
     with open(path, "rb") as fh:
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     start = int(elem.value_tell)
@@ -536,7 +587,6 @@ def _pixel_array(ds, path: Path) -> np.ndarray:
 
 def dicom_meta(ds) -> dict[str, Any]:
     """Non-identifying metadata of a dataset (identifiers the user keys on, geometry, encoding)."""
-    get = ds.get
     pixel_spacing, imager_spacing = _spacing(_fget(ds, "PixelSpacing")), _spacing(_fget(ds, "ImagerPixelSpacing"))
     spacing = pixel_spacing or imager_spacing
     spacing_source = "PixelSpacing" if pixel_spacing else ("ImagerPixelSpacing" if spacing else None)
@@ -546,7 +596,7 @@ def dicom_meta(ds) -> dict[str, Any]:
         "study_instance_uid": str(_fget(ds, "StudyInstanceUID", "")),
         "series_instance_uid": str(_fget(ds, "SeriesInstanceUID", "")),
         "frame_of_reference_uid": str(_fget(ds, "FrameOfReferenceUID", "")),
-        "patient_id": str(get("PatientID", "")),
+        "patient_id": str(_fget(ds, "PatientID", "")),
         "modality": str(_fget(ds, "Modality", "")),
         "photometric_interpretation": str(_fget(ds, "PhotometricInterpretation", "")),
         "rows": int(_fget(ds, "Rows", 0) or 0),
@@ -557,7 +607,7 @@ def dicom_meta(ds) -> dict[str, Any]:
         "pixel_spacing": spacing,
         "pixel_spacing_source": spacing_source,
         "transfer_syntax": transfer_syntax(ds),
-        "series_description": str(get("SeriesDescription", "")),
+        "series_description": str(_fget(ds, "SeriesDescription", "")),
     }
     number = _fget(ds, "InstanceNumber")
     meta["instance_number"] = int(number) if number not in (None, "") else None
@@ -633,10 +683,7 @@ class _Modality:
     lo: float
     hi: float
     lut: bool = False
-
-    @property
-    def per_frame(self) -> bool:
-        return bool(np.ptp(self.slopes) > 0 or np.ptp(self.intercepts) > 0)
+    per_frame: bool = False  # frames differ in slope or intercept
 
 
 def _lut_data(ds, item, entries: int) -> np.ndarray:
@@ -653,10 +700,16 @@ def _modality_transform(ds) -> _Modality:
         item = ds.ModalityLUTSequence[0]
         lut = _lut_data(ds, item, int(item.LUTDescriptor[0]) or 65536).astype(np.float64)
         return _Modality(np.ones(1), np.zeros(1), float(lut.min()), float(lut.max()), lut=True)
-    slopes, intercepts = frame_rescale(ds)
     lo_s, hi_s = _stored_range(ds)
+    classic = _classic_rescale(ds)
+    if classic is not None:  # one slope and intercept for every frame
+        slope, intercept = classic
+        lo, hi = sorted((lo_s * slope + intercept, hi_s * slope + intercept))
+        return _Modality(np.array([slope]), np.array([intercept]), lo, hi)
+    slopes, intercepts = frame_rescale(ds)
     ends = np.concatenate([lo_s * slopes + intercepts, hi_s * slopes + intercepts])
-    return _Modality(slopes, intercepts, float(ends.min()), float(ends.max()))
+    per_frame = bool(np.ptp(slopes) > 0 or np.ptp(intercepts) > 0)
+    return _Modality(slopes, intercepts, float(ends.min()), float(ends.max()), per_frame=per_frame)
 
 
 def _affine_float32(stored: np.ndarray, scale: Any, offset: Any) -> np.ndarray:
@@ -810,12 +863,13 @@ def read_dicom(
     p = Path(path)
     ds = _dcmread(p, defer_pixels=True)
     problems = [] if "PixelData" not in ds else [x for x in [correct_number_of_frames(ds, p)] if x is not None]
-    meta = dicom_meta(ds)
-    meta["problems"] = [x.to_dict() for x in problems]
-    _require_pixel_data(ds, meta, p)
-    pixels = _pixel_array(ds, p)
-    samples = int(_fget(ds, "SamplesPerPixel", 1) or 1)
-    if samples > 1 or meta["photometric_interpretation"] == "PALETTE COLOR":
-        return _colour_image(ds, pixels, meta, voi, p)
-    invert = meta["photometric_interpretation"] == "MONOCHROME1" and invert_monochrome1
-    return _grayscale_image(ds, pixels, meta, voi, invert)
+    with _fast_tag_cache(ds):
+        meta = dicom_meta(ds)
+        meta["problems"] = [x.to_dict() for x in problems]
+        _require_pixel_data(ds, meta, p)
+        pixels = _pixel_array(ds, p)
+        samples = int(_fget(ds, "SamplesPerPixel", 1) or 1)
+        if samples > 1 or meta["photometric_interpretation"] == "PALETTE COLOR":
+            return _colour_image(ds, pixels, meta, voi, p)
+        invert = meta["photometric_interpretation"] == "MONOCHROME1" and invert_monochrome1
+        return _grayscale_image(ds, pixels, meta, voi, invert)
