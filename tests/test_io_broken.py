@@ -70,7 +70,8 @@ def test_pixel_data_of_the_wrong_length(tmp_path):
 
 
 def test_unsupported_syntax_names_plugin():
-    _expect(bundled("SC_rgb_jpeg_gdcm.dcm"), "pip install pylibjpeg-libjpeg", cls=UndecodablePixelDataError)
+    _expect(bundled("SC_rgb_jpeg_gdcm.dcm"), 'pip install "medtransfer[gdcm]"', "pylibjpeg-libjpeg, GPL-3.0",
+            cls=UndecodablePixelDataError)
 
 
 def test_corrupt_compressed_stream(tmp_path):

@@ -161,7 +161,8 @@ def test_undecodable_syntax_names_the_plugin():
     # JPEG Lossless SV1: no installed plugin (needs pylibjpeg-libjpeg or gdcm)
     with pytest.raises(MedIOError) as err:
         read_dicom(bundled("SC_rgb_jpeg_gdcm.dcm"))
-    assert "pip install python-gdcm" in str(err.value) and "pylibjpeg-libjpeg (GPL-3.0" in str(err.value)
+    assert 'pip install "medtransfer[gdcm]" (python-gdcm, BSD-3-Clause)' in str(err.value)
+    assert 'pip install "medtransfer[libjpeg]" (pylibjpeg-libjpeg, GPL-3.0' in str(err.value)
     assert "SC_rgb_jpeg_gdcm.dcm" in str(err.value)
     # 12-bit JPEG Extended: Pillow is installed but cannot decode it
     with pytest.raises(MedIOError) as err:
@@ -212,7 +213,8 @@ def test_twelve_bit_jpeg_extended_message_names_syntax_depth_and_plugins():
         assert "JPEG Extended (Process 2 and 4)" in reason and "1.2.840.10008.1.2.4.51" in reason
         assert "12-bit" in reason and "tried: pillow" in reason
         assert "Pillow does not support 'JPEG Extended' for samples with 12-bit precision" in reason
-        assert "pip install python-gdcm" in reason and "pylibjpeg-libjpeg (GPL-3.0" in reason
+        assert 'pip install "medtransfer[gdcm]" (python-gdcm, BSD-3-Clause)' in reason
+        assert "(pylibjpeg-libjpeg, GPL-3.0" in reason
         assert "corrupt" not in reason and "install Pillow" not in reason and "or Pillow" not in reason
 
 
@@ -224,4 +226,4 @@ def test_decoder_hints_put_permissive_plugins_first():
     j2k = missing_decoder_hint("1.2.840.10008.1.2.4.90")
     assert "pylibjpeg-openjpeg" in j2k and "Pillow" in j2k
     lossless = missing_decoder_hint("1.2.840.10008.1.2.4.70")
-    assert lossless.index("python-gdcm") < lossless.index("pylibjpeg-libjpeg (GPL-3.0")
+    assert lossless.index("python-gdcm") < lossless.index("pylibjpeg-libjpeg, GPL-3.0")

@@ -20,11 +20,12 @@ class Plugin:
     package: str
     licence: str
     max_bits: int = 16
+    extra: str = ""  # the medtransfer extra that installs it, for those not in the default install
 
 
 _PILLOW_JPEG = Plugin("pillow", "Pillow", "HPND", max_bits=8)
-_GDCM = Plugin("gdcm", "python-gdcm", "BSD-3-Clause")
-_LIBJPEG = Plugin("pylibjpeg", "pylibjpeg-libjpeg", "GPL-3.0")
+_GDCM = Plugin("gdcm", "python-gdcm", "BSD-3-Clause", extra="gdcm")
+_LIBJPEG = Plugin("pylibjpeg", "pylibjpeg-libjpeg", "GPL-3.0", extra="libjpeg")
 _OPENJPEG = Plugin("pylibjpeg", "pylibjpeg-openjpeg", "MIT")
 _PILLOW_J2K = Plugin("pillow", "Pillow", "HPND; its PyPI wheels include OpenJPEG")
 _JPEGLS = Plugin("pyjpegls", "pyjpegls", "MIT")
@@ -107,7 +108,8 @@ def _install_line(plugins: list[Plugin]) -> str:
     choices = []
     for p in plugins:
         note = f"{p.licence}: check that it suits your use" if p.licence.startswith("GPL") else p.licence
-        choices.append(f"pip install {p.package} ({note})")
+        target = f'"medtransfer[{p.extra}]" ({p.package}, {note})' if p.extra else f"{p.package} ({note})"
+        choices.append(f"pip install {target}")
     return ", or ".join(choices)
 
 
