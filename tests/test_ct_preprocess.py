@@ -93,3 +93,29 @@ def test_the_registered_hu_window_is_the_one_the_weights_batchnorm_statistics_ex
     assert SPEC.ct.hu_window == (-1000.0, 200.0)
     assert astra["mean_error"] < 0.05 and astra["log_var_error"] < 0.3
     assert merlin["log_var_error"] > 0.7 and merlin["total"] > 3 * astra["total"]
+
+
+def test_a_ct_encoder_run_reads_nifti_in_hu_through_its_contract(tmp_path):
+    """A 3D backbone with a CT contract: training, evaluation and predict read a volume in HU through
+    the contract (RAS, spacing, HU window), not through the percentile window; the contract travels
+    in model.pt's preprocessing."""
+    import nibabel as nib
+    import numpy as np
+
+    from medtransfer.backbones import get_weight_spec
+    from medtransfer.config import load_config
+    from medtransfer.data.preprocess import Preprocessor, PreprocessSpec, preprocess_spec
+
+    hu = np.full((40, 40, 20), -1000.0, np.float32)  # air
+    hu[20:] = 200.0  # the top of the encoder's window (-1000 … 200 HU) on the right side (+x = R)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.diag([1.5, 1.5, 3.0, 1.0])), str(path))
+    w = get_weight_spec("i3resnet152.merlin_astra")
+    spec = preprocess_spec(load_config("general", overrides=["data.size=32"]).data, 1, w.mean, w.std, 3, w.ct)
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec and spec.ct["hu_window"] == [-1000.0, 200.0]
+    x = Preprocessor(spec).load_volume(str(path))
+    assert tuple(x.shape) == (1, 32, 32, round(32 * 160 / 224))
+    row = x[0, :, 16, 11].numpy()  # along x at the centre: air (0) on the left, 1 on the right
+    assert row[:8].max() == 0.0 and row[-8:].min() == pytest.approx(1.0)
+    plain = Preprocessor(PreprocessSpec(32, 1, "tags", (0.5, 99.5), (0.0,), (1.0,), 3)).load_volume(str(path))
+    assert tuple(plain.shape) == (1, 32, 32, 32)  # without a contract: percentile window, cubic grid

@@ -140,6 +140,8 @@ def test_feature_cache_trains_the_head_like_the_full_forward(npz, tmp_path):
     on = ft.finetune(load_config("xray", overrides=base + ["train.feature_cache=on"]), data=npz, out_dir=tmp_path / "on")
     off = ft.finetune(load_config("xray", overrides=base + ["train.feature_cache=off"]), data=npz, out_dir=tmp_path / "off")
     assert [h["val_loss"] for h in on.history] == pytest.approx([h["val_loss"] for h in off.history], rel=1e-4)
+    assert on.metrics["feature_cache_seconds"] > 0 and "feature_cache_seconds" not in off.metrics
+    assert not (on.run_dir / ".feature_cache").exists()  # the cached features go when the run ends
     a = torch.load(on.run_dir / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(off.run_dir / "model.pt", weights_only=True)["state_dict"]
     assert torch.allclose(a["head.1.weight"], b["head.1.weight"], atol=1e-5)

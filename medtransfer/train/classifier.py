@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -177,7 +178,7 @@ def build(prep: Prepared, device: torch.device, dist: Distributed, gen: torch.Ge
     channels = input_channels(table) if wspec.dims == 2 else 1  # a 3D backbone takes whole volumes
     backbone, report = load_backbone(wspec, channels, cfg.model.weights)
     model = TransferModel(backbone, table.num_classes, cfg.model.head, cfg.model.dropout, cfg.model.task).to(device)
-    pre = Preprocessor(preprocess_spec(cfg.data, channels, wspec.mean, wspec.std, wspec.dims))
+    pre = Preprocessor(preprocess_spec(cfg.data, channels, wspec.mean, wspec.std, wspec.dims, wspec.ct))
     amp_dtype = amp_dtype_for(cfg.train.amp, device)
     channels_last = device.type == "cuda" and cfg.train.channels_last and wspec.dims == 2
     if channels_last:
@@ -315,7 +316,7 @@ def fit_classifier(prep: Prepared, run: RunDirectory, *, progress: bool = False,
     setup = build(prep, device or pick_device(cfg.train.device), dist, gen)
     run.write_json("split_report.json", prep.splits)
     run.write_json("load_report.json", setup.report.to_dict())
-    validation = Validation(setup, prep)
+    validation = Validation(setup, prep, run / ".feature_cache", progress and dist.main)
     optimizer = build_optimizer(setup.model, cfg)
     extra = {"config": cfg.to_dict(), "data": prep.data, "labels": prep.labels}
     trainer = Trainer(setup.model, optimizer, setup.loss_fn, device=setup.device, autocast=setup.autocast,
@@ -326,13 +327,16 @@ def fit_classifier(prep: Prepared, run: RunDirectory, *, progress: bool = False,
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
         logger.info("resuming %s after epoch %d", run.path, trainer.state.epoch)
-    state = trainer.fit(plan_phases(cfg, setup, validation))
+    try:
+        state = trainer.fit(plan_phases(cfg, setup, validation))
+    finally:
+        shutil.rmtree(validation.cache_dir, ignore_errors=True)
     best = next(c for c in trainer.callbacks if isinstance(c, cb.BestModel))
-    return finish(prep, setup, run, state, best.epoch, t_start, deadline)
+    return finish(prep, setup, run, state, best.epoch, t_start, deadline, validation.feature_seconds)
 
 
 def finish(prep: Prepared, setup: Setup, run: RunDirectory, state: Any, best_epoch: int, t_start: float,
-           deadline: float | None) -> FinetuneResult:
+           deadline: float | None, feature_seconds: float | None = None) -> FinetuneResult:
     """The best model over the whole validation and test splits: report, ``model.pt``, ``metrics.json``."""
     t_eval = time.perf_counter()
     results = {name: labelled_results(loader.dataset.samples,
@@ -352,6 +356,8 @@ def finish(prep: Prepared, setup: Setup, run: RunDirectory, state: Any, best_epo
     metrics.update(best_epoch=best_epoch, minutes=(time.perf_counter() - t_start) / 60, eval_seconds=eval_s,
                    compute=compute_info(setup.device, setup.amp_dtype, setup.channels_last, setup.dist.world),
                    split=prep.splits)
+    if feature_seconds is not None:
+        metrics["feature_cache_seconds"] = feature_seconds  # the frozen backbone's pass over train + val
     if deadline is not None:
         metrics["time_limit"] = {"epochs_run": len(state.history), "epochs_planned": state.epochs_planned,
                                  "stopped": state.stop_reason == "time limit"}

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from medtransfer.evaluation import predict_loader, selection_auc
+from medtransfer.train.feature_store import FeatureStore, extract_features
 
 
 class Validation:
-    """``images()`` / ``features()`` → ``{"val_loss", "val_auc"}`` of the model as it is now."""
+    """``images()`` / ``features()`` → ``{"val_loss", "val_auc"}`` of the model as it is now. Cached
+    features live in ``cache_dir`` (inside the run directory) while the run lasts."""
 
-    def __init__(self, setup: Any, prep: Any):
-        self.setup = setup
+    def __init__(self, setup: Any, prep: Any, cache_dir: Path, progress: bool = False):
+        self.setup, self.cache_dir, self.progress = setup, Path(cache_dir), progress
+        self.feature_seconds: float | None = None
         labels = np.array([s.label for s in prep.subset("val")])
         dtype = torch.float32 if labels.ndim == 2 else torch.int64
         self.y = torch.tensor(labels, dtype=dtype, device=setup.device)
@@ -50,28 +54,27 @@ class Validation:
             return self.full_pass_seconds * (self.n_val + self.n_test) / self.n_val + report_seconds
         return estimate
 
-    @torch.no_grad()
     def feature_loaders(self) -> dict[str, DataLoader]:
         """Pooled features of the frozen backbone (inference mode) for the training and validation
-        images, computed on first use, as loaders for the head."""
+        images, computed on first use and streamed to disk in chunks (so a set larger than memory
+        works), as loaders for the head."""
         if self._feature_loaders is None:
             s = self.setup
-            s.model.eval()
             train, batch = s.train_loader, s.train_loader.batch_size
             ordered = DataLoader(train.dataset, batch_size=batch, shuffle=False, num_workers=train.num_workers,
                                  pin_memory=train.pin_memory)
+            stores = {name: self._extract(loader, name) for name, loader in (("train", ordered),
+                                                                             ("val", s.eval_loaders["val"]))}
+            self.feature_seconds = sum(st.seconds for st in stores.values())
             self._feature_loaders = {
-                "train": DataLoader(self._features(ordered), batch_size=batch, shuffle=True, generator=s.generator,
+                "train": DataLoader(stores["train"].dataset(), batch_size=batch, shuffle=True, generator=s.generator,
                                     drop_last=train.drop_last),
-                "val": DataLoader(self._features(s.eval_loaders["val"]), batch_size=batch, shuffle=False),
+                "val": DataLoader(stores["val"].dataset(), batch_size=batch, shuffle=False),
             }
         return self._feature_loaders
 
-    def _features(self, loader: DataLoader) -> TensorDataset:
+    def _extract(self, loader: DataLoader, name: str) -> FeatureStore:
         s = self.setup
-        xs, ys = [], []
-        for x, y in loader:
-            with s.autocast():
-                xs.append(s.model.backbone(s.pre.normalize(x.to(s.device))).float())
-            ys.append(y.to(s.device))
-        return TensorDataset(torch.cat(xs), torch.cat(ys))
+        return extract_features(lambda x: s.model.backbone(s.pre.normalize(x)), loader, self.cache_dir / name,
+                                device=s.device, autocast_dtype=s.amp_dtype, progress=self.progress,
+                                description=f"frozen features ({name})")

@@ -76,11 +76,40 @@ def _child_entries(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     return entries
 
 
+def _stage_groups(backbone: nn.Module, stages: tuple[str, ...]) -> list[LayerGroup]:
+    """Groups from the backbone's own stage interface (``stage_names``: module paths, shallow → deep):
+    what comes before the first stage is the ``stem``; what comes after the last one joins it. Names
+    that are not module paths (a feature map called ``stem``) mark no group of their own."""
+    modules_by_name = dict(backbone.named_modules())
+    stages = tuple(n for n in stages if n in modules_by_name)
+    groups = [LayerGroup(name="stem")] + [LayerGroup(name=n) for n in stages]
+
+    def owners(names: list[str]) -> list[int]:
+        out, current = [], 0
+        for name in names:
+            hits = [i for i, st in enumerate(stages, start=1) if name == st or name.startswith(st + ".")]
+            current = hits[0] if hits else current
+            out.append(current)
+        return out
+
+    modules = [(n, m) for n, m in backbone.named_modules() if isinstance(m, _NormBase)]
+    for (_, module), i in zip(modules, owners([n for n, _ in modules])):
+        groups[i].norms.append(module)
+    params = list(backbone.named_parameters())
+    for (name, p), i in zip(params, owners([n for n, _ in params])):
+        groups[i].params.append(p)
+        groups[i].param_names.append(name)
+    return [g for g in groups if g.params or g.norms]
+
+
 def layer_groups(backbone: nn.Module) -> list[LayerGroup]:
     """The backbone's layer groups, input → output (see the module docstring)."""
     inner = getattr(backbone, "model", None)
     if isinstance(inner, nn.Module) and hasattr(inner, "group_matcher"):
         return _timm_groups(inner, "model.")
+    stages = tuple(getattr(backbone, "stage_names", ()) or ())
+    if stages:
+        return _stage_groups(backbone, stages)
     groups: list[LayerGroup] = []
     for name, child in _child_entries(backbone):
         if not any(True for _ in child.parameters()) and not any(isinstance(m, _NormBase) for m in child.modules()):
