@@ -27,6 +27,7 @@ from medtransfer.options import (
     FreezeMode,
     Head,
     LRSchedule,
+    OutsidePaths,
     PlateauMonitor,
     StrEnum,
     Switch,
@@ -61,6 +62,12 @@ class DataConfig:
     """Class names in index order, e.g. [normal, pneumonia]: for a binary task the second is the positive
     class (sensitivity, PPV). Orders named CSV labels and names numeric ones (indices, .npz). Empty:
     names meaning 'nothing found' (normal, negative, benign, healthy, no_finding, …) first, the rest sorted."""
+    outside_paths: str = field(default="warn", metadata=_choices(OutsidePaths))
+    """Files of the labels CSV outside --data (``../..``, absolute paths elsewhere): 'warn', or 'forbid'
+    them (shared servers)."""
+    skip_bad_images: bool = False
+    """Leave out images that cannot be read or hold NaN / infinite values, each named in the log and in
+    metrics.json (default: stop at the first one, naming the file and its patient)."""
     val_max: int = field(default=0, metadata={"min": 0})
     """Select the model on at most this many validation images (whole patients, stratified, seeded;
     0: all). A validation pass runs every epoch; on large sets a few thousand images rank epochs

@@ -92,6 +92,13 @@ class Head(StrEnum):
     MLP = "mlp"
 
 
+class OutsidePaths(StrEnum):
+    """Files of a labels CSV outside ``--data``."""
+
+    WARN = "warn"
+    FORBID = "forbid"
+
+
 class Window(StrEnum):
     """Intensity window of 2D inputs."""
 

@@ -46,7 +46,7 @@ class ImageSet(Dataset):
 
 
 def resolve_samples(data: str | os.PathLike[str] | None, labels: str | os.PathLike[str] | None,
-                    classes: list[str] | None = None) -> SampleTable:
+                    classes: list[str] | None = None, outside_paths: str = "warn") -> SampleTable:
     """``None`` → the synthetic demo set; ``*.npz`` → MedMNIST; a folder → needs ``labels``.
 
     ``classes`` (``data.classes``) names the classes in index order: it orders named CSV labels and
@@ -70,7 +70,7 @@ def resolve_samples(data: str | os.PathLike[str] | None, labels: str | os.PathLi
     if path.is_dir():
         if labels is None:
             raise DataError(f"--data {path} is a folder; also pass --labels CSV (columns: path,label[,patient_id]).")
-        return samples_from_folder(path, labels, classes)
+        return samples_from_folder(path, labels, classes, outside_paths)
     raise DataError(f"--data '{path}' is neither a folder nor a .npz file.")
 
 

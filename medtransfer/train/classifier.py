@@ -90,7 +90,8 @@ class Prepared:
 def prepare(cfg: RunConfig, data: Any = None, labels: Any = None, samples: SampleTable | None = None) -> Prepared:
     """Resolve the samples, the task, the split and the subsets of a run (see the module docstring)."""
     cfg = copy.deepcopy(cfg)
-    table = samples if samples is not None else resolve_samples(data, labels, cfg.data.classes)
+    table = samples if samples is not None else resolve_samples(data, labels, cfg.data.classes,
+                                                                cfg.data.outside_paths)
     if table.num_classes < 2:
         raise DataError("The labels hold a single class; fine-tuning needs at least two.")
     cfg.model.task = _resolved_task(cfg.model.task, table)

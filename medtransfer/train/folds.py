@@ -80,7 +80,7 @@ def finetune_folds(
     if k < 2:
         raise DataError(f"--folds must be at least 2, got {k}.")
     out = RunDirectory(out_dir or default_run_dir(cfg.modality)).open_new(overwrite)
-    table = resolve_samples(data, labels, cfg.data.classes)
+    table = resolve_samples(data, labels, cfg.data.classes, cfg.data.outside_paths)
     if any(s.split is None for s in table.samples):
         split_by_patient(table, 0.0, cfg.data.test_fraction, cfg.train.seed)
     check_leakage(table.samples)
