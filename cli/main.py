@@ -228,7 +228,7 @@ def predict(
     _setup_logging(quiet)
     if engine is Engine.ray and _is_segmentation_run(run_dir):
         raise _fail(MedTransferError("--engine ray predicts with classification runs; for a segmentation run use "
-                                     "'medtransfer segment predict' (one machine) or --shard i/n on several."), 2)
+                                     "--engine local (or 'medtransfer segment predict'), one machine per set of inputs."), 2)
     if _is_segmentation_run(run_dir):
         from medtransfer.segmentation import predict_segmentation
 

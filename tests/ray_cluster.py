@@ -18,9 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-# Fast failure detection: a killed raylet is declared dead in about 2 s instead of about 15 s.
-FAST_HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "500",
-                      "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "3"}
+# For the nodes and the drivers: fast failure detection (a killed raylet is declared dead in about
+# 2 s instead of about 15 s); no usage stats; no token authentication, whatever ~/.ray/auth_token an
+# earlier 'ray.init()' of this user left (Ray 2.60 writes one when it starts a local instance).
+CLUSTER_ENV = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "500",
+               "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "3",
+               "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def free_port() -> int:
@@ -92,7 +95,7 @@ class LocalRayCluster:
 
     def __init__(self, object_store_mb: int = 100, env: dict[str, str] | None = None):
         self.object_store_mb = object_store_mb
-        self.env = {**os.environ, **FAST_HEALTH_CHECKS, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+        self.env = {**os.environ, **CLUSTER_ENV, **(env or {})}
         self.nodes: list[RayNode] = []
         self.address = ""
 

@@ -30,7 +30,9 @@ def _cli(*args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    from ray_cluster import CLUSTER_ENV
+
+    return {**os.environ, **CLUSTER_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,21 @@ def test_engine_ray_without_ray_says_how_to_install(run2d, small_demo, tmp_path,
     assert res.exit_code == 1
     assert 'pip install "medtransfer[ray]"' in " ".join(res.output.split())
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_an_address_nothing_answers_on_fails_at_once(run2d, small_demo, tmp_path):
+    pytest.importorskip("ray.data", reason='the Ray engine needs Ray Data: pip install "medtransfer[ray]"')
+    from typer.testing import CliRunner
+
+    from medtransfer.cli.main import app
+    from ray_cluster import free_port
+
+    start = time.perf_counter()
+    res = CliRunner().invoke(app, ["predict", str(run2d), str(small_demo / "images"), "--out", str(tmp_path / "p.csv"),
+                                   "--engine", "ray", "--address", f"127.0.0.1:{free_port()}", "-q"])
+    assert res.exit_code == 1
+    assert "No Ray cluster answers at '127.0.0.1:" in " ".join(res.output.split())
+    assert time.perf_counter() - start < 30  # Ray alone would retry for minutes
 
 
 # ---------------------------------------------------------------- on a real two-node cluster
@@ -182,6 +199,14 @@ def test_ray_rows_equal_local_and_both_nodes_work(cluster, run2d, inbox, local_r
     assert "on 2 node(s)" in res.stderr and res.stderr.count("  node ") == 2  # the per-node summary
 
 
+def test_actors_that_leave_no_cpu_for_decoding_fail_instead_of_waiting(cluster, run2d, small_demo, tmp_path):
+    args = _cli(run2d, small_demo / "images", "--out", tmp_path / "p.csv", "--engine", "ray", "--address",
+                cluster.address, "--actors", "2", "--cpus-per-actor", "1", "-q")
+    res = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 1
+    assert "leave less than 0.5 of the cluster's 2 CPU(s) for decoding" in " ".join(res.stderr.split())
+
+
 def test_killed_driver_resumes_and_a_node_killed_mid_job_still_gives_every_row_once(
         cluster, run2d, inbox, local_rows, tmp_path):
     out = tmp_path / "ray.csv"
@@ -212,3 +237,28 @@ def test_killed_driver_resumes_and_a_node_killed_mid_job_still_gives_every_row_o
     assert sorted(p["path"] for p in parts) == sorted(r["path"] for r in local_rows)  # every row once
     assert kept <= {p["path"] for p in parts}
     assert _new_rows(err) == len(local_rows) - len(kept)  # only the rest was predicted
+
+
+def test_parts_keep_rows_once_and_adopt_an_interrupted_csv(tmp_path):
+    pytest.importorskip("pyarrow.parquet", reason="the Ray engine's parts need pyarrow (a dependency of ray[data])")
+    from medtransfer.inference.batch import output_fields
+    from medtransfer.inference.ray_engine import PartStore, _adopt_csv_rows
+
+    fields = output_fields(["negative", "positive"], 2)
+    out = tmp_path / "p.csv"
+    parts = PartStore(out, fields)
+    row = {f: "" for f in fields}
+    parts.write([{**row, "path": "a", "status": "ok", "input_index": 0, "decode_node": "n1", "model_node": "n2"}])
+    parts.write([])  # nothing to write: no empty part
+    assert [p.name for p in parts.files()] == ["part-00000001.parquet"]
+    done = parts.done_keys()
+    # rows of an interrupted CSV (either engine): those the parts lack become a part, in CSV order
+    csv_rows = [{**row, "path": p, "status": "skipped"} for p in ("a", "c", "b")]
+    assert _adopt_csv_rows(PartStore(out, fields), csv_rows, done, chunk=1) == 2
+    assert done == {"a", "b", "c"}
+    assert [(r["path"], r["status"]) for r in PartStore(out, fields).rows()] == [("a", "ok"), ("c", "skipped"),
+                                                                                ("b", "skipped")]
+    with pytest.raises(Exception, match="columns differ"):
+        PartStore(out, output_fields(["negative", "positive"], 3)).done_keys()
+    PartStore(out, fields).clear()
+    assert not PartStore(out, fields).files()

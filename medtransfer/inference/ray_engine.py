@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -94,7 +95,7 @@ class RayBatchSummary(BatchSummary):
     nodes: dict[str, NodeStats] = field(default_factory=dict)
     """Per node (``<node id prefix>@<ip>``): rows decoded and rows predicted there in this job."""
     seconds: float = 0.0
-    """Wall time of the Ray part of the job (first block to last)."""
+    """Wall time of the Ray part of the job: joining the cluster, predicting, leaving it."""
     repeated: int = 0
     """Rows that arrived a second time (after a failure) and were dropped."""
 
@@ -232,7 +233,23 @@ def _adopt_csv_rows(parts: PartStore, rows: Iterable[dict[str, str]], done: set[
     return n + len(pending)
 
 
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """A HOST:PORT that nothing listens on fails now (Ray itself would retry for minutes)."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise MedTransferError(
+            f"No Ray cluster answers at '{address}' ({exc}). Give the head node's address as 'ray start --head' "
+            "printed it (HOST:PORT, port 6379 by default), 'auto' on a node of the cluster, or leave --address "
+            "out to run on this machine."
+        ) from None
+
+
 def _connect(ray, address: str | None) -> None:
+    _check_reachable(address)
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
     if address is None and not os.environ.get("RAY_ADDRESS"):
         kwargs["include_dashboard"] = False  # a Ray instance of our own for this job
@@ -240,7 +257,7 @@ def _connect(ray, address: str | None) -> None:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise MedTransferError(
-            f"Cannot join the Ray cluster at '{address}': {exc}. Start one with 'ray start --head' (and "
+            f"Cannot join the Ray cluster at '{address}': {str(exc).rstrip('.')}. Start one with 'ray start --head' (and "
             "'ray start --address HEAD:PORT' on the other nodes), or leave --address out to run on this machine."
         ) from None
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -251,12 +268,19 @@ def _connect(ray, address: str | None) -> None:
 
 
 def _actor_count(ray, options: RayOptions) -> int:
-    if options.actors:
-        return options.actors
-    if options.num_gpus_per_actor > 0:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        return max(1, int(gpus // options.num_gpus_per_actor))
-    return 1
+    """The actor pool's size, checked against the cluster: a pool that cannot be placed, or that
+    leaves no CPU for decoding, would wait forever instead of failing."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    n = options.actors or (max(1, int(gpus // options.num_gpus_per_actor)) if options.num_gpus_per_actor else 1)
+    if n * options.num_gpus_per_actor > gpus:
+        raise MedTransferError(f"{n} actor(s) × {options.num_gpus_per_actor:g} GPU need more than the cluster's "
+                               f"{gpus:g} GPU(s): lower --actors or --num-gpus-per-actor, or add GPU nodes.")
+    if cpus - n * options.cpus_per_actor < DECODE_TASK_CPUS:
+        raise MedTransferError(f"{n} actor(s) × {options.cpus_per_actor:g} CPU leave less than "
+                               f"{DECODE_TASK_CPUS:g} of the cluster's {cpus:g} CPU(s) for decoding: "
+                               "lower --cpus-per-actor or --actors.")
+    return n
 
 
 def _dataset(ray, items: list[WorkItem], todo: list[int], job: "_JobSpec"):
