@@ -61,7 +61,7 @@ def tiny_run(path: Path) -> Path:
 
 def timed_predict(run_dir: Path, folder: Path, out: Path, extra: list[str]) -> dict:
     """One ``medtransfer predict`` as a fresh process: wall seconds, files/s, the process's peak RSS."""
-    env = {**os.environ, **CLUSTER_ENV, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **CLUSTER_ENV}
     args = [sys.executable, "-m", "medtransfer", "predict", str(run_dir), str(folder), "--out", str(out), "-q", *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -13,10 +13,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import _write_sr
+from conftest import _write_sr, shared_data
 from test_batch_inference import make_run
 
-ROOT = Path(__file__).resolve().parents[1]
 N_COPIES = 5  # copies of the demo images: with the broken files, a few hundred inputs
 
 
@@ -32,7 +31,7 @@ def _cli(*args: str) -> list[str]:
 def _env() -> dict[str, str]:
     from ray_cluster import CLUSTER_ENV
 
-    return {**os.environ, **CLUSTER_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return {**os.environ, **CLUSTER_ENV, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +196,24 @@ def test_ray_rows_equal_local_and_both_nodes_work(cluster, run2d, inbox, local_r
     assert len({p["decode_node"] for p in parts}) == 2, "decoding ran on one node only"
     assert {p["model_node"] for p in parts} <= {p["decode_node"] for p in parts}
     assert "on 2 node(s)" in res.stderr and res.stderr.count("  node ") == 2  # the per-node summary
+
+
+def test_3d_model_predicts_per_series_on_ray_as_locally(cluster, tmp_path):
+    from medtransfer.inference import predict_folder
+
+    studies = shared_data("brain_mr_dicom_studies")
+    run3d = make_run(tmp_path / "tiny3d", backbone="tiny_cnn3d.random", dims=3, size=16)
+    local = _csv(predict_folder(run3d, studies, tmp_path / "local.csv", batch_size=2).out_csv)
+    res = subprocess.run(_ray_args(cluster, run3d, studies, tmp_path / "ray.csv"), capture_output=True, text=True,
+                         env=_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["path"]: r for r in _csv(tmp_path / "ray.csv")}
+    assert len(rows) == len(local) == 7
+    for want in local:
+        got = rows[want["path"]]
+        assert (got["status"], got["files"], got["series_instance_uid"]) == (want["status"], want["files"],
+                                                                             want["series_instance_uid"])
+        assert abs(float(got["prob_positive"]) - float(want["prob_positive"])) <= 1e-6 + 1e-12
 
 
 def test_actors_that_leave_no_cpu_for_decoding_fail_instead_of_waiting(cluster, run2d, small_demo, tmp_path):

@@ -64,7 +64,7 @@ def import_ray():
         import ray.data  # noqa: F401
     except ImportError:
         raise MedTransferError(f"--engine ray needs Ray Data, which is not installed: {RAY_INSTALL} "
-                          "(or use the default --engine local).") from None
+                               "(or use the default --engine local).") from None
     return ray
 
 
@@ -78,7 +78,8 @@ class RayOptions:
     """Model actors; None: one per GPU when ``num_gpus_per_actor`` > 0, else one."""
     num_gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    """CPU cores an actor reserves (on a CPU-only cluster also the model's torch threads)."""
+    """CPU cores an actor reserves (on a CPU-only cluster also the model's torch threads). Equal to
+    ``DECODE_TASK_CPUS`` with no GPU, Ray Data fuses decoding into the actors."""
 
 
 @dataclass
