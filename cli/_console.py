@@ -6,6 +6,9 @@ import sys
 
 from rich.console import Console
 
+console = Console(stderr=True)
+"""Messages, warnings and summaries go to stderr; stdout carries only what scripts read (paths, JSON)."""
+
 PIPE_WIDTH = 200
 """Width of tables written to a file or a pipe (rich would assume 80 columns and squeeze them)."""
 

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from medtransfer.cli._console import console
+from medtransfer.cli._errors import ErrorHandlingGroup
 from medtransfer.config import available_presets
-from medtransfer.errors import ConfigError, DataError, MedTransferError
+from medtransfer.errors import ConfigError, DataError, UsageError
 
 app = typer.Typer(
+    cls=ErrorHandlingGroup,
     name="medtransfer",
     help=(
         "Transfer learning for medical imaging: adapt a pretrained backbone to DICOM / NIfTI / MedMNIST data, "
@@ -27,7 +29,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 
 Modality = Enum("Modality", {name: name for name in available_presets()}, type=str)  # type: ignore[misc]
 
@@ -49,10 +50,7 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _fail(exc: Exception, code: int) -> "typer.Exit":
-    from rich.markup import escape
-
-    # escaped: a message may hold brackets ('pip install "medtransfer[ray]"'), which Rich would eat as markup
-    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -80,6 +78,7 @@ def finetune(
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone from 'medtransfer backbones' (e.g. efficientnet_lite0.in1k)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and the final summary."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in RUN_DIR from its last.pt (its own config and data)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --out (otherwise a folder that holds files is refused)."),
     folds: Optional[int] = typer.Option(None, "--folds", min=2, help="K-fold cross-validation grouped by patient: OUT/fold<i> runs and OUT/folds.json (mean ± sd)."),
 ) -> None:
     """Fine-tune a pretrained backbone and evaluate it on a patient-grouped test split.
@@ -133,23 +132,19 @@ def finetune(
         console.print("Using the built-in [bold]SYNTHETIC[/] demo data (not patient data).")
     from medtransfer.train.finetune import finetune as run_finetune
 
-    try:
-        if folds is not None:
-            from medtransfer.train.folds import finetune_folds
+    if folds is not None:
+        from medtransfer.train.folds import finetune_folds
 
-            cv = finetune_folds(cfg, folds, data=data, labels=labels, out_dir=out, progress=not quiet)
-            for f in cv.summary["folds"]:
-                console.print(f"fold {f['fold']}: val AUC {f['val_auc']:.3f}, test AUC {f['test_auc'] or float('nan'):.3f}")
-            for key in ("val_auc", "test_auc"):
-                if key in cv.summary:
-                    console.print(f"{key.replace('_', ' ')} {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} ({folds} folds)")
-            typer.echo(str(cv.out_dir))
-            return
-        result = run_finetune(cfg, data=data, labels=labels, out_dir=out, progress=not quiet, resume=resume)
-    except ConfigError as exc:
-        raise _fail(exc, 2) from None
-    except MedTransferError as exc:
-        raise _fail(exc, 1) from None
+        cv = finetune_folds(cfg, folds, data=data, labels=labels, out_dir=out, progress=not quiet, overwrite=overwrite)
+        for f in cv.summary["folds"]:
+            console.print(f"fold {f['fold']}: val AUC {f['val_auc']:.3f}, test AUC {f['test_auc'] or float('nan'):.3f}")
+        for key in ("val_auc", "test_auc"):
+            if key in cv.summary:
+                console.print(f"{key.replace('_', ' ')} {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} ({folds} folds)")
+        typer.echo(str(cv.out_dir))
+        return
+    result = run_finetune(cfg, data=data, labels=labels, out_dir=out, progress=not quiet, resume=resume,
+                          overwrite=overwrite)
     m = result.metrics
     val_auc = (m.get("val") or {}).get("auc")
     members = m.get("members")
@@ -225,34 +220,30 @@ def predict(
     from medtransfer.inference import predict_folder
     from medtransfer.inference.batch import SeriesFilter, parse_shard
 
+    from medtransfer.run import is_segmentation_run
+
     _setup_logging(quiet)
-    if engine is Engine.ray and _is_segmentation_run(run_dir):
-        raise _fail(MedTransferError("--engine ray predicts with classification runs; for a segmentation run use "
-                                     "--engine local (or 'medtransfer segment predict'), one machine per set of inputs."), 2)
-    if _is_segmentation_run(run_dir):
-        from medtransfer.segmentation import predict_segmentation
+    if is_segmentation_run(run_dir):
+        if engine is Engine.ray:
+            raise UsageError("--engine ray predicts with classification runs; for a segmentation run use --engine "
+                             "local (or 'medtransfer segment predict'), one machine per set of inputs.")
+        from medtransfer.segmentation.inference import predict_segmentation
 
         out_dir = out.with_suffix("") if out.suffix == ".csv" else out
-        try:
-            rows = predict_segmentation(run_dir, [input_dir], out_dir)
-        except MedTransferError as exc:
-            raise _fail(exc, 1) from None
+        rows = predict_segmentation(run_dir, [input_dir], out_dir)
         n_ok = sum(r.get("status") == "ok" for r in rows)
         console.print(f"segmentation: {n_ok} of {len(rows)} inputs ok -> {out_dir} (masks, volumes.csv)")
         raise typer.Exit(0 if n_ok else 1)
-    try:
-        job = dict(batch_size=batch_size, device=device, progress=not quiet, resume=resume, shard=parse_shard(shard),
-                   parquet=parquet, study_json_dir=study_json, patient_fields=patient_fields,
-                   series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
-        if engine is Engine.ray:
-            from medtransfer.inference.ray_engine import RayOptions, run_batch_ray
+    job = dict(batch_size=batch_size, device=device, progress=not quiet, resume=resume, shard=parse_shard(shard),
+               parquet=parquet, study_json_dir=study_json, patient_fields=patient_fields,
+               series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
+    if engine is Engine.ray:
+        from medtransfer.inference.ray_engine import RayOptions, run_batch_ray
 
-            options = RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor)
-            summary = run_batch_ray(run_dir, input_dir, out, options=options, **job)
-        else:
-            summary = predict_folder(run_dir, input_dir, out, workers=workers, **job)
-    except MedTransferError as exc:
-        raise _fail(exc, 1) from None
+        options = RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor)
+        summary = run_batch_ray(run_dir, input_dir, out, options=options, **job)
+    else:
+        summary = predict_folder(run_dir, input_dir, out, workers=workers, **job)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     console.print(f"{sum(summary.counts.values())} inputs: {counts} -> {summary.out_csv}")
     if engine is Engine.ray:
@@ -261,16 +252,6 @@ def predict(
     if summary.n_ok == 0:
         console.print("[bold red]no input could be predicted[/]; see the reason column.")
         raise typer.Exit(1)
-
-
-def _is_segmentation_run(run_dir: Path) -> bool:
-    import torch
-
-    path = Path(run_dir) / "model.pt"
-    if not path.is_file():
-        return False
-    # mmap: only the small metadata is read here; the weights are read once, by the loader.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("format") == "medtransfer-seg/1"
 
 
 @app.command()
@@ -291,10 +272,7 @@ def evaluate(
     from medtransfer.inference.evaluate import evaluate_run
 
     _setup_logging(quiet)
-    try:
-        metrics = evaluate_run(run_dir, data, labels, split, out, device)
-    except MedTransferError as exc:
-        raise _fail(exc, 1) from None
+    metrics = evaluate_run(run_dir, data, labels, split, out, device)
     _print_test_summary(metrics)
     typer.echo(str(out or Path(run_dir) / "evaluation"))
 
@@ -316,10 +294,7 @@ def compare(
     from medtransfer.inference.evaluate import compare_runs
 
     _setup_logging(True)
-    try:
-        r = compare_runs(run_a, run_b, data, labels, split, out, device=device)
-    except MedTransferError as exc:
-        raise _fail(exc, 1) from None
+    r = compare_runs(run_a, run_b, data, labels, split, out, device=device)
     d, b = r["delong"], r["paired_bootstrap"]
     console.print(f"n = {r['n']} images / {r['n_patients']} patients")
     console.print(f"AUC A {d['auc_a']:.3f}, AUC B {d['auc_b']:.3f}, difference {d['diff']:+.3f}")

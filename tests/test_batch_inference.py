@@ -12,7 +12,8 @@ from medtransfer.config import load_config
 from medtransfer.data.preprocess import PreprocessSpec
 from medtransfer.inference import predict_folder
 from medtransfer.inference.batch import SeriesFilter, parse_shard, shard_slice
-from medtransfer.train.finetune import save_checkpoint
+from medtransfer.run import RunDirectory
+from medtransfer.run.checkpoint import model_payload
 from medtransfer.transfer import TransferModel
 
 
@@ -24,8 +25,8 @@ def make_run(path, backbone="tiny_cnn.random", dims=2, size=32, seed=0):
     model = TransferModel(backbone_module, 2)
     spec = PreprocessSpec(size, 1, "tags", (0.5, 99.5), (0.5,), (0.5,), dims)
     path.mkdir(parents=True)
-    save_checkpoint(path / "model.pt", model, cfg, spec, ["negative", "positive"],
-                    {"operating_point": {"threshold": 0.5}})
+    RunDirectory(path).save_model(model_payload(model, cfg.to_dict(), spec.to_dict(), ["negative", "positive"],
+                                                backbone, operating_point={"threshold": 0.5}))
     return path
 
 

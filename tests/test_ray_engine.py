@@ -91,7 +91,7 @@ def test_engine_ray_without_ray_says_how_to_install(run2d, small_demo, tmp_path,
     monkeypatch.setitem(sys.modules, "ray", None)  # 'import ray' now fails as if Ray were not installed
     res = CliRunner().invoke(app, ["predict", str(run2d), str(small_demo / "images"), "--out", str(tmp_path / "p.csv"),
                                    "--engine", "ray", "-q"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # bad usage: found before any work
     assert 'pip install "medtransfer[ray]"' in " ".join(res.output.split())
     assert not (tmp_path / "p.csv").exists()
 
@@ -220,7 +220,7 @@ def test_actors_that_leave_no_cpu_for_decoding_fail_instead_of_waiting(cluster, 
     args = _cli(run2d, small_demo / "images", "--out", tmp_path / "p.csv", "--engine", "ray", "--address",
                 cluster.address, "--actors", "2", "--cpus-per-actor", "1", "-q")
     res = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=120)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert "leave less than 0.5 of the cluster's 2 CPU(s) for decoding" in " ".join(res.stderr.split())
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import medtransfer.train.finetune as ft
+from medtransfer.utils.device import amp_dtype_for
 from medtransfer.backbones import get_weight_spec, load_backbone
 from medtransfer.config import load_config
 from medtransfer.errors import DataError
@@ -101,7 +102,7 @@ def test_history_and_learning_rates_of_the_recipe(uninterrupted):
     ("off", "cuda", True, None),
 ])
 def test_mixed_precision_choice(amp, device, bf16, want):
-    assert ft.amp_dtype_for(amp, torch.device(device), bf16_supported=bf16) is want
+    assert amp_dtype_for(amp, torch.device(device), bf16_supported=bf16) is want
 
 
 def test_optimizer_groups_hold_the_layer_groups_by_identity_after_unfreezing():

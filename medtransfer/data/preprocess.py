@@ -47,6 +47,17 @@ class PreprocessSpec:
         )
 
 
+def preprocess_spec(data_cfg: Any, channels: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    dims: int = 2) -> PreprocessSpec:
+    """The preprocessing of a run from its ``data`` config and the weights' mean/std; the per-channel
+    mean/std are averaged when the input channels differ from the weights' (exact for mean = std = 0.5
+    with summed stem kernels)."""
+    if len(mean) != channels:
+        mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
+    return PreprocessSpec(size=data_cfg.size, channels=channels, window=data_cfg.window,
+                          percentiles=tuple(data_cfg.percentiles), mean=tuple(mean), std=tuple(std), dims=dims)
+
+
 def dicom_to_unit(image: ImageData, spec: PreprocessSpec) -> np.ndarray:
     """A decoded 2D DICOM image (physical units, higher = brighter) → ``(C, H, W)`` in ``[0, 1]``."""
     a = image.array

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from medtransfer.errors import MedTransferError
+from medtransfer.errors import MedTransferError, UsageError
 from medtransfer.inference.batch import (
     BatchSummary,
     DecodedItem,
@@ -63,8 +63,8 @@ def import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise MedTransferError(f"--engine ray needs Ray Data, which is not installed: {RAY_INSTALL} "
-                               "(or use the default --engine local).") from None
+        raise UsageError(f"--engine ray needs Ray Data, which is not installed: {RAY_INSTALL} "
+                         "(or use the default --engine local).") from None
     return ray
 
 
@@ -275,12 +275,12 @@ def _actor_count(ray, options: RayOptions) -> int:
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     n = options.actors or (max(1, int(gpus // options.num_gpus_per_actor)) if options.num_gpus_per_actor else 1)
     if n * options.num_gpus_per_actor > gpus:
-        raise MedTransferError(f"{n} actor(s) × {options.num_gpus_per_actor:g} GPU need more than the cluster's "
-                               f"{gpus:g} GPU(s): lower --actors or --num-gpus-per-actor, or add GPU nodes.")
+        raise UsageError(f"{n} actor(s) × {options.num_gpus_per_actor:g} GPU need more than the cluster's "
+                         f"{gpus:g} GPU(s): lower --actors or --num-gpus-per-actor, or add GPU nodes.")
     if cpus - n * options.cpus_per_actor < DECODE_TASK_CPUS:
-        raise MedTransferError(f"{n} actor(s) × {options.cpus_per_actor:g} CPU leave less than "
-                               f"{DECODE_TASK_CPUS:g} of the cluster's {cpus:g} CPU(s) for decoding: "
-                               "lower --cpus-per-actor or --actors.")
+        raise UsageError(f"{n} actor(s) × {options.cpus_per_actor:g} CPU leave less than "
+                         f"{DECODE_TASK_CPUS:g} of the cluster's {cpus:g} CPU(s) for decoding: "
+                         "lower --cpus-per-actor or --actors.")
     return n
 
 

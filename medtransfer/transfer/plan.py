@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-BN_POLICIES = ("frozen", "eval-stats", "train")
-FREEZE_MODES = ("none", "backbone", "all_but_last", "pattern")
+from medtransfer.options import BNPolicy, FreezeMode, look_up_option
+
+BN_POLICIES = tuple(p for p in BNPolicy.values() if p != BNPolicy.AUTO)
+FREEZE_MODES = FreezeMode.values()
 _CONTAINERS = ("stages", "blocks", "features", "layers")
 
 
@@ -109,27 +111,28 @@ def apply_plan(
     expression ``pattern`` stay frozen). ``unfrozen`` further limits training to the last
     ``unfrozen`` groups (gradual unfreezing). Returns which layer groups train.
     """
-    if freeze not in FREEZE_MODES:
-        raise ValueError(f"unknown freeze mode '{freeze}'; valid: {', '.join(FREEZE_MODES)}")
-    if bn_policy not in BN_POLICIES:
-        raise ValueError(f"unknown bn_policy '{bn_policy}'; valid: {', '.join(BN_POLICIES)}")
+    freeze = look_up_option(freeze, FreezeMode, "train.freeze")
+    bn_policy = look_up_option(bn_policy, BNPolicy, "train.bn_policy")
+    if bn_policy is BNPolicy.AUTO:
+        raise ValueError("resolve bn_policy 'auto' (frozen for pretrained weights, train otherwise) first")
     groups = layer_groups(model.backbone)
     n = len(groups)
-    allowed = {"none": n, "backbone": 0, "all_but_last": min(trainable_stages, n), "pattern": n}[freeze]
+    allowed = {FreezeMode.NONE: n, FreezeMode.BACKBONE: 0, FreezeMode.ALL_BUT_LAST: min(trainable_stages, n),
+               FreezeMode.PATTERN: n}[freeze]
     if unfrozen is not None:
         allowed = min(allowed, unfrozen)
-    regex = re.compile(pattern) if freeze == "pattern" and pattern else None
+    regex = re.compile(pattern) if freeze is FreezeMode.PATTERN and pattern else None
     trains = [i >= n - allowed for i in range(n)]
     for g, on in zip(groups, trains):
         norm_params = {id(p) for m in g.norms for p in m.parameters(recurse=False)}
         for name, p in zip(g.param_names, g.params):
             frozen = not on or (regex is not None and regex.search(name) is not None)
-            if id(p) in norm_params and bn_policy == "frozen":
+            if id(p) in norm_params and bn_policy is BNPolicy.FROZEN:
                 frozen = True
             p.requires_grad_(not frozen)
         for m in g.norms:
             affine_frozen = not any(p.requires_grad for p in m.parameters(recurse=False))
-            m._mt_bn_eval = (not on) or bn_policy in ("frozen", "eval-stats") or (
+            m._mt_bn_eval = (not on) or bn_policy in (BNPolicy.FROZEN, BNPolicy.EVAL_STATS) or (
                 regex is not None and affine_frozen and any(True for _ in m.parameters(recurse=False)))
     for p in model.head.parameters():
         p.requires_grad_(True)
