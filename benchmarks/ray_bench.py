@@ -47,15 +47,17 @@ def tiny_run(path: Path) -> Path:
     from medtransfer.backbones import get_weight_spec, load_backbone
     from medtransfer.config import load_config
     from medtransfer.data.preprocess import PreprocessSpec
-    from medtransfer.train.finetune import save_checkpoint
+    from medtransfer.run import RunDirectory
+    from medtransfer.run.checkpoint import model_payload
     from medtransfer.transfer import TransferModel
 
     torch.manual_seed(0)
     cfg = load_config("xray", overrides=["model.backbone=tiny_cnn.random", "model.weights=none", "data.size=32"])
     model = TransferModel(load_backbone(get_weight_spec("tiny_cnn.random"), 1, "none")[0], 2)
+    spec = PreprocessSpec(32, 1, "tags", (0.5, 99.5), (0.5,), (0.5,), 2)
     path.mkdir(parents=True)
-    save_checkpoint(path / "model.pt", model, cfg, PreprocessSpec(32, 1, "tags", (0.5, 99.5), (0.5,), (0.5,), 2),
-                    ["no_finding", "opacity"], {"operating_point": {"threshold": 0.5}})
+    RunDirectory(path).save_model(model_payload(model, cfg.to_dict(), spec.to_dict(), ["no_finding", "opacity"],
+                                                "tiny_cnn.random", operating_point={"threshold": 0.5}))
     return path
 
 
@@ -81,11 +83,19 @@ def ray_args(cluster: LocalRayCluster, actors: int, cpus_per_actor: float, batch
             "--cpus-per-actor", str(cpus_per_actor), "--batch-size", str(batch_size)]
 
 
+def warm_up(cluster: LocalRayCluster, run_dir: Path, tmp: Path, args, actors: int, cpus_per_actor: float) -> None:
+    """One untimed job: the first job on a cluster also starts Ray Data's own cluster-wide actors."""
+    if args.warmup is not None:
+        timed_predict(run_dir, args.warmup, tmp / f"warmup{len(cluster.nodes)}.csv",
+                      ray_args(cluster, actors, cpus_per_actor, args.batch_size))
+
+
 def local_vs_ray(run_dir, small, large, tmp, args) -> dict:
     """One node with all cores against the local engine (interleaved reps), then the driver at the large folder."""
     local, ray = [], []
     with LocalRayCluster(object_store_mb=args.object_store_mb) as cluster:
         cluster.add_node(num_cpus=os.cpu_count() or 2)
+        warm_up(cluster, run_dir, tmp, args, 1, 1)
         for rep in range(args.reps):
             local.append(timed_predict(run_dir, small, tmp / f"local{rep}.csv",
                                        ["--workers", str(args.workers), "--batch-size", str(args.batch_size)]))
@@ -106,10 +116,12 @@ def one_vs_two_nodes(run_dir, small, tmp, args) -> dict:
     one, two = [], []
     with LocalRayCluster(object_store_mb=args.object_store_mb) as cluster:
         cluster.add_node(num_cpus=1)
+        warm_up(cluster, run_dir, tmp, args, 1, 0.5)
         for rep in range(args.reps):
             one.append(timed_predict(run_dir, small, tmp / f"n1_{rep}.csv", ray_args(cluster, 1, 0.5, args.batch_size)))
             print(f"rep {rep}: one node {one[-1]['files_per_s']}/s", flush=True)
         cluster.add_node(num_cpus=1)
+        warm_up(cluster, run_dir, tmp, args, 2, 0.5)
         for rep in range(args.reps):
             two.append(timed_predict(run_dir, small, tmp / f"n2_{rep}.csv", ray_args(cluster, 2, 0.5, args.batch_size)))
             print(f"rep {rep}: two nodes {two[-1]['files_per_s']}/s ({two[-1]['engine_report']})", flush=True)
@@ -127,7 +139,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions; medians are reported")
     ap.add_argument("--object-store-mb", type=int, default=256, help="object store of each Ray node")
-    ap.add_argument("--quick", action="store_true", help="tiny model, 48 / 192 files, one rep (checks the script)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny model, 48 / 192 files, one rep, no warm-up job (checks the script)")
     args = ap.parse_args()
     if args.quick:
         args.files, args.large, args.reps, args.batch_size = 48, 192, 1, 16
@@ -140,6 +153,10 @@ def main() -> None:
         small, large = tmp / "small", tmp / "large"
         make_folder(src / "images", small, args.files)
         make_folder(src / "images", large, args.large)
+        args.warmup = None
+        if not args.quick:
+            args.warmup = tmp / "warmup"
+            make_folder(src / "images", args.warmup, 2 * args.batch_size)
         run_dir = tiny_run(tmp / "run") if args.quick else make_run(tmp / "run")
         result = local_vs_ray(run_dir, small, large, tmp, args)
         result["scaling"] = one_vs_two_nodes(run_dir, small, tmp, args)
