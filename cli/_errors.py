@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from medtransfer.cli._console import console
@@ -38,7 +39,8 @@ def _write_traceback(exc: BaseException) -> Path | None:
 def report_error(exc: BaseException) -> int:
     """Print what went wrong; returns the exit code."""
     if isinstance(exc, MedTransferError):
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        # escaped: a message may hold brackets ('pip install "medtransfer[ray]"') that Rich would take for markup
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         console.print("[bold red]interrupted[/]; outputs written so far are complete (rerun with --resume to continue).",

@@ -15,7 +15,7 @@ import typer
 from medtransfer.cli._console import console
 from medtransfer.cli._errors import ErrorHandlingGroup
 from medtransfer.config import available_presets
-from medtransfer.errors import ConfigError, DataError
+from medtransfer.errors import ConfigError, DataError, UsageError
 
 app = typer.Typer(
     cls=ErrorHandlingGroup,
@@ -31,6 +31,11 @@ app = typer.Typer(
 )
 
 Modality = Enum("Modality", {name: name for name in available_presets()}, type=str)  # type: ignore[misc]
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -173,7 +178,7 @@ def predict(
     input_dir: Path = typer.Argument(..., help="Folder of DICOM files (searched recursively; any file name); NIfTI and PNG / JPEG files are read too."),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="Output CSV (streamed to OUT.partial, moved into place when done)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    workers: int = typer.Option(0, "--workers", "-j", min=0, help="Decoding processes running beside the model (0: decode in the main process)."),
+    workers: int = typer.Option(0, "--workers", "-j", min=0, help="Local engine: decoding processes running beside the model (0: decode in the main process)."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows of a previous or interrupted run in OUT and do only the rest."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: do the i-th (0-based) of n contiguous blocks of the sorted inputs; outputs of 0/n … n-1/n concatenate to the full run."),
     modality: list[str] = typer.Option([], "--modality", help="Only these DICOM Modality codes (repeatable), e.g. --modality DX --modality CR."),
@@ -183,6 +188,11 @@ def predict(
     study_json: Optional[Path] = typer.Option(None, "--study-json", help="Also write one JSON per study (rows, counts, study-level maximum per class) into this folder."),
     patient_fields: bool = typer.Option(False, "--patient-fields", help="Add patient_id, patient_name and patient_birth_date columns (identifying data: off by default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
+    engine: Engine = typer.Option(Engine.local, "--engine", help="local: this machine, decoding in --workers processes; ray: a Ray cluster, decoding as CPU tasks and the model in actors (pip install \"medtransfer\\[ray]\")."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray engine: the cluster to join, 'auto' (the one 'ray start' runs on this machine) or HEAD_IP:PORT; omitted: a Ray instance for this job alone."),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Ray engine: model actors (default: one per GPU with --num-gpus-per-actor, else 1)."),
+    num_gpus_per_actor: float = typer.Option(0.0, "--num-gpus-per-actor", min=0, help="Ray engine: GPUs each model actor reserves, e.g. 1 (0: CPU actors)."),
+    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.01, help="Ray engine: CPU cores each model actor reserves (on CPU actors also its torch threads)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Predict every file under INPUT_DIR; one CSV row per file (per series for 3D models).
@@ -204,6 +214,8 @@ def predict(
       medtransfer predict runs/demo /data/inbox --out part0.csv --shard 0/4   # on machine 0 of 4
 
       medtransfer predict runs/demo /data/inbox --out preds.csv --study-json reports/ --parquet
+
+      medtransfer predict runs/demo /shared/inbox --out preds.csv --engine ray --address auto --num-gpus-per-actor 1
     """
     from medtransfer.inference import predict_folder
     from medtransfer.inference.batch import SeriesFilter, parse_shard
@@ -212,6 +224,9 @@ def predict(
 
     _setup_logging(quiet)
     if is_segmentation_run(run_dir):
+        if engine is Engine.ray:
+            raise UsageError("--engine ray predicts with classification runs; for a segmentation run use --engine "
+                             "local (or 'medtransfer segment predict'), one machine per set of inputs.")
         from medtransfer.segmentation.inference import predict_segmentation
 
         out_dir = out.with_suffix("") if out.suffix == ".csv" else out
@@ -219,14 +234,21 @@ def predict(
         n_ok = sum(r.get("status") == "ok" for r in rows)
         console.print(f"segmentation: {n_ok} of {len(rows)} inputs ok -> {out_dir} (masks, volumes.csv)")
         raise typer.Exit(0 if n_ok else 1)
-    summary = predict_folder(
-        run_dir, input_dir, out, batch_size=batch_size, device=device, progress=not quiet, workers=workers,
-        resume=resume, shard=parse_shard(shard), parquet=parquet, study_json_dir=study_json,
-        patient_fields=patient_fields,
-        series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices),
-    )
+    job = dict(batch_size=batch_size, device=device, progress=not quiet, resume=resume, shard=parse_shard(shard),
+               parquet=parquet, study_json_dir=study_json, patient_fields=patient_fields,
+               series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
+    if engine is Engine.ray:
+        from medtransfer.inference.ray_engine import RayOptions, run_batch_ray
+
+        options = RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor)
+        summary = run_batch_ray(run_dir, input_dir, out, options=options, **job)
+    else:
+        summary = predict_folder(run_dir, input_dir, out, workers=workers, **job)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     console.print(f"{sum(summary.counts.values())} inputs: {counts} -> {summary.out_csv}")
+    if engine is Engine.ray:
+        for line in summary.report_lines():
+            console.print(line, highlight=False)
     if summary.n_ok == 0:
         console.print("[bold red]no input could be predicted[/]; see the reason column.")
         raise typer.Exit(1)
