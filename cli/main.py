@@ -124,8 +124,10 @@ def finetune(
         else:
             cfg = load_config(modality.value if modality is not None else "xray", config, overrides)
         from medtransfer.backbones import get_weight_spec
+        from medtransfer.config import check_weights_file
 
         get_weight_spec(cfg.model.backbone)
+        check_weights_file(cfg.model.weights)
     except (ConfigError, DataError) as exc:
         raise _fail(exc, 2) from None
     if data is None:

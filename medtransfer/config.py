@@ -319,6 +319,15 @@ def _check_together(cfg: RunConfig) -> None:
                               f"expression ({exc}).") from None
 
 
+def check_weights_file(weights: str, key: str = "model.weights") -> None:
+    """A weights file given by path must exist (checked before any work, not when the backbone loads)."""
+    if weights in ("pretrained", "none"):
+        return
+    if not Path(weights).expanduser().is_file():
+        raise ConfigError(f"{key} = {weights!r}: no such file. Pass 'pretrained', 'none' (random initialisation) "
+                          "or the path of a .pth / .pt / .safetensors file.")
+
+
 def read_user_yaml(config_file: str | Path) -> dict[str, Any]:
     """A user's ``--config`` file as a dict of sections; ConfigError when missing or malformed."""
     path = Path(config_file)

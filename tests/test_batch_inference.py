@@ -172,7 +172,7 @@ def test_study_json_per_study_matches_the_table(run2d, small_demo, tmp_path):
     (broken / "junk.dcm").write_bytes(b"not dicom")
     predict_folder(run2d, broken, tmp_path / "b.csv", study_json_dir=tmp_path / "bj", shard=(0, 1))
     doc = json.loads((tmp_path / "bj" / "no-study-uid.shard-0-of-1.json").read_text())
-    assert doc["counts"] == {"skipped": 1} and doc["summary"]["n_predicted"] == 0
+    assert doc["counts"] == {"error": 1} and doc["summary"]["n_predicted"] == 0  # named .dcm, not DICOM
 
 
 def test_parquet_has_the_same_rows_as_the_csv(run2d, small_demo, tmp_path):

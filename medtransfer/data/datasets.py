@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from medtransfer.data.preprocess import Preprocessor
+from medtransfer.data.preprocess import Preprocessor, require_finite
 from medtransfer.data.samples import Sample, SampleTable, samples_from_folder, samples_from_npz
 from medtransfer.errors import DataError
+from medtransfer.io import MedIOError
 
 
 class ImageSet(Dataset):
@@ -25,13 +26,26 @@ class ImageSet(Dataset):
         return len(self.samples)
 
     def load(self, i: int) -> torch.Tensor:
+        """The sample's tensor, checked finite; a file that cannot be used stops with its path and patient."""
         s = self.samples[i]
+        try:
+            return require_finite(self._decode(s), self.describe(i))
+        except MedIOError as exc:
+            raise DataError(f"{exc} (patient {s.patient_id}, {s.split} split). Fix or remove it from the "
+                            "labels, or set data.skip_bad_images=true to leave such images out.") from None
+
+    def _decode(self, s: Sample) -> torch.Tensor:
         if self.table.source == "npz":
             array = self.table.arrays[s.split][s.index]
             return self.pre.load_npz_volume(array) if self.pre.spec.dims == 3 else self.pre.load_npz(array)
         if self.pre.spec.dims == 3:
             return self.pre.load_volume(s.path)
         return self.pre.load_image(s.path)
+
+    def describe(self, i: int) -> str:
+        """Where sample ``i`` comes from: its file, or its row in a ``.npz`` split."""
+        s = self.samples[i]
+        return f"{s.path} [{s.split}_images[{s.index}]]" if self.table.source == "npz" else s.path
 
     def label(self, i: int) -> int | float | torch.Tensor:
         y = self.samples[i].label

@@ -20,6 +20,21 @@ class UnsupportedImageError(MedIOError):
     """A readable image this model cannot take (e.g. a multi-frame volume into a 2D model)."""
 
 
+class NonFiniteImageError(MedIOError):
+    """An image whose values (after decoding and preprocessing) hold NaN or infinity."""
+
+
+def require_finite(x: Any, where: str) -> Any:
+    """``x`` (a decoded array or a tensor) unchanged, or :class:`NonFiniteImageError` naming how many
+    values are NaN / infinite. Checked on the decoded values, before any window could hide them."""
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+        n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+        raise NonFiniteImageError(where, f"the image holds {n_nan} NaN and {n_inf} infinite value(s) of "
+                                         f"{a.size}; a model cannot use it (re-export the file, or remove it)")
+    return x
+
+
 @dataclass
 class PreprocessSpec:
     """Everything needed to turn a file into a model input; saved inside every checkpoint."""
@@ -65,6 +80,7 @@ def preprocess_spec(data_cfg: Any, channels: int, mean: tuple[float, ...], std: 
 
 def dicom_to_unit(image: ImageData, spec: PreprocessSpec) -> np.ndarray:
     """A decoded 2D DICOM image (physical units, higher = brighter) → ``(C, H, W)`` in ``[0, 1]``."""
+    require_finite(image.array, str(image.meta.get("path", "image")))
     a = image.array
     if a.ndim == 3 and a.shape[-1] == 3:  # RGB
         unit = np.clip(a / 255.0 if a.max() > 1.0 else a, 0, 1).transpose(2, 0, 1)
@@ -200,7 +216,7 @@ class Preprocessor:
         """A 3D array in physical units → ``(C, S, S, S)`` in ``[0, 1]`` (percentile window)."""
         if a.ndim != 3:
             raise UnsupportedImageError(where, f"expected a 3D grayscale volume, got shape {a.shape}")
-        return self._resize_volume(percentile_window(a, *self.spec.percentiles))
+        return self._resize_volume(percentile_window(require_finite(a, where), *self.spec.percentiles))
 
     def _resize_volume(self, unit: np.ndarray) -> torch.Tensor:
         """A ``[0, 1]`` volume → ``(C, S, S, S)``: trilinear to ``size`` in every axis, channels repeated."""
@@ -216,6 +232,7 @@ class Preprocessor:
 
         if vol.array.ndim != 3:
             raise UnsupportedImageError(where, f"expected a 3D CT volume, got shape {vol.array.shape}")
+        require_finite(vol.array, where)
         contract = CTPreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.spec.ct.items()})
         x_size, _, z_size = contract.size
         s = self.spec.size

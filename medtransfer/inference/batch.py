@@ -23,13 +23,15 @@ tensor or a status, :class:`ModelStep` runs the model on a batch of decoded item
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medtransfer.data.preprocess import UnsupportedImageError
-from medtransfer.errors import MedTransferError
+from medtransfer.data.preprocess import UnsupportedImageError, require_finite
+from medtransfer.errors import MedTransferError, UsageError
 from medtransfer.io import (
     MedIOError,
     NoPixelDataError,
@@ -47,6 +49,7 @@ from medtransfer.io import (
     is_raster_path,
     read_dicom_header,
 )
+from medtransfer.utils.atomic import DiskFullError
 
 logger = logging.getLogger(__name__)
 
@@ -155,36 +158,59 @@ def decode_item(item: WorkItem, pre, dims: int, filt: SeriesFilter, patient_fiel
     return decoded
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+"""File names that promise DICOM: such a file that is not DICOM is an error, not a README to skip."""
+
+
+def not_dicom_status(path: str, reason: str) -> tuple[str, str]:
+    """A file that is not DICOM is ``skipped`` (a README on a patient CD), unless its name says DICOM."""
+    if str(path).lower().endswith(DICOM_SUFFIXES):
+        return "error", f"not DICOM despite its name ({reason})"
+    return "skipped", reason
+
+
 def _decode(item: WorkItem, pre, dims: int, filt: SeriesFilter, index: int) -> DecodedItem:
     out = DecodedItem(index, None, item.status, item.reason, dict(item.ids))
     if item.status:
         return out
     try:
-        if _image_file(item.paths[0]):  # NIfTI / PNG: no DICOM header, so no UIDs and no selection by tags
-            skip = filt.reason_to_skip("", "")
-            if skip:
-                out.status, out.reason = "skipped", skip
-                return out
-            load = pre.load_volume if dims == 3 else pre.load_image
-            out.tensor, out.status = load(item.paths[0]), "ok"
-            return out
-        if dims == 3:
-            tensor, ids = pre.load_series(item.paths)
-        else:
-            tensor, meta = pre.load_dicom_with_meta(item.paths[0])
-            ids = _ids(meta)
-            skip = filt.reason_to_skip(meta.get("modality", ""), meta.get("series_description", ""))
-            if skip:
-                out.status, out.reason, out.ids = "skipped", skip, ids
-                return out
-        out.tensor, out.status, out.ids = tensor, "ok", ids
-    except (NoPixelDataError, NotDicomError, UnsupportedImageError) as exc:
-        out.status, out.reason, out.ids = "skipped", exc.reason, _header_ids(item.paths[0])
+        _load(item, pre, dims, filt, out)
+        if out.tensor is not None:
+            require_finite(out.tensor, item.key)
+    except NotDicomError as exc:
+        out.status, out.reason = not_dicom_status(item.paths[0], exc.reason)
+        out.tensor, out.ids = None, _header_ids(item.paths[0])
+    except (NoPixelDataError, UnsupportedImageError) as exc:
+        out.status, out.reason, out.tensor, out.ids = "skipped", exc.reason, None, _header_ids(item.paths[0])
     except MedIOError as exc:
-        out.status, out.reason, out.ids = "error", exc.reason, _header_ids(item.paths[0])
+        out.status, out.reason, out.tensor = "error", exc.reason, None
+        out.ids = out.ids or _header_ids(item.paths[0])
     except Exception as exc:  # one bad input never stops the batch
-        out.status, out.reason, out.ids = "error", f"{type(exc).__name__}: {exc}", _header_ids(item.paths[0])
+        out.status, out.reason, out.tensor = "error", f"{type(exc).__name__}: {exc}", None
+        out.ids = _header_ids(item.paths[0])
     return out
+
+
+def _load(item: WorkItem, pre, dims: int, filt: SeriesFilter, out: DecodedItem) -> None:
+    """Fill ``out`` with the item's tensor (or its ``skipped`` status when the selection leaves it out)."""
+    if _image_file(item.paths[0]):  # NIfTI / PNG: no DICOM header, so no UIDs and no selection by tags
+        skip = filt.reason_to_skip("", "")
+        if skip:
+            out.status, out.reason = "skipped", skip
+            return
+        load = pre.load_volume if dims == 3 else pre.load_image
+        out.tensor, out.status = load(item.paths[0]), "ok"
+        return
+    if dims == 3:
+        tensor, ids = pre.load_series(item.paths)
+    else:
+        tensor, meta = pre.load_dicom_with_meta(item.paths[0])
+        ids = _ids(meta)
+        skip = filt.reason_to_skip(meta.get("modality", ""), meta.get("series_description", ""))
+        if skip:
+            out.status, out.reason, out.ids = "skipped", skip, ids
+            return
+    out.tensor, out.status, out.ids = tensor, "ok", ids
 
 
 class _Decode(Dataset):
@@ -296,6 +322,15 @@ def _hidden(path: str) -> bool:
     return os.path.basename(path).startswith(".")
 
 
+def _not_regular(path: str) -> WorkItem | None:
+    """The row of a listed entry that is not a regular file (never opened: a FIFO would block the job)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return WorkItem(path, [path], "error", f"broken symbolic link (points to {os.readlink(path)})")
+    if not os.path.isfile(path):
+        return WorkItem(path, [path], "skipped", "not a regular file (a FIFO, socket or device): not read")
+    return None
+
+
 def _image_file(path: str) -> bool:
     """A NIfTI or PNG / JPEG / TIFF / BMP file: read directly, not as DICOM."""
     return is_nifti_path(path) or is_raster_path(path)
@@ -303,9 +338,12 @@ def _image_file(path: str) -> bool:
 
 def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
     """The sorted work list: files for 2D models; series (plus files in no series) for 3D models."""
-    files = [str(p) for p in iter_files(folder)]
+    listed = [str(p) for p in iter_files(folder)]
+    special = {p: item for p in listed if (item := _not_regular(p)) is not None}
+    files = [p for p in listed if p not in special]
     if dims == 2:
-        return [WorkItem(p, [p], "skipped", HIDDEN) if _hidden(p) else WorkItem(p, [p]) for p in files]
+        items = [WorkItem(p, [p], "skipped", HIDDEN) if _hidden(p) else WorkItem(p, [p]) for p in files]
+        return sorted(items + list(special.values()), key=lambda it: it.paths[0])
     from medtransfer.io.series import find_series, object_kind
 
     series, problems = find_series([p for p in files if not _hidden(p) and not _image_file(p)])
@@ -330,14 +368,18 @@ def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
             items.append(WorkItem(p, [p], "skipped", HIDDEN))
             continue
         if p in unreadable:
-            status = "skipped" if unreadable[p].kind == "not_dicom" else "error"
-            items.append(WorkItem(p, [p], status, unreadable[p].message))
+            status, reason = ("error", unreadable[p].message) if unreadable[p].kind != "not_dicom" \
+                else not_dicom_status(p, unreadable[p].message)
+            items.append(WorkItem(p, [p], status, reason))
             continue
         try:
             kind = object_kind(read_dicom_header(p))
             reason = f"not part of an image series ({kind} object)"
+        except NotDicomError as exc:
+            items.append(WorkItem(p, [p], *not_dicom_status(p, exc.reason)))
+            continue
         except MedIOError as exc:
-            items.append(WorkItem(p, [p], "skipped" if isinstance(exc, NotDicomError) else "error", exc.reason))
+            items.append(WorkItem(p, [p], "error", exc.reason))
             continue
         items.append(WorkItem(p, [p], "skipped", reason, _header_ids(p)))
     # A series is named by its folder; two series sharing a folder get their UID appended.
@@ -348,6 +390,7 @@ def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
             continue
         common = os.path.commonpath(it.paths) if len(it.paths) > 1 else str(Path(it.paths[0]).parent)
         it.key = common if folders[common] == 1 else f"{common}#{it.ids['series_instance_uid']}"
+    items += special.values()
     items.sort(key=lambda it: it.paths[0])
     return items
 
@@ -379,29 +422,85 @@ class PredictionTable:
         self._fh: Any = None
         self._writer: csv.DictWriter | None = None
 
-    def completed_rows(self) -> list[dict[str, str]]:
-        """The rows a previous run left in ``<out>`` and ``<out>.partial`` (what ``resume`` keeps)."""
-        return _complete_rows(self.path, self.fields) + _complete_rows(self.partial, self.fields)
+    def completed_rows(self, keys: Iterable[str] | None = None) -> list[dict[str, str]]:
+        """The rows a previous run left in ``<out>.partial`` and ``<out>`` (what ``resume`` keeps): each
+        input once (the newer file first), only inputs of this job when ``keys`` lists them."""
+        wanted = set(keys) if keys is not None else None
+        seen: set[str] = set()
+        rows = []
+        for row in _complete_rows(self.partial, self.fields) + _complete_rows(self.path, self.fields):
+            if row["path"] in seen or (wanted is not None and row["path"] not in wanted):
+                continue
+            seen.add(row["path"])
+            rows.append(row)
+        return rows
 
     def __enter__(self) -> "PredictionTable":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.partial, "w", newline="")
-        self._writer = csv.DictWriter(self._fh, fieldnames=self.fields, restval="")
-        self._writer.writeheader()
-        self._fh.flush()
+        with self._disk_full_says_so():
+            self._fh = open(self.partial, "w", newline="")
+            self._writer = csv.DictWriter(self._fh, fieldnames=self.fields, restval="")
+            self._writer.writeheader()
+            self._fh.flush()
         return self
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
-        self._writer.writerows(rows)
-        self._fh.flush()
+        with self._disk_full_says_so():
+            self._writer.writerows(rows)
+            self._fh.flush()
+
+    @contextlib.contextmanager
+    def _disk_full_says_so(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(errno.ENOSPC, f"No space left on device at {self.partial.parent} while writing "
+                                    f"{self.partial.name}. The rows written so far are kept there: free some space "
+                                    "and run the same command with --resume.") from None
+            raise
 
     def __exit__(self, *exc_info) -> None:
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:  # the buffered tail of a full disk: the error that stopped the job says so
+            if exc_info[0] is None:
+                raise
 
     def commit(self) -> Path:
         """Move the finished table into place (atomically)."""
         os.replace(self.partial, self.path)
         return self.path
+
+
+@contextlib.contextmanager
+def output_lock(out_csv: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``<out>.lock`` for the whole job: a second job writing the same table is refused at once
+    (its rows would otherwise tear and lose the first one's)."""
+    import fcntl
+
+    out = Path(out_csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(out.name + ".lock")
+    fh = open(lock, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise UsageError(f"'{out}' is being written by another medtransfer job (pid {holder}, lock {lock}). Give "
+                         "each job its own --out (e.g. part0.csv, part1.csv for --shard 0/2 and 1/2) or wait for "
+                         "it to finish.") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        fh.close()
 
 
 def pending_items(items: list[WorkItem], done_keys: set[str]) -> list[WorkItem]:
@@ -460,8 +559,17 @@ def run_batch(
     dims = run.pre.spec.dims
     rows_of = RowBuilder(run, patient_fields)
     items = shard_slice(work_items(folder, dims, filt), shard)
+    with output_lock(out_csv):
+        return _predict_items(run, items, out_csv, rows_of, filt, batch_size, workers, resume, keep_rows, progress,
+                              parquet, study_json_dir, shard, patient_fields)
+
+
+def _predict_items(run, items: list[WorkItem], out_csv: Any, rows_of: RowBuilder, filt: SeriesFilter,
+                   batch_size: int, workers: int, resume: bool, keep_rows: bool, progress: bool, parquet: bool,
+                   study_json_dir: Any, shard: tuple[int, int] | None, patient_fields: bool) -> BatchSummary:
+    dims = run.pre.spec.dims
     table = PredictionTable(out_csv, rows_of.fields)
-    previous = table.completed_rows() if resume else []
+    previous = table.completed_rows([it.key for it in items]) if resume else []
     todo = pending_items(items, {r["path"] for r in previous})
     if resume:
         logger.info("resume: %d of %d inputs already done", len(items) - len(todo), len(items))

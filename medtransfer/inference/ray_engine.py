@@ -44,6 +44,7 @@ from medtransfer.inference.batch import (
     finish_outputs,
     input_folder,
     output_fields,
+    output_lock,
     shard_slice,
     work_items,
 )
@@ -371,10 +372,18 @@ def run_batch_ray(
     run = load_run(run_dir, "cpu")  # the driver's copy: columns, labels, the study JSON's model section
     fields = output_fields(run.label_names, run.pre.spec.dims, patient_fields)
     items = shard_slice(work_items(folder, run.pre.spec.dims, filt), shard)
+    with output_lock(out_csv):
+        return _locked_job(ray, run, run_dir, items, out_csv, fields, options, batch_size, device, resume, filt,
+                           patient_fields, progress, parquet, study_json_dir, shard)
+
+
+def _locked_job(ray, run, run_dir, items: list[WorkItem], out_csv, fields: list[str], options: RayOptions,
+                batch_size: int, device: str, resume: bool, filt: SeriesFilter, patient_fields: bool, progress: bool,
+                parquet: bool, study_json_dir, shard) -> RayBatchSummary:
     table, parts = PredictionTable(out_csv, fields), PartStore(Path(out_csv), fields)
     if resume:
         done = parts.done_keys()
-        adopted = _adopt_csv_rows(parts, table.completed_rows(), done)
+        adopted = _adopt_csv_rows(parts, table.completed_rows([it.key for it in items]), done)
         logger.info("resume: %d of %d inputs already done (%d from a CSV)", len(done), len(items), adopted)
     else:
         parts.clear()

@@ -51,12 +51,17 @@ def read_checkpoint(path: str | os.PathLike[str], formats: tuple[str, ...], what
 
 
 def _unreadable(path: Path, what: str, exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    size = path.stat().st_size
+    torch_file = head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")  # zip (torch >= 1.6) or pickle
+    if torch_file and (isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc)):
         return (f"{what}: {path} is not a medtransfer checkpoint: it holds Python objects that a weights-only "
                 "load refuses (medtransfer never executes code from a checkpoint). Pass a run directory that "
                 "medtransfer wrote.")
-    size = path.stat().st_size
+    if not torch_file and size:
+        return (f"{what}: {path} is not a medtransfer checkpoint (not a PyTorch file at all: it starts with "
+                f"{head!r}). Pass a run directory that medtransfer wrote.")
     return (f"{what}: {path} is truncated or corrupt ({size:,} bytes; {type(exc).__name__}). It was probably "
             "cut short by a full disk or a copy that did not finish; copy it again or re-run the job.")
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medtransfer.config import check_weights_file
 from medtransfer.errors import DataError
 from medtransfer.metrics import dice_per_label, evaluate_segmentation, write_segmentation_report
 from medtransfer.options import BNPolicy, FreezeMode
@@ -202,6 +203,7 @@ def train_segmentation(cfg: SegConfig, out_dir: str | os.PathLike[str], *, resum
     state = RunDirectory(out_dir).load_last() if resume else None
     if state is not None:
         cfg = seg_config_from_dict(state["config"])
+    check_weights_file(cfg.model.weights)
     device = pick_device(cfg.train.device)
     dist = init_distributed(device)
     device = rank_device(device, dist)

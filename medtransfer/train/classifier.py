@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from medtransfer._version import __version__
 from medtransfer.backbones import LoadReport, WeightSpec, check_input_contract, get_weight_spec, load_backbone
-from medtransfer.config import RunConfig
+from medtransfer.config import RunConfig, check_weights_file
 from medtransfer.data.datasets import ImageSet, input_channels, resolve_samples
 from medtransfer.data.preprocess import Preprocessor, PreprocessSpec, preprocess_spec
 from medtransfer.data.samples import Sample, SampleTable, cap_val, check_leakage, split_by_patient, split_report
@@ -82,6 +82,8 @@ class Prepared:
     data: str | None = None
     labels: str | None = None
     demo: bool = False
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """Images left out because they cannot be used (``data.skip_bad_images``), with the reason."""
 
     def subset(self, split: str) -> list[Sample]:
         return self.table.subset(split)
@@ -90,6 +92,7 @@ class Prepared:
 def prepare(cfg: RunConfig, data: Any = None, labels: Any = None, samples: SampleTable | None = None) -> Prepared:
     """Resolve the samples, the task, the split and the subsets of a run (see the module docstring)."""
     cfg = copy.deepcopy(cfg)
+    check_weights_file(cfg.model.weights)
     table = samples if samples is not None else resolve_samples(data, labels, cfg.data.classes,
                                                                 cfg.data.outside_paths)
     if table.num_classes < 2:
@@ -130,6 +133,28 @@ def _split_and_subsample(table: SampleTable, cfg: RunConfig) -> None:
     kept = len(cap_val(table, cfg.data.val_max, cfg.train.seed).subset("val"))
     if kept < n_val:
         logger.info("model selection on %d of %d validation images (data.val_max=%d)", kept, n_val, cfg.data.val_max)
+
+
+def drop_unusable(prep: Prepared, pre: Preprocessor) -> list[dict[str, str]]:
+    """Decode every sample once; leave out those that cannot be used (unreadable, NaN / infinite values),
+    each logged with its reason; the split report is recounted."""
+    table = prep.table
+    probe = ImageSet(table, table.samples, pre, cache=False)
+    bad: list[dict[str, str]] = []
+    for i, s in enumerate(table.samples):
+        try:
+            probe.load(i)
+        except DataError as exc:
+            bad.append({"path": probe.describe(i), "patient_id": s.patient_id, "split": str(s.split), "reason": str(exc)})
+    if bad:
+        dropped = {b["path"] for b in bad}
+        table.samples = [s for i, s in enumerate(table.samples) if probe.describe(i) not in dropped]
+        prep.splits.update(split_report(table))
+        for b in bad:
+            logger.warning("left out (data.skip_bad_images): %s", b["reason"])
+        if not table.subset("train") or not table.subset("val"):
+            raise DataError(f"After leaving out {len(bad)} unusable image(s) no training or validation images remain.")
+    return bad
 
 
 def resolve_auto(cfg: RunConfig) -> RunConfig:
@@ -180,6 +205,8 @@ def build(prep: Prepared, device: torch.device, dist: Distributed, gen: torch.Ge
     backbone, report = load_backbone(wspec, channels, cfg.model.weights)
     model = TransferModel(backbone, table.num_classes, cfg.model.head, cfg.model.dropout, cfg.model.task).to(device)
     pre = Preprocessor(preprocess_spec(cfg.data, channels, wspec.mean, wspec.std, wspec.dims, wspec.ct))
+    if cfg.data.skip_bad_images and not prep.skipped:
+        prep.skipped = drop_unusable(prep, pre)
     amp_dtype = amp_dtype_for(cfg.train.amp, device)
     channels_last = device.type == "cuda" and cfg.train.channels_last and wspec.dims == 2
     if channels_last:
@@ -357,6 +384,8 @@ def finish(prep: Prepared, setup: Setup, run: RunDirectory, state: Any, best_epo
     metrics.update(best_epoch=best_epoch, minutes=(time.perf_counter() - t_start) / 60, eval_seconds=eval_s,
                    compute=compute_info(setup.device, setup.amp_dtype, setup.channels_last, setup.dist.world),
                    split=prep.splits)
+    if prep.skipped:
+        metrics["skipped_images"] = prep.skipped
     if feature_seconds is not None:
         metrics["feature_cache_seconds"] = feature_seconds  # the frozen backbone's pass over train + val
     if deadline is not None:
