@@ -66,6 +66,10 @@ class WeightSpec:
     upstream_file: str | None = None
     """Upstream filename, named in messages that ask the user to place the file."""
     extra: dict[str, Any] = field(default_factory=dict)
+    cam_layer: str | None = None
+    """Module name (in the built backbone) whose output is the target layer of Grad-CAM / Grad-CAM++
+    (``medtransfer.metrics.saliency``): the deepest feature map at stride 16 for 2D trunks (see
+    ``catalog.py`` for why not stride 32), the last stage for 3D ones."""
 
     @property
     def architecture(self) -> str:
@@ -87,7 +91,7 @@ class WeightSpec:
             "input_size": self.input_size, "first_conv": self.first_conv,
             "classifier": self.classifier, "label_names": list(self.label_names) if self.label_names else None,
             "license": self.license, "sha256": self.sha256, "sources": [s.describe() for s in self.sources],
-            "description": self.description,
+            "description": self.description, "cam_layer": self.cam_layer,
         }
 
 
