@@ -25,6 +25,7 @@ from medtransfer.metrics.classification import (
     ordinal_grade,
     ordinal_metrics,
 )
+from medtransfer.metrics.html_report import write_html_report
 from medtransfer.metrics.model_card import write_model_card
 from medtransfer.metrics.segmentation import SegmentationEvaluator
 
@@ -155,8 +156,9 @@ def write_classification_report(
     unchanged to test (binary: one threshold; multilabel: one per class; multiclass: argmax).
 
     Writes ``metrics.json``, ``predictions_val.csv``/``predictions_test.csv`` (``path, patient_id, label,
-    prob_<label>..., predicted``; multilabel: ``label_<name>``/``pred_<name>`` columns), ``plots/*.png``
-    and ``model_card.md`` (from ``extra_info`` + the metrics; see :func:`write_model_card`).
+    prob_<label>..., predicted``; multilabel: ``label_<name>``/``pred_<name>`` columns), ``plots/*.png``,
+    ``model_card.md`` (from ``extra_info`` + the metrics; see :func:`write_model_card`) and ``report.html``
+    (every file of ``out_dir`` on one page, see :func:`~medtransfer.metrics.html_report.write_html_report`).
 
     Returns the dict written to ``metrics.json``: ``task, label_names, val, test`` (None without a test set),
     ``operating_point``, ``calibration``, ``plots``. ``val``/``test`` hold the keys of
@@ -235,6 +237,7 @@ def write_classification_report(
     write_json_atomic(out / "metrics.json", metrics)
     write_model_card(out / "model_card.md", info={**(extra_info or {}), "metrics": metrics,
                                                   "task": task, "label_names": names})
+    write_html_report(out)
     logger.info("classification report written to %s", out)
     return metrics
 
@@ -314,6 +317,7 @@ def write_segmentation_report(
     write_json_atomic(out / "metrics.json", metrics)
     write_model_card(out / "model_card.md", info={**(extra_info or {}), "task": "segmentation",
                                                   "label_names": names, "metrics": {**summary}})
+    write_html_report(out)
     if math.isnan(float(summary.get("mean_dice") or float("nan"))):
         logger.warning("no label could be scored (every label empty in every case)")
     return metrics
