@@ -150,6 +150,9 @@ def finetune(
                   + (f"val AUC {val_auc:.3f}" if val_auc is not None else "val AUC undefined"))
     if m.get("test"):
         _print_test_summary(m)
+    from medtransfer.inference.saliency import finish_report
+
+    finish_report(result.run_dir)  # the saliency gallery, and report.html with every file of the run
     typer.echo(str(result.run_dir))
 
 
@@ -185,6 +188,8 @@ def predict(
     study_json: Optional[Path] = typer.Option(None, "--study-json", help="Also write one JSON per study (rows, counts, study-level maximum per class) into this folder."),
     patient_fields: bool = typer.Option(False, "--patient-fields", help="Add patient_id, patient_name and patient_birth_date columns (identifying data: off by default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
+    saliency: Optional[Path] = typer.Option(None, "--saliency", help="Also write a saliency map per predicted input into this folder: an overlay PNG (the image as the model saw it, the map, class and probability) and, for 3D models, a NIfTI map on the input's world coordinates."),
+    saliency_method: str = typer.Option("gradcam", "--saliency-method", help="gradcam, gradcampp (Grad-CAM++; both on the backbone's registered layer) or occlusion (model-agnostic, ~50x slower)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Predict every file under INPUT_DIR; one CSV row per file (per series for 3D models).
@@ -206,6 +211,8 @@ def predict(
       medtransfer predict runs/demo /data/inbox --out part0.csv --shard 0/4   # on machine 0 of 4
 
       medtransfer predict runs/demo /data/inbox --out preds.csv --study-json reports/ --parquet
+
+      medtransfer predict runs/demo /data/inbox --out preds.csv --saliency maps/   # + Grad-CAM overlays
     """
     from medtransfer.inference import predict_folder
     from medtransfer.inference.batch import SeriesFilter, parse_shard
@@ -222,13 +229,18 @@ def predict(
         n_ok = sum(r.get("status") == "ok" for r in rows)
         console.print(f"segmentation: {n_ok} of {len(rows)} inputs ok -> {out_dir} (masks, volumes.csv)")
         raise typer.Exit(0 if n_ok else 1)
+    batch_kw = dict(batch_size=batch_size, progress=not quiet, workers=workers, resume=resume,
+                    shard=parse_shard(shard), parquet=parquet, study_json_dir=study_json, patient_fields=patient_fields,
+                    series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
     try:
-        summary = predict_folder(
-            run_dir, input_dir, out, batch_size=batch_size, device=device, progress=not quiet, workers=workers,
-            resume=resume, shard=parse_shard(shard), parquet=parquet, study_json_dir=study_json,
-            patient_fields=patient_fields,
-            series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices),
-        )
+        if saliency is not None:
+            from medtransfer.inference.saliency import predict_with_saliency
+
+            summary = predict_with_saliency(run_dir, input_dir, out, saliency, saliency_method, device, **batch_kw)
+        else:
+            summary = predict_folder(run_dir, input_dir, out, device=device, **batch_kw)
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
     except MedTransferError as exc:
         raise _fail(exc, 1) from None
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
@@ -256,22 +268,30 @@ def evaluate(
     split: Optional[str] = typer.Option(None, "--split", help="Evaluate only this split (train/val/test/all). Default: test for .npz and the demo, all rows for a CSV."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/evaluation)."),
     device: str = typer.Option("auto", "--device"),
+    no_gallery: bool = typer.Option(False, "--no-gallery", help="Leave the saliency gallery out of the report (binary runs get one by default)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Evaluate a trained run on a labelled set, with the operating point it chose on validation.
 
     Writes metrics.json (AUC with a 95% CI by bootstrap over patients, sensitivity, specificity,
-    PPV, NPV at the operating point, calibration), predictions_test.csv, plots/ and model_card.md.
+    PPV, NPV at the operating point, calibration), predictions_test.csv, plots/ (with a saliency
+    gallery of the most confident true positives, false positives and false negatives), model_card.md
+    and report.html (everything on one self-contained page).
+
+    Example: medtransfer evaluate runs/demo --data dicoms/ --labels labels.csv --out runs/demo/site2
     """
     from medtransfer.inference.evaluate import evaluate_run
+    from medtransfer.inference.saliency import finish_report
 
     _setup_logging(quiet)
+    report_dir = out or Path(run_dir) / "evaluation"
     try:
         metrics = evaluate_run(run_dir, data, labels, split, out, device)
+        finish_report(run_dir, report_dir, gallery=not no_gallery)
     except MedTransferError as exc:
         raise _fail(exc, 1) from None
     _print_test_summary(metrics)
-    typer.echo(str(out or Path(run_dir) / "evaluation"))
+    typer.echo(str(report_dir))
 
 
 @app.command()
@@ -358,11 +378,13 @@ def demo_data(
     typer.echo(str(path))
 
 
+from medtransfer.cli.export_cmd import export_command  # noqa: E402
 from medtransfer.cli.inspect_cmd import inspect_command  # noqa: E402
 from medtransfer.cli.segment_cmd import segment_app  # noqa: E402
 from medtransfer.cli.weights_cmd import weights_app  # noqa: E402
 
 app.command("inspect")(inspect_command)
+app.command("export")(export_command)
 app.add_typer(weights_app, name="weights")
 app.add_typer(segment_app, name="segment")
 

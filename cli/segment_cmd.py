@@ -84,6 +84,9 @@ def train(
         raise _fail(exc, 2) from None
     except (MedTransferError, OSError, ValueError) as exc:
         raise _fail(exc, 1) from None
+    from medtransfer.metrics.html_report import write_html_report
+
+    write_html_report(out)  # again: train_segmentation adds the val scores and timings to metrics.json last
     split = "test" if "test" in metrics else "val"
     dice = (metrics.get(split) or {}).get("mean_dice")
     console.print(f"run directory: {out}" + (f"; mean Dice ({split}) {dice:.4f}" if dice is not None else ""))

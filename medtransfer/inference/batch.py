@@ -24,7 +24,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,8 +313,14 @@ def run_batch(
     patient_fields: bool = False,
     keep_rows: bool = True,
     progress: bool = False,
+    on_batch: Callable[[torch.Tensor, list[WorkItem], Any], None] | None = None,
 ) -> BatchSummary:
-    """Predict every input under ``input_dir`` with a loaded run (see the module docstring)."""
+    """Predict every input under ``input_dir`` with a loaded run (see the module docstring).
+
+    ``on_batch(x, items, probs)``, when given, is called once per model batch after the forward pass
+    with the normalised input tensor (on the run's device), the :class:`WorkItem` of each of its rows
+    and their probabilities (NumPy ``(N, classes)``); e.g. saliency maps
+    (:class:`medtransfer.inference.saliency.SaliencyWriter`)."""
     folder = Path(input_dir)
     if not folder.is_dir():
         raise MedTransferError(f"Input folder '{folder}' does not exist or is not a folder.")
@@ -367,6 +373,8 @@ def run_batch(
                 probs = run.model.probabilities(logits).cpu().numpy()
                 for b, p in zip(ready, probs):
                     b["probs"] = p
+                if on_batch is not None:
+                    on_batch(x, [todo[b["i"]] for b in ready], probs)
             rows = []
             for b in batch:
                 item = todo[b["i"]]

@@ -28,7 +28,8 @@ from medtransfer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "SaliencyExplainer", "cam_layer_names", "peak_index", "peak_in_disk", "rank_correlation"]
+__all__ = ["METHODS", "SaliencyExplainer", "cam_layer_names", "gallery_image", "peak_index", "peak_in_disk",
+           "rank_correlation", "saliency_overlay"]
 
 METHODS = ("gradcam", "gradcampp", "occlusion")
 
@@ -173,3 +174,83 @@ def rank_correlation(a: Any, b: Any) -> float:
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
     return float(spearmanr(x, y).statistic)
+
+
+# ------------------------------------------------------------------------------------------ overlays
+_MIN_SIDE = 256
+"""Overlays are drawn at least this many pixels wide per view (model inputs are often 64–128 px)."""
+
+
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` in ``[0, 1]`` → ``(H, W, 3)`` uint8 (gray from the first channel unless it is RGB)."""
+    a = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+    rgb = a[:3].transpose(1, 2, 0) if a.shape[0] == 3 else np.repeat(a[0][..., None], 3, axis=2)
+    return (rgb * 255).astype(np.uint8)
+
+
+def _blend(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> Any:
+    """The image with the map in the 'jet' colours on top, weighted by the map (low values stay clear)."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    heat = (colormaps["jet"](np.clip(saliency, 0, 1))[..., :3] * 255).astype(np.float32)
+    w = (alpha * np.clip(saliency, 0, 1))[..., None]
+    out = (1 - w) * _to_rgb(image).astype(np.float32) + w * heat
+    img = Image.fromarray(out.astype(np.uint8))
+    scale = max(1, int(np.ceil(_MIN_SIDE / max(img.size))))
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.BILINEAR)
+
+
+def _views(image: np.ndarray, saliency: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """2D: the image itself; 3D ``(C, X, Y, Z)``: the three orthogonal slices through the map's peak."""
+    if saliency.ndim == 2:
+        return [(image, saliency)]
+    i, j, k = peak_index(saliency)
+    # shown with superior / anterior up: slices of RAS-ordered arrays, transposed and flipped for display
+    return [(np.flip(image[:, :, :, k].transpose(0, 2, 1), 1), np.flip(saliency[:, :, k].T, 0)),
+            (np.flip(image[:, :, j, :].transpose(0, 2, 1), 1), np.flip(saliency[:, j, :].T, 0)),
+            (np.flip(image[:, i, :, :].transpose(0, 2, 1), 1), np.flip(saliency[i, :, :].T, 0))]
+
+
+def saliency_overlay(image: Any, saliency: Any, text: Sequence[str] = ()) -> Any:
+    """A ``PIL.Image`` of ``image`` (``(C, *spatial)`` in ``[0, 1]``, as the model saw it) with ``saliency``
+    on top and ``text`` lines in the top-left corner; 3D inputs show axial, coronal and sagittal slices
+    through the map's peak side by side."""
+    from PIL import Image, ImageDraw
+
+    img, sal = np.asarray(image, dtype=np.float32), np.asarray(saliency, dtype=np.float32)
+    tiles = [_blend(v, s) for v, s in _views(img, sal)]
+    canvas = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)))
+    x = 0
+    for t in tiles:
+        canvas.paste(t, (x, 0))
+        x += t.width
+    if text:
+        draw = ImageDraw.Draw(canvas)
+        box = draw.multiline_textbbox((6, 6), "\n".join(text))
+        draw.rectangle((box[0] - 4, box[1] - 4, box[2] + 4, box[3] + 4), fill=(0, 0, 0))
+        draw.multiline_text((6, 6), "\n".join(text), fill=(255, 255, 255))
+    return canvas
+
+
+def gallery_image(groups: Sequence[tuple[str, Sequence[Any]]]) -> Any:
+    """Rows of overlay images (``(row title, [PIL images])``), each row titled on its left."""
+    from PIL import Image, ImageDraw
+
+    rows = [(title, list(tiles)) for title, tiles in groups if tiles]
+    if not rows:
+        raise ValueError("gallery_image needs at least one image")
+    label_w, pad = 150, 6
+    width = label_w + max(sum(t.width + pad for t in tiles) for _, tiles in rows)
+    heights = [max(t.height for t in tiles) + pad for _, tiles in rows]
+    canvas = Image.new("RGB", (width, sum(heights)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for (title, tiles), h in zip(rows, heights):
+        draw.multiline_text((6, y + h // 2 - 12), title, fill=(0, 0, 0))
+        x = label_w
+        for t in tiles:
+            canvas.paste(t, (x, y))
+            x += t.width + pad
+        y += h
+    return canvas
