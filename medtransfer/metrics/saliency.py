@@ -131,7 +131,8 @@ class SaliencyExplainer:
         return _normalise(maps.detach().cpu())
 
     def _cam(self, x: torch.Tensor, class_index: int) -> torch.Tensor:
-        """Grad-CAM(++) of one image, averaged over ensemble members (raw maps, before scaling)."""
+        """Grad-CAM(++) of one image (raw, before scaling); for an ensemble the mean of the maps at each
+        member's layer, all of the ensemble's own score."""
         with torch.enable_grad():
             maps = [cam(x.clone().requires_grad_(True), class_idx=class_index)[:, 0] for cam in self._cams]
         return torch.stack(maps).mean(0)
