@@ -19,7 +19,6 @@ temporary folder unless ``--out`` is given).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import os
@@ -57,14 +56,6 @@ def true_positives(run, demo: Path) -> tuple[torch.Tensor, list[dict[str, float]
     return x, [findings[Path(r["path"]).relative_to(demo).as_posix()] for r in tps]
 
 
-def randomised(model: torch.nn.Module) -> torch.nn.Module:
-    rand = copy.deepcopy(model)
-    torch.manual_seed(0)
-    for m in rand.modules():
-        for reset in ("reset_parameters", "reset_running_stats"):
-            if hasattr(m, reset):
-                getattr(m, reset)()
-    return rand.eval()
 
 
 def time_maps(explainer, x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -78,7 +69,7 @@ def time_maps(explainer, x: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def saliency_2d(run, demo: Path, n_images: int, occlusion_images: int) -> dict:
-    from medtransfer.metrics.saliency import SaliencyExplainer, peak_in_disk, rank_correlation
+    from medtransfer.metrics.saliency import SaliencyExplainer, peak_in_disk, randomised_copy, rank_correlation
 
     x, findings = true_positives(run, demo)
     backbone = run.checkpoint["backbone"]
@@ -89,7 +80,7 @@ def saliency_2d(run, demo: Path, n_images: int, occlusion_images: int) -> dict:
                               for m, f in zip(maps, fs)]))
 
     out: dict = {"n_true_positives": int(x.shape[0]), "input": list(x.shape[1:])}
-    rand = randomised(run.model)
+    rand = randomised_copy(run.model)
     for method in METHODS:
         n = min(x.shape[0], occlusion_images if method == "occlusion" else n_images)
         trained, secs = time_maps(SaliencyExplainer(run.model, method, backbone), x[:n])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -150,9 +151,10 @@ def finetune(
                   + (f"val AUC {val_auc:.3f}" if val_auc is not None else "val AUC undefined"))
     if m.get("test"):
         _print_test_summary(m)
-    from medtransfer.inference.saliency import finish_report
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the run directory
+        from medtransfer.inference.saliency import finish_report
 
-    finish_report(result.run_dir)  # the saliency gallery, and report.html with every file of the run
+        finish_report(result.run_dir)  # the saliency gallery, and report.html with every file of the run
     typer.echo(str(result.run_dir))
 
 

@@ -16,7 +16,7 @@ from medtransfer.cli.main import app
 from medtransfer.data.demo import demo_findings
 from medtransfer.inference import load_run
 from medtransfer.inference.saliency import predict_with_saliency, write_saliency_gallery
-from medtransfer.metrics.saliency import SaliencyExplainer, peak_in_disk, rank_correlation
+from medtransfer.metrics.saliency import SaliencyExplainer, peak_in_disk, randomised_copy, rank_correlation
 from medtransfer.transfer import EnsembleModel, TransferModel
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_v1"
@@ -108,14 +108,6 @@ def _true_positive_inputs(demo, run_dir):
     return run, x, [findings[Path(r["path"]).relative_to(demo).as_posix()] for r in tps]
 
 
-def _randomised(model):
-    rand = copy.deepcopy(model)
-    torch.manual_seed(0)
-    for m in rand.modules():
-        for reset in ("reset_parameters", "reset_running_stats"):
-            if hasattr(m, reset):
-                getattr(m, reset)()
-    return rand.eval()
 
 
 def _peak_rate(maps, findings):
@@ -130,7 +122,7 @@ def test_grad_cam_passes_the_model_randomisation_test_and_points_at_the_opacity(
     assert len(findings) >= 8  # the short fine-tune found most opacities (test AUC ~0.98 when measured)
     backbone = run.checkpoint["backbone"]
     trained = SaliencyExplainer(run.model, "gradcam", backbone).explain(x, 1)
-    random = SaliencyExplainer(_randomised(run.model), "gradcam", backbone).explain(x, 1)
+    random = SaliencyExplainer(randomised_copy(run.model), "gradcam", backbone).explain(x, 1)
     rho = [rank_correlation(a, b) for a, b in zip(trained, random)]
     assert np.nanmedian(rho) < RANDOMISATION_MAX_MEDIAN_RHO, rho
     rate, rate_random = _peak_rate(trained, findings), _peak_rate(random, findings)

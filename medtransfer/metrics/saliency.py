@@ -29,7 +29,7 @@ from medtransfer.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "SaliencyExplainer", "cam_layer_names", "gallery_image", "peak_index", "peak_in_disk",
-           "rank_correlation", "saliency_overlay"]
+           "randomised_copy", "rank_correlation", "saliency_overlay"]
 
 METHODS = ("gradcam", "gradcampp", "occlusion")
 
@@ -152,6 +152,19 @@ class SaliencyExplainer:
             base = scores(x)[0, class_index]
             occ_map, _ = occ(x)  # (1, n_classes, *spatial): the class scores with the region hidden
         return (base - occ_map[:, class_index]).clamp_min(0)
+
+
+def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` with every weight re-initialised and normalisation statistics reset (in eval
+    mode): the reference of the model-randomisation test (Adebayo et al., 2018), whose maps should
+    differ from the trained model's if the maps depend on what the model learnt."""
+    rand = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for m in rand.modules():
+        for reset in ("reset_parameters", "reset_running_stats"):
+            if hasattr(m, reset):
+                getattr(m, reset)()
+    return rand.eval()
 
 
 def peak_index(saliency: Any) -> tuple[int, ...]:
