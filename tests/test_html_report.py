@@ -77,6 +77,13 @@ def test_report_is_one_self_contained_page_with_every_section(classification_dir
 
 
 def test_segmentation_report_writes_the_page_too(tmp_path):
+    """Beside the report writer's own files, the page reads a segmentation run's split.csv (cases per
+    split) and draws its history.csv (no learning-curves PNG is written for segmentation)."""
+    (tmp_path / "split.csv").write_text("case_id,split\n" + "".join(f"c{i},{'train' if i < 4 else 'test'}\n"
+                                                                     for i in range(7)))
+    (tmp_path / "history.csv").write_text("epoch,train_loss,encoder_trainable,lr_decoder,lr_encoder,val_dice_mean\n"
+                                          "1,1.9,False,0.002,0,0.2\n2,1.5,True,0.001,0.0001,0.4\n"
+                                          "3,1.2,True,0.0005,0.00005,0.5\n")
     rng = np.random.default_rng(1)
     cases = []
     for i in range(3):
@@ -88,8 +95,9 @@ def test_segmentation_report_writes_the_page_too(tmp_path):
                               images={c[0]: rng.normal(size=(12, 12, 6)) for c in cases})
     page = render_html_report(tmp_path)
     assert "<h2>Metrics</h2>" in page and "lesion" in page and "Dice (95% CI)" in page
-    assert (tmp_path / "report.html").is_file() and page.count("data:image/png;base64,") == 1
-    assert "Saliency gallery" not in page
+    assert (tmp_path / "report.html").is_file() and page.count("data:image/png;base64,") == 2  # overlay + curves
+    assert "train: 4 cases; test: 3 cases" in page and "Splits are by case." in page
+    assert "Learning curves (from history.csv)" in page and "Saliency gallery" not in page
 
 
 def test_markdown_subset_becomes_html():

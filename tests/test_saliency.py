@@ -192,3 +192,21 @@ def test_gallery_shows_the_most_confident_cases_and_reaches_the_report(lite0_dem
     from medtransfer.metrics.html_report import render_html_report
 
     assert "Most confident true positives" in render_html_report(report)
+
+
+def test_evaluate_cli_puts_the_gallery_into_its_report(lite0_demo_run, tmp_path):
+    demo, run_dir = lite0_demo_run
+    with open(run_dir / "predictions_test.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:24]
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "patient_id"])
+        writer.writeheader()
+        writer.writerows({"path": r["path"], "label": r["label"], "patient_id": r["patient_id"]} for r in rows)
+    out = tmp_path / "ev"
+    result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--data", str(demo), "--labels", str(labels),
+                                      "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    assert (out / "plots" / "saliency_gallery.png").is_file() and "Most confident true positives" in page
+    assert page.count('src="data:image/png;base64,') == len(list((out / "plots").glob("*.png")))

@@ -30,6 +30,7 @@ REPORT_FILE = "report.html"
 GALLERY_PNG = "plots/saliency_gallery.png"
 GALLERY_JSON = "plots/saliency_gallery.json"
 _ABSENT = "not recorded in this run directory"
+_COUNTS = ("patients", "images", "cases")
 
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d1d1f;margin:0 auto;
@@ -67,18 +68,47 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         with open(run_dir / "history.csv", newline="", encoding="utf-8") as fh:
             history = list(csv.DictReader(fh))
     card = run_dir / "model_card.md"
+    metrics = _read_json(run_dir / "metrics.json") or {}
     return {
         "dir": run_dir,
-        "metrics": _read_json(run_dir / "metrics.json") or {},
+        "metrics": metrics,
         "config": yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else None,
         "history": history,
         "load_report": _read_json(run_dir / "load_report.json"),
-        "split_report": _read_json(run_dir / "split_report.json"),
+        "split_report": _read_json(run_dir / "split_report.json") or _case_split(run_dir / "split.csv"),
         "gallery": _read_json(run_dir / GALLERY_JSON),
         "card": card.read_text(encoding="utf-8") if card.is_file() else None,
         "plots": sorted(p.relative_to(run_dir).as_posix() for p in (run_dir / "plots").glob("*.png"))
         if (run_dir / "plots").is_dir() else [],
     }
+
+
+def _case_split(path: Path) -> dict[str, Any] | None:
+    """Cases per split from a segmentation run's ``split.csv`` (``case_id, split``)."""
+    if not path.is_file():
+        return None
+    counts: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            counts[row["split"]] = counts.get(row["split"], 0) + 1
+    return {k: {"cases": v} for k, v in counts.items()}
+
+
+def _learning_curves_uri(history: list[dict[str, Any]]) -> str | None:
+    """Learning curves drawn from history.csv for a run whose report wrote none (segmentation)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medtransfer.metrics.plots import learning_curves_figure
+
+    try:
+        fig = learning_curves_figure(history)
+    except ValueError:
+        return None
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _e(value: Any) -> str:
@@ -126,7 +156,7 @@ def _summary_section(run: Mapping[str, Any]) -> str:
     m, cfg, lr = run["metrics"], run["config"] or {}, run["load_report"] or {}
     model, train, data = cfg.get("model") or {}, cfg.get("train") or {}, cfg.get("data") or {}
     split = run["split_report"] or m.get("split") or {}
-    sizes = ", ".join(f"{k}: {v.get('patients', '?')} patients / {v.get('images', '?')} images"
+    sizes = "; ".join(f"{k}: " + " / ".join(f"{v[c]} {c}" for c in _COUNTS if c in v)
                       for k, v in split.items() if isinstance(v, Mapping)) or _ABSENT
     adapted = "; ".join(f"<code>{_e(a.get('key'))}</code> {_e(a.get('from'))} → {_e(a.get('to'))} "
                         f"({_e(a.get('how', a.get('reason', '')))})" for a in lr.get("adapted") or []) or "none"
@@ -220,7 +250,12 @@ _FIGURE_ORDER = (("roc_", "ROC curve"), ("pr_", "Precision–recall curve"), ("r
 def _figures_section(run: Mapping[str, Any]) -> str:
     """Every PNG under plots/ (the saliency gallery has its own section), in a fixed order."""
     plots = [p for p in run["plots"] if p != GALLERY_PNG]
-    if not plots:
+    extra = ""
+    if "plots/learning_curves.png" not in plots and run["history"]:
+        uri = _learning_curves_uri(run["history"])
+        caption = "Learning curves (from history.csv) — dashed lines: a training phase starts"
+        extra = f'<figure><img src="{uri}" alt="{caption}"><figcaption>{caption}</figcaption></figure>' if uri else ""
+    if not plots and not extra:
         return f"<h2>Figures</h2><p class='note'>No figures ({_ABSENT}).</p>"
 
     def rank(rel: str) -> tuple[int, str]:
@@ -239,7 +274,7 @@ def _figures_section(run: Mapping[str, Any]) -> str:
         if name == "learning_curves":
             caption += " — dashed lines: a training phase starts"
         figs.append(_figure(run, rel, caption, wide=name.startswith("overlay_")))
-    return "<h2>Figures</h2><div class='figs'>" + "".join(figs) + "</div>"
+    return "<h2>Figures</h2><div class='figs'>" + "".join(figs) + extra + "</div>"
 
 
 def _gallery_section(run: Mapping[str, Any]) -> str:
@@ -258,6 +293,9 @@ def _gallery_section(run: Mapping[str, Any]) -> str:
 
 def _load_report_section(run: Mapping[str, Any]) -> str:
     lr = run["load_report"]
+    lines = (run["metrics"].get("training") or {}).get("load_report")  # segmentation runs: its summary lines
+    if not lr and lines:
+        return "<h2>Load report</h2><pre>" + _e("\n".join(map(str, lines))) + "</pre>"
     if not lr:
         return f"<h2>Load report</h2><p class='note'>{_ABSENT}.</p>"
     rows = [("weights", _e(lr.get("weights"))), ("source", _e(lr.get("source"))), ("file", _e(lr.get("file"))),
@@ -281,12 +319,14 @@ def _split_section(run: Mapping[str, Any]) -> str:
     sr = run["split_report"] or run["metrics"].get("split")
     if not isinstance(sr, Mapping) or not sr:
         return f"<h2>Split report</h2><p class='note'>{_ABSENT}.</p>"
-    classes = sorted({c for v in sr.values() if isinstance(v, Mapping) for c in (v.get("per_class") or {})})
-    rows = [[_e(k), _num(v.get("patients")), _num(v.get("images"))]
-            + [_num((v.get("per_class") or {}).get(c)) for c in classes]
-            for k, v in sr.items() if isinstance(v, Mapping)]
-    return ("<h2>Split report</h2><p class='meta'>Splits are grouped by patient.</p>"
-            + _table(["split", "patients", "images", *[f"class {c}" for c in classes]], rows))
+    blocks = {k: v for k, v in sr.items() if isinstance(v, Mapping)}
+    counts = [c for c in _COUNTS if any(c in v for v in blocks.values())]
+    classes = sorted({c for v in blocks.values() for c in (v.get("per_class") or {})})
+    rows = [[_e(k)] + [_num(v.get(c)) for c in counts] + [_num((v.get("per_class") or {}).get(c)) for c in classes]
+            for k, v in blocks.items()]
+    note = "Splits are grouped by patient." if "patients" in counts else "Splits are by case."
+    return (f"<h2>Split report</h2><p class='meta'>{note}</p>"
+            + _table(["split", *counts, *[f"class {c}" for c in classes]], rows))
 
 
 def render_html_report(run_dir: str | os.PathLike) -> str:

@@ -289,11 +289,19 @@ def load_history(history: str | os.PathLike | Sequence[Mapping[str, Any]]) -> di
 
 
 def history_phases(history: str | os.PathLike | Sequence[Mapping[str, Any]]) -> list[str]:
-    """The ``phase`` of each epoch (``head``, ``finetune``, ``gradual`` …; ``""`` where not recorded)."""
+    """The ``phase`` of each epoch (``head``, ``finetune``, ``gradual`` …; segmentation runs: encoder frozen
+    or trainable; ``""`` where not recorded)."""
     if isinstance(history, (str, os.PathLike)):
         with open(history, newline="", encoding="utf-8") as fh:
-            return [str(r.get("phase") or "") for r in csv.DictReader(fh)]
-    return [str(r.get("phase") or "") for r in history]
+            history = list(csv.DictReader(fh))
+
+    def phase(r: Mapping[str, Any]) -> str:
+        if r.get("phase"):
+            return str(r["phase"])
+        trainable = str(r.get("encoder_trainable", ""))
+        return {"True": "encoder trainable", "False": "encoder frozen"}.get(trainable, "")
+
+    return [phase(r) for r in history]
 
 
 def _mark_phases(axes: Sequence[Any], epoch: np.ndarray, phases: Sequence[str]) -> None:
@@ -320,7 +328,8 @@ def learning_curves_figure(history: str | os.PathLike | Sequence[Mapping[str, An
     def has(k: str) -> bool:
         return k in h and bool(np.isfinite(h[k]).any())
 
-    panels = [p for p in (("train_loss", "val_loss"), ("val_auc",), ("lr",)) if any(has(k) for k in p)]
+    panels = [p for p in (("train_loss", "val_loss"), ("val_auc", "val_dice_mean"), ("lr", "lr_encoder", "lr_decoder"))
+              if any(has(k) for k in p)]
     if not panels:
         raise ValueError(f"history has none of the columns {HISTORY_COLUMNS[1:]}; got {sorted(h)}.")
     fig = _figure(5.5, 2.3 * len(panels) + 0.6, constrained=True)
@@ -330,15 +339,17 @@ def learning_curves_figure(history: str | os.PathLike | Sequence[Mapping[str, An
             if has(k):
                 ok = np.isfinite(h[k])
                 ax.plot(epoch[ok], h[k][ok], marker="o", ms=3, label=k)
-        if keys == ("lr",):
-            lr = h["lr"][np.isfinite(h["lr"])]
+        if keys[0] == "lr":
+            lr = np.concatenate([h[k][np.isfinite(h[k])] for k in keys if has(k)])
             if (lr > 0).all():
                 ax.set_yscale("log")
             else:
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
             ax.set_ylabel("learning rate")
+            if sum(has(k) for k in keys) > 1:
+                ax.legend(fontsize="small")
         else:
-            ax.set_ylabel("loss" if "loss" in keys[0] else "validation AUC")
+            ax.set_ylabel("loss" if "loss" in keys[0] else "validation AUC" if has("val_auc") else "validation Dice")
             ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     _mark_phases(list(axes), epoch, history_phases(history))
