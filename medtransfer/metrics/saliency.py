@@ -90,8 +90,8 @@ class SaliencyExplainer:
     """Explains one model's predictions with one method; reuse it across batches.
 
     ``backbone`` is the registry name of the model's backbone (``run.checkpoint["backbone"]``); it is
-    needed for the Grad-CAM methods only. Occlusion hides cubes/squares of ``mask_size`` (default an
-    eighth of the input side, at least 4) with the image mean, moving by ``mask_size × (1 - overlap)``,
+    needed for the Grad-CAM methods only. Occlusion hides squares / cubes of ``mask_size`` (default an
+    eighth of the side in 2D, a quarter in 3D, at least 4) with the image mean, moving by ``mask_size × (1 - overlap)``,
     and scores the drop of the class score (logit, or log-probability), which does not saturate as a
     probability near 1 does. ``layer`` overrides the registry's Grad-CAM layer (a module name inside
     the backbone).
@@ -142,7 +142,7 @@ class SaliencyExplainer:
         from monai.visualize import OcclusionSensitivity
 
         side = min(x.shape[2:])
-        mask = self.mask_size or max(4, side // 8)
+        mask = self.mask_size or max(4, side // (8 if x.ndim == 4 else 4))  # 3D: (side / stride)^3 passes
         scores = _ClassScores(self._model)
         occ = OcclusionSensitivity(scores, mask_size=mask, n_batch=self.n_batch, verbose=False, mode="mean_img",
                                    overlap=self.overlap, activate=False)
