@@ -190,7 +190,7 @@ def predict(
     study_json: Optional[Path] = typer.Option(None, "--study-json", help="Also write one JSON per study (rows, counts, study-level maximum per class) into this folder."),
     patient_fields: bool = typer.Option(False, "--patient-fields", help="Add patient_id, patient_name and patient_birth_date columns (identifying data: off by default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
-    saliency: Optional[Path] = typer.Option(None, "--saliency", help="Also write a saliency map per predicted input into this folder: an overlay PNG (the image as the model saw it, the map, class and probability) and, for 3D models, a NIfTI map on the input's world coordinates."),
+    saliency: Optional[Path] = typer.Option(None, "--saliency", help="Also write a saliency map per predicted input into this folder: an overlay PNG (the image as the model saw it, the map, class and probability) and, for 3D models, a NIfTI map on the input's grid (its shape and affine)."),
     saliency_method: str = typer.Option("gradcam", "--saliency-method", help="gradcam, gradcampp (Grad-CAM++; both on the backbone's registered layer) or occlusion (model-agnostic, ~50x slower)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:

@@ -3,7 +3,7 @@
 * :class:`SaliencyWriter` is the ``on_batch`` hook of :func:`medtransfer.inference.batch.run_batch`:
   per predicted input it writes ``<name>.png`` (the image as the model saw it, the map on top, the
   predicted class and its probability in the corner) and, for 3D models, ``<name>.nii.gz`` (the map
-  on the model's grid with an affine that puts it on the input in world coordinates).
+  resampled onto the input's grid: its shape and affine).
 * :func:`predict_with_saliency` is ``predict_folder`` with that hook.
 * :func:`write_saliency_gallery` picks the most confident true positives, false positives and false
   negatives of a report folder's ``predictions_<split>.csv``, explains them with the run's model and
@@ -26,12 +26,13 @@ import torch
 
 from medtransfer.inference.batch import BatchSummary, WorkItem, run_batch
 from medtransfer.inference.predict import LoadedRun, load_run
-from medtransfer.metrics._utils import write_json_atomic
+from medtransfer.metrics._utils import write_bytes_atomic, write_json_atomic
 from medtransfer.metrics.saliency import SaliencyExplainer, gallery_image, saliency_overlay
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SaliencyWriter", "map_affine", "predict_with_saliency", "write_saliency_gallery"]
+__all__ = ["SaliencyWriter", "finish_report", "map_affine", "map_on_input_grid", "predict_with_saliency",
+           "write_saliency_gallery"]
 
 GALLERY_GROUPS = (("TP", "true positives"), ("FP", "false positives"), ("FN", "false negatives"))
 
@@ -59,21 +60,25 @@ def _corner_text(run: LoadedRun, prob: Any, cls: int, method: str) -> list[str]:
     return [f"predicted: {predicted} (p = {p:.3f})", f"{method}: evidence for '{run.label_names[cls]}'"]
 
 
+def _input_volume(item_paths: list[str], canonical: bool):
+    """The volume a 3D input was read from: a NIfTI file, or a DICOM series (its files, or its folder)."""
+    from medtransfer.io import is_nifti_path, read_nifti
+    from medtransfer.io.series import list_files, read_series
+
+    path = item_paths[0]
+    if len(item_paths) == 1 and is_nifti_path(path):
+        return read_nifti(path, canonical=canonical)
+    paths = [str(p) for p in list_files(path)] if os.path.isdir(path) else item_paths
+    return read_series(paths, strict=False)
+
+
 def map_affine(item_paths: list[str], size: int) -> np.ndarray:
     """World (RAS, mm) affine of a ``size``³ map of a volume input: the input's affine in the closest RAS
     axis order (as the model read it), scaled for the resize to ``size`` (trilinear, corners not aligned:
     map voxel ``j`` covers input voxels around ``(j + 0.5) · n / size - 0.5``)."""
     from nibabel.orientations import inv_ornt_aff, io_orientation
 
-    from medtransfer.io import is_nifti_path, read_nifti
-    from medtransfer.io.series import list_files, read_series
-
-    path = item_paths[0]
-    if len(item_paths) == 1 and is_nifti_path(path):
-        vol = read_nifti(path)
-    else:
-        paths = [str(p) for p in list_files(path)] if os.path.isdir(path) else item_paths
-        vol = read_series(paths, strict=False)
+    vol = _input_volume(item_paths, canonical=True)
     shape = np.asarray(vol.array.shape[:3])
     ornt = io_orientation(vol.affine)
     canonical = vol.affine @ inv_ornt_aff(ornt, tuple(int(s) for s in shape))
@@ -84,6 +89,28 @@ def map_affine(item_paths: list[str], size: int) -> np.ndarray:
     resize[:3, :3] = np.diag(scale)
     resize[:3, 3] = 0.5 * scale - 0.5
     return canonical @ resize
+
+
+def map_on_input_grid(saliency: np.ndarray, item_paths: list[str]) -> Any:
+    """A ``size``³ map of a volume input as a ``nibabel.Nifti1Image`` on the input's own grid: its shape and
+    affine (a NIfTI file's as stored; a DICOM series' RAS affine), trilinearly resampled from the model's
+    grid (:func:`map_affine`)."""
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    source = nib.Nifti1Image(np.asarray(saliency, dtype=np.float32), map_affine(item_paths, saliency.shape[0]))
+    vol = _input_volume(item_paths, canonical=False)
+    target = (tuple(int(s) for s in vol.array.shape[:3]), vol.affine)
+    out = resample_from_to(source, target, order=1, mode="nearest")
+    return nib.Nifti1Image(np.asarray(out.dataobj, dtype=np.float32), vol.affine)
+
+
+def _png_bytes(image: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _safe_name(key: str, root: Path | None) -> str:
@@ -110,7 +137,12 @@ class SaliencyWriter:
 
     def __call__(self, x: torch.Tensor, items: list[WorkItem], probs: Any) -> None:
         classes = [explained_class(self.run, p) for p in probs]
-        maps = self.explainer.explain(x, classes)
+        try:
+            maps = self.explainer.explain(x, classes)
+        except Exception as exc:  # the predictions of the batch are written regardless
+            self.failed += len(items)
+            logger.warning("saliency maps of a batch of %d not made: %s: %s", len(items), type(exc).__name__, exc)
+            return
         images = unnormalise(self.run, x)
         for item, image, sal, prob, cls in zip(items, images, maps, probs, classes):
             try:
@@ -120,15 +152,13 @@ class SaliencyWriter:
                 logger.warning("saliency map of %s not written: %s: %s", item.key, type(exc).__name__, exc)
 
     def _write(self, item: WorkItem, image: np.ndarray, sal: np.ndarray, prob: Any, cls: int) -> None:
-        from medtransfer.metrics._utils import _atomic_write
-
         name = _safe_name(str(Path(item.key).resolve()) if os.path.exists(item.key) else item.key, self.root)
         png = saliency_overlay(image, sal, _corner_text(self.run, prob, cls, self.method))
-        self.written.append(_atomic_write(self.out_dir / f"{name}.png", lambda fh: png.save(fh, format="PNG"), "wb"))
+        self.written.append(write_bytes_atomic(self.out_dir / f"{name}.png", _png_bytes(png)))
         if sal.ndim == 3:
             import nibabel as nib
 
-            nii = nib.Nifti1Image(sal.astype(np.float32), map_affine(item.paths, sal.shape[0]))
+            nii = map_on_input_grid(sal, item.paths)
             target = self.out_dir / f"{name}.nii.gz"
             tmp = target.with_name(f".{target.name}.tmp.nii.gz")
             nib.save(nii, str(tmp))
@@ -203,12 +233,8 @@ def write_saliency_gallery(run: LoadedRun | str | os.PathLike[str], report_dir: 
             items.append({"group": key, "path": r["path"], "probability": prob,
                           "label": run.label_names[int(r["label"])], "predicted": run.label_names[int(r["predicted"])]})
         groups.append((f"{title}\n({len(tiles)} most confident)", tiles))
-    from medtransfer.metrics._utils import _atomic_write
-
-    png = report / "plots" / "saliency_gallery.png"
-    picture = gallery_image(groups)
-    _atomic_write(png, lambda fh: picture.save(fh, format="PNG"), "wb")
-    layer = None if method == "occlusion" else run.checkpoint.get("backbone") and _layer(run)
+    png = write_bytes_atomic(report / "plots" / "saliency_gallery.png", _png_bytes(gallery_image(groups)))
+    layer = None if method == "occlusion" else _layer(run)
     write_json_atomic(png.with_suffix(".json"), {"split": split, "method": method, "layer": layer,
                                                  "explained_class": run.label_names[1], "items": items})
     return png

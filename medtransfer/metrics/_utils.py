@@ -70,6 +70,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return _atomic_write(path, lambda fh: fh.write(text))
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file, then ``os.replace``)."""
+    return _atomic_write(path, lambda fh: fh.write(data), "wb")
+
+
 def write_csv_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str]) -> Path:
     """Write dict rows as CSV atomically; NaN and None are written as empty cells."""
 

@@ -172,7 +172,7 @@ def _summary_section(run: Mapping[str, Any]) -> str:
         ("transfer plan", _e(", ".join(f"{k}={train[k]}" for k in ("freeze", "bn_policy", "schedule", "lr_schedule",
                                                                   "head_epochs", "finetune_epochs", "epochs",
                                                                   "ensemble") if k in train) or "—")),
-        ("input", _e(_input_text(cfg, m))),
+        ("input", _e(_input_text(cfg))),
     ]
     return "<h2>Summary</h2>" + _kv_table(rows)
 
@@ -183,7 +183,7 @@ def _data_source(run: Mapping[str, Any]) -> str:
     return found.group(1).strip() if found else "—"
 
 
-def _input_text(cfg: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+def _input_text(cfg: Mapping[str, Any]) -> str:
     data = cfg.get("data") or {}
     parts = [f"{k} {data[k]}" for k in ("size", "window", "spacing") if k in data]
     return ", ".join(parts) or "—"
