@@ -195,6 +195,8 @@ def predict(
     actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Ray engine: model actors (default: one per GPU with --num-gpus-per-actor, else 1)."),
     num_gpus_per_actor: float = typer.Option(0.0, "--num-gpus-per-actor", min=0, help="Ray engine: GPUs each model actor reserves, e.g. 1 (0: CPU actors)."),
     cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.01, help="Ray engine: CPU cores each model actor reserves (on CPU actors also its torch threads)."),
+    saliency: Optional[Path] = typer.Option(None, "--saliency", help="Also write a saliency map per predicted input into this folder: an overlay PNG (the image as the model saw it, the map, class and probability) and, for 3D models, a NIfTI map on the input's grid (its shape and affine)."),
+    saliency_method: str = typer.Option("gradcam", "--saliency-method", help="gradcam, gradcampp (Grad-CAM++; both on the backbone's registered layer) or occlusion (model-agnostic, ~50x slower)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Predict every file under INPUT_DIR; one CSV row per file (per series for 3D models).
@@ -218,6 +220,8 @@ def predict(
       medtransfer predict runs/demo /data/inbox --out preds.csv --study-json reports/ --parquet
 
       medtransfer predict runs/demo /shared/inbox --out preds.csv --engine ray --address auto --num-gpus-per-actor 1
+
+      medtransfer predict runs/demo /data/inbox --out preds.csv --saliency maps/   # + Grad-CAM overlays
     """
     from medtransfer.inference import predict_folder
     from medtransfer.inference.batch import SeriesFilter, parse_shard
@@ -242,8 +246,14 @@ def predict(
     if engine is Engine.ray:
         from medtransfer.inference.ray_engine import RayOptions, run_batch_ray
 
+        if saliency is not None:
+            raise UsageError("--saliency runs with --engine local (the maps are written beside the model).")
         options = RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor)
         summary = run_batch_ray(run_dir, input_dir, out, options=options, **job)
+    elif saliency is not None:
+        from medtransfer.inference.saliency import predict_with_saliency
+
+        summary = predict_with_saliency(run_dir, input_dir, out, saliency, saliency_method, workers=workers, **job)
     else:
         summary = predict_folder(run_dir, input_dir, out, workers=workers, **job)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
@@ -264,19 +274,25 @@ def evaluate(
     split: Optional[str] = typer.Option(None, "--split", help="Evaluate only this split (train/val/test/all). Default: test for .npz and the demo, all rows for a CSV."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/evaluation)."),
     device: str = typer.Option("auto", "--device"),
+    no_gallery: bool = typer.Option(False, "--no-gallery", help="Leave the saliency gallery out of the report (binary runs get one by default)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Evaluate a trained run on a labelled set, with the operating point it chose on validation.
 
     Writes metrics.json (AUC with a 95% CI by bootstrap over patients, sensitivity, specificity,
-    PPV, NPV at the operating point, calibration), predictions_test.csv, plots/ and model_card.md.
+    PPV, NPV at the operating point, calibration), predictions_test.csv, plots/ (with a saliency
+    gallery of the most confident true positives, false positives and false negatives), model_card.md
+    and report.html (everything on one self-contained page).
+
+    Example: medtransfer evaluate runs/demo --data dicoms/ --labels labels.csv --out runs/demo/site2
     """
     from medtransfer.inference.evaluate import evaluate_run
 
     _setup_logging(quiet)
-    metrics = evaluate_run(run_dir, data, labels, split, out, device)
+    report_dir = out or Path(run_dir) / "evaluation"
+    metrics = evaluate_run(run_dir, data, labels, split, out, device, gallery=not no_gallery)
     _print_test_summary(metrics)
-    typer.echo(str(out or Path(run_dir) / "evaluation"))
+    typer.echo(str(report_dir))
 
 
 @app.command()
@@ -360,11 +376,13 @@ def demo_data(
     typer.echo(str(path))
 
 
+from medtransfer.cli.export_cmd import export_command  # noqa: E402
 from medtransfer.cli.inspect_cmd import inspect_command  # noqa: E402
 from medtransfer.cli.segment_cmd import segment_app  # noqa: E402
 from medtransfer.cli.weights_cmd import weights_app  # noqa: E402
 
 app.command("inspect")(inspect_command)
+app.command("export")(export_command)
 app.add_typer(weights_app, name="weights")
 app.add_typer(segment_app, name="segment")
 

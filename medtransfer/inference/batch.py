@@ -31,11 +31,12 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -237,6 +238,8 @@ class ModelStep:
     def __init__(self, run):
         self.run = run
         self._checked = False
+        self.last_input: torch.Tensor | None = None
+        """The normalised input of the latest batch (for hooks such as saliency maps); None if it had none."""
 
     def probabilities(self, batch: list[DecodedItem]) -> list[Any]:
         """One probability row (a numpy array) per item that has a tensor, ``None`` for the others."""
@@ -244,6 +247,7 @@ class ModelStep:
 
         run = self.run
         ready = [b for b in batch if b.tensor is not None]
+        self.last_input = None
         if not ready:
             return [None] * len(batch)
         pin = run.device.type == "cuda"
@@ -255,6 +259,7 @@ class ModelStep:
             check_input_contract(x, run.checkpoint["backbone"], channels=run.pre.spec.channels,
                                  dims=run.pre.spec.dims)
             self._checked = True
+        self.last_input = x
         with torch.no_grad(), torch.autocast(run.device.type, enabled=run.device.type == "cuda"):
             logits = run.model(x)
         probs = iter(run.model.probabilities(logits).cpu().numpy())
@@ -552,8 +557,14 @@ def run_batch(
     patient_fields: bool = False,
     keep_rows: bool = True,
     progress: bool = False,
+    on_batch: Callable[[torch.Tensor, list[WorkItem], Any], None] | None = None,
 ) -> BatchSummary:
-    """Predict every input under ``input_dir`` with a loaded run (see the module docstring)."""
+    """Predict every input under ``input_dir`` with a loaded run (see the module docstring).
+
+    ``on_batch(x, items, probs)``, when given, is called once per model batch after the forward pass
+    with the normalised input tensor (on the run's device), the :class:`WorkItem` of each of its rows
+    and their probabilities (NumPy ``(N, classes)``); e.g. saliency maps
+    (:class:`medtransfer.inference.saliency.SaliencyWriter`)."""
     folder = input_folder(input_dir)
     filt = series_filter or SeriesFilter()
     dims = run.pre.spec.dims
@@ -561,12 +572,13 @@ def run_batch(
     items = shard_slice(work_items(folder, dims, filt), shard)
     with output_lock(out_csv):
         return _predict_items(run, items, out_csv, rows_of, filt, batch_size, workers, resume, keep_rows, progress,
-                              parquet, study_json_dir, shard, patient_fields)
+                              parquet, study_json_dir, shard, patient_fields, on_batch)
 
 
 def _predict_items(run, items: list[WorkItem], out_csv: Any, rows_of: RowBuilder, filt: SeriesFilter,
                    batch_size: int, workers: int, resume: bool, keep_rows: bool, progress: bool, parquet: bool,
-                   study_json_dir: Any, shard: tuple[int, int] | None, patient_fields: bool) -> BatchSummary:
+                   study_json_dir: Any, shard: tuple[int, int] | None, patient_fields: bool,
+                   on_batch: Any = None) -> BatchSummary:
     dims = run.pre.spec.dims
     table = PredictionTable(out_csv, rows_of.fields)
     previous = table.completed_rows([it.key for it in items]) if resume else []
@@ -587,7 +599,11 @@ def _predict_items(run, items: list[WorkItem], out_csv: Any, rows_of: RowBuilder
         table.write(previous)
         task = bar.add_task("predicting", total=len(todo))
         for batch in loader:
-            rows = [rows_of.row(todo[d.index], d, p) for d, p in zip(batch, model.probabilities(batch))]
+            probs = model.probabilities(batch)
+            if on_batch is not None and model.last_input is not None:
+                ready = [(d, p) for d, p in zip(batch, probs) if p is not None]
+                on_batch(model.last_input, [todo[d.index] for d, _ in ready], np.stack([p for _, p in ready]))
+            rows = [rows_of.row(todo[d.index], d, p) for d, p in zip(batch, probs)]
             table.write(rows)
             counts.update(r["status"] for r in rows)
             if kept is not None:
