@@ -33,6 +33,7 @@ from medtransfer.backbones.sources import (
 )
 from medtransfer.backbones.store import export_weights, import_weights, pull_weights, verify_weights
 from medtransfer.backbones import catalog  # noqa: E402,F401,I001  (registers the built-in weights; after registry)
+from medtransfer.backbones import catalog_foundation  # noqa: E402,F401,I001  (foundation-model weights)
 
 __all__ = [
     "CacheSource",

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from medtransfer.backbones.vit_layouts import layout_hf_dinov2, layout_open_clip_visual
 from medtransfer.errors import MedTransferError, WeightsUnavailableError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
@@ -316,5 +317,7 @@ KEY_LAYOUTS: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tenso
     "radimagenet_resnet": _layout_radimagenet_resnet,
     "radimagenet_densenet": _layout_radimagenet_densenet,
     "merlin_i3resnet": _layout_merlin_i3resnet,
+    "hf_dinov2": layout_hf_dinov2,
+    "open_clip_visual": layout_open_clip_visual,
 }
 """Named key mappings a :class:`WeightSpec` can declare (``by_order`` is handled by the loader)."""

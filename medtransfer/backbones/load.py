@@ -34,8 +34,10 @@ from medtransfer.backbones.checkpoint import (
     sha256_matches,
     tensors_sha256,
 )
+from medtransfer.backbones.hf_contract import check_sidecar_files
 from medtransfer.backbones.registry import WeightSpec
 from medtransfer.backbones.sources import CacheSource, FileSource
+from medtransfer.backbones.vit import describe_input_grid
 from medtransfer.errors import ConfigError, WeightsUnavailableError
 
 __all__ = [
@@ -68,6 +70,12 @@ class LoadReport:
     converted: list[dict[str, Any]] = field(default_factory=list)
     """dtype conversions on loading: ``{"from", "to", "tensors"}`` (e.g. bfloat16 → float32)."""
     num_features: int | None = None
+    input_grid: str | None = None
+    """Vision transformers: how inputs of the run's size are adapted (padding, position embeddings)."""
+    licence: str | None = None
+    """The weights' licence (pretrained or a file), shown with the report."""
+    checked_files: list[str] = field(default_factory=list)
+    """Files beside the weights checked against the registry (``config.json``, ``preprocessor_config.json``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +97,11 @@ class LoadReport:
             f"re-initialised: {len(self.reinitialised)}; discarded: {len(self.discarded)}; "
             f"unexpected: {len(self.unexpected)}; missing: {len(self.missing)}"
         )
+        if self.licence:
+            lines.append(f"  licence: {self.licence}")
+        if self.input_grid:
+            lines.append(f"  input: {self.input_grid}")
+        lines += [f"  checked {c}" for c in self.checked_files]
         for c in self.converted:
             lines.append(f"  converted {c['tensors']} tensors {c['from']} -> {c['to']} (the checkpoint's dtype -> the model's)")
         for a in self.adapted[:10]:
@@ -176,6 +189,7 @@ def load_backbone(
     inflate: str = "average",
     stages: int | None = None,
     channel_map: ChannelMap | None = None,
+    input_size: int | tuple[int, int] | None = None,
 ) -> tuple[nn.Module, LoadReport]:
     """Build ``spec``'s backbone for ``in_channels`` inputs and load ``weights`` into it.
 
@@ -183,7 +197,8 @@ def load_backbone(
     ``"none"`` (random initialisation, on purpose) or a file path. ``dims=3`` on a 2D weight
     inflates it (``inflate``: ``"average"`` or ``"centre"``); ``stages=k`` keeps the first ``k``
     stages; ``channel_map`` picks the source channels of each input channel (see
-    :func:`map_input_channels`). Returns the module (``num_features`` set) and its :class:`LoadReport`.
+    :func:`map_input_channels`); ``input_size`` (the run's image size) lets the report say how a vision
+    transformer adapts to it. Returns the module (``num_features`` set) and its :class:`LoadReport`.
     """
     if channel_map is not None and len(channel_map) != in_channels:
         raise ConfigError(f"channel_map has {len(channel_map)} entries but in_channels is {in_channels}.")
@@ -198,6 +213,7 @@ def load_backbone(
     removed = set(truncate(model, stages)) if stages is not None else set()
     weights = str(weights)
     report = LoadReport(weights=spec.name if weights == "pretrained" else weights)
+    report.input_grid = describe_input_grid(model, input_size) if input_size is not None else None
     target = model.state_dict()
     if weights == "none":
         report.reinitialised = [{"key": k, "why": "random initialisation requested (--weights none)"} for k in target]
@@ -214,7 +230,8 @@ def load_backbone(
             "The file is corrupt or not the registered weights; delete it and pull/import it again, "
             "or pass --weights PATH to use it deliberately."
         )
-    report.source, report.file, report.sha256 = source, str(path), digest
+    report.source, report.file, report.sha256, report.licence = source, str(path), digest, spec.license
+    report.checked_files = check_sidecar_files(spec, path)
     ckpt = map_checkpoint(spec, read_state_dict(path), set(target))
     state = _adapt_checkpoint(spec, ckpt, target, removed, report, str(path), inflate, channel_map, stages)
     model.load_state_dict(state, strict=True)

@@ -92,7 +92,13 @@ class WeightSpec:
     cam_layer: str | None = None
     """Module name (in the built backbone) whose output is the target layer of Grad-CAM / Grad-CAM++
     (``medtransfer.evaluation.saliency``): the deepest feature map at stride 16 for 2D trunks (see
-    ``catalog.py`` for why not stride 32), the last stage for 3D ones."""
+    ``catalog.py`` for why not stride 32), the last stage for 3D ones, the patch tokens entering the
+    last block for vision transformers (``token_map``)."""
+    patch_size: int | None = None
+    """Vision transformers: the side of a patch in pixels (inputs are padded to a multiple of it)."""
+    redistributable: bool = True
+    """False for gated or no-redistribution licences: ``weights export`` refuses to copy the file and
+    every user places their own (``weights import``) after accepting the terms."""
 
     @property
     def architecture(self) -> str:
@@ -116,7 +122,8 @@ class WeightSpec:
             "license": self.license, "sha256": self.sha256, "sources": [s.describe() for s in self.sources],
             "description": self.description, "tensors_sha256": self.tensors_sha256,
             "ct": self.ct.to_dict() if self.ct else None, "stages": [st.to_dict() for st in self.stages],
-            "attribution": self.attribution, "cam_layer": self.cam_layer,
+            "attribution": self.attribution, "cam_layer": self.cam_layer, "patch_size": self.patch_size,
+            "redistributable": self.redistributable,
         }
 
 

@@ -26,7 +26,7 @@ from medtransfer.backbones.sources import (
     install_packages,
     weights_dir,
 )
-from medtransfer.errors import ConfigError, MedTransferError, WeightsUnavailableError
+from medtransfer.errors import ConfigError, MedTransferError, UsageError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -212,10 +212,22 @@ def verify_weights(names: list[str] | None = None, check: bool = True) -> list[V
     return results
 
 
+class ExportRefusedError(UsageError):
+    """The weight's licence does not allow copying it on (gated or no-redistribution terms)."""
+
+
 def export_weights(name: str, to: str | os.PathLike[str]) -> Path:
     """Copy weight ``name`` (cache or pip package; never the network when offline) into folder ``to``
-    and record it in ``to/manifest.json``; returns the exported file."""
+    and record it in ``to/manifest.json``; returns the exported file. Weights whose licence forbids
+    redistribution (``WeightSpec.redistributable`` False) are refused."""
     spec = get_weight_spec(name)
+    if not spec.redistributable:
+        how = next((s.instructions for s in spec.sources if hasattr(s, "instructions")), "")
+        raise ExportRefusedError(
+            f"'{spec.name}' is not exported: its licence is {spec.license}, which does not let medtransfer copy "
+            f"the file to other machines or people. Each user obtains it under those terms and places it with "
+            f"`medtransfer weights import FILE --as {spec.name}`. {how}".strip()
+        )
     from medtransfer.backbones.load import locate_weights
 
     path, _ = locate_weights(spec)
