@@ -23,12 +23,14 @@ from medtransfer._suggest import did_you_mean
 from medtransfer.errors import ConfigError
 from medtransfer.options import (
     AMP,
+    AdaptationMode,
     BNPolicy,
     FreezeMode,
     Head,
     LRSchedule,
     OutsidePaths,
     PlateauMonitor,
+    SelectionProtocol,
     StrEnum,
     Switch,
     Task,
@@ -160,6 +162,29 @@ class TrainConfig:
     """Wall-clock limit for the whole run (0: none). Fine-tuning stops before an epoch that would not
     finish in time (the best checkpoint on validation is kept and evaluated), and an ensemble trains
     no further member than fits; metrics.json records what was cut."""
+    adaptation: str = field(default="full", metadata=_choices(AdaptationMode))
+    """How much of the pretrained backbone adapts after the head-only epochs: 'full' (all of it),
+    'linear_probe' (nothing: the head trains on cached frozen features for head_epochs + finetune_epochs),
+    'lora' (low-rank adapters on attention projections / convolutions, merged into model.pt), 'bitfit'
+    (biases and norms), or 'auto' (train the candidates, keep the best on held-out data; see auto_*)."""
+    layer_decay: float = field(default=1.0, metadata={"min": 0.01, "max": 1.0})
+    """Layer-wise learning-rate decay for full fine-tuning: layer group i of n trains at
+    lr × backbone_lr_mult × layer_decay^(n-1-i) (e.g. 0.65, as RETFound; 1: off)."""
+    lora_rank: int = field(default=8, metadata={"min": 1})
+    lora_alpha: float = field(default=16.0, metadata={"min": 0.0})
+    """LoRA scaling: the update is (alpha / rank) × B A."""
+    lora_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9})
+    lora_targets: list[str] = field(default_factory=list)
+    """Regular expressions on backbone module names to adapt (empty: the attention projections of a vision
+    transformer, or the convolutions with one group of a CNN)."""
+    auto_candidates: list[str] = field(default_factory=lambda: ["linear_probe", "bitfit", "lora", "full"])
+    """The adaptation modes adaptation=auto trains and compares."""
+    auto_protocol: str = field(default="auto", metadata=_choices(SelectionProtocol))
+    """How auto compares candidates: 'validation' (their validation AUC), 'cv' (patient-grouped k-fold
+    cross-validation over train + val, then the chosen mode trained on train + val), 'auto' (cv when the
+    validation split's smallest class has fewer than auto_min_val_per_class images)."""
+    auto_min_val_per_class: int = field(default=50, metadata={"min": 1})
+    auto_folds: int = field(default=3, metadata={"min": 2, "max": 10})
     device: str = "auto"
     seed: int = 0
 
@@ -299,7 +324,30 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def _check_adaptation(t: TrainConfig) -> None:
+    modes = [m for m in AdaptationMode.values() if m != AdaptationMode.AUTO]
+    bad = [m for m in t.auto_candidates if m not in modes]
+    if t.adaptation == AdaptationMode.AUTO and (not t.auto_candidates or bad or len(set(t.auto_candidates)) < len(t.auto_candidates)):
+        raise ConfigError(f"train.auto_candidates = {t.auto_candidates} must name distinct modes among {', '.join(modes)}"
+                          f"{' (not ' + ', '.join(map(repr, bad)) + ')' if bad else ''}.")
+    if t.adaptation == AdaptationMode.AUTO and t.ensemble > 1:
+        raise ConfigError("train.adaptation = auto trains one model per candidate; it does not combine with "
+                          "train.ensemble > 1. Choose a mode (e.g. the one auto picked) for an ensemble.")
+    if t.layer_decay < 1.0 and t.adaptation not in (AdaptationMode.FULL, AdaptationMode.AUTO):
+        raise ConfigError(f"train.layer_decay applies to full fine-tuning; train.adaptation is {t.adaptation}. "
+                          "Set train.adaptation=full (or auto) or train.layer_decay=1.")
+    if t.layer_decay < 1.0 and t.layer_lr_ratio < 1.0:
+        raise ConfigError("train.layer_decay and train.layer_lr_ratio both set per-layer learning rates; use one "
+                          "(layer_decay=0.65 decays by layer, layer_lr_ratio=0.01 spans the groups geometrically).")
+    for pattern in t.lora_targets:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"train.lora_targets entry {pattern!r} is not a valid regular expression ({exc}).") from None
+
+
 def _check_together(cfg: RunConfig) -> None:
+    _check_adaptation(cfg.train)
     if cfg.data.val_fraction + cfg.data.test_fraction >= 0.95:
         raise ConfigError(
             "data.val_fraction + data.test_fraction must leave at least 5% of patients for training."

@@ -53,6 +53,27 @@ class BNPolicy(StrEnum):
     TRAIN = "train"
 
 
+class AdaptationMode(StrEnum):
+    """How much of the pretrained backbone adapts (see :mod:`medtransfer.transfer.adaptation`); ``auto``
+    trains the candidates and keeps the best on held-out data (:mod:`medtransfer.train.auto`)."""
+
+    FULL = "full"
+    LINEAR_PROBE = "linear_probe"
+    LORA = "lora"
+    BITFIT = "bitfit"
+    AUTO = "auto"
+
+
+class SelectionProtocol(StrEnum):
+    """How ``train.adaptation = auto`` compares its candidates: on the validation split, by patient-grouped
+    k-fold cross-validation over train + val, or ``auto``: cross-validation when the validation split is
+    too small to rank them."""
+
+    AUTO = "auto"
+    VALIDATION = "validation"
+    CV = "cv"
+
+
 class UnfreezeSchedule(StrEnum):
     FINE_TUNE = "fine_tune"
     GRADUAL = "gradual"

@@ -41,7 +41,8 @@ from medtransfer.data.samples import Sample, SampleTable, cap_val, check_leakage
 from medtransfer.data.samples import subsample_train
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation import labelled_results, predict_loader, write_evaluation
-from medtransfer.options import BNPolicy, FreezeMode, LRSchedule, PlateauMonitor, Switch, Task, UnfreezeSchedule
+from medtransfer.options import AdaptationMode, BNPolicy, FreezeMode, LRSchedule, PlateauMonitor, Switch, Task
+from medtransfer.options import UnfreezeSchedule
 from medtransfer.run import LoadedRun, RunDirectory
 from medtransfer.run.checkpoint import model_payload
 from medtransfer.run.report import finish_report
@@ -49,7 +50,8 @@ from medtransfer.train import callbacks as cb
 from medtransfer.train.augment import augment_batch
 from medtransfer.train.trainer import Phase, Trainer
 from medtransfer.train.validation import Validation
-from medtransfer.transfer import TaskLoss, TransferModel, apply_plan, class_weights, group_learning_rates, layer_groups
+from medtransfer.transfer import TaskLoss, TransferModel, class_weights, group_learning_rates, layer_groups
+from medtransfer.transfer import adaptation
 from medtransfer.transfer.tasks import resolve_task
 from medtransfer.utils.device import amp_dtype_for, autocast_for, compute_info, pick_device
 from medtransfer.utils.distributed import Distributed
@@ -85,6 +87,11 @@ class Prepared:
     demo: bool = False
     skipped: list[dict[str, str]] = field(default_factory=list)
     """Images left out because they cannot be used (``data.skip_bad_images``), with the reason."""
+    heldout_val: dict[str, Any] | None = None
+    """A fit on train + val (``auto``'s cross-validation protocol) has no validation split of its own: it
+    trains its planned epochs, keeps the last, and reports these out-of-fold predictions as ``val``."""
+    selection: dict[str, Any] | None = None
+    """How ``train.adaptation = auto`` chose this fit's mode (recorded in metrics.json and the model card)."""
 
     def subset(self, split: str) -> list[Sample]:
         return self.table.subset(split)
@@ -160,12 +167,14 @@ def drop_unusable(prep: Prepared, pre: Preprocessor) -> list[dict[str, str]]:
 
 def resolve_auto(cfg: RunConfig) -> RunConfig:
     """The run's remaining ``auto`` switches made explicit: the BatchNorm policy (frozen for pretrained
-    weights, trained for random ones) and the feature cache (on when the head phase does not augment)."""
+    weights, trained for random ones) and the feature cache (on when the head phase does not augment, and
+    always for a linear probe)."""
     cfg = copy.deepcopy(cfg)
     if cfg.train.bn_policy == BNPolicy.AUTO:
         cfg.train.bn_policy = (BNPolicy.TRAIN if cfg.model.weights == "none" else BNPolicy.FROZEN).value
-    if cfg.train.feature_cache == Switch.AUTO:
-        cfg.train.feature_cache = (Switch.OFF if cfg.train.head_augment else Switch.ON).value
+    if cfg.train.feature_cache == Switch.AUTO:  # a linear probe only ever trains the head: cache its features
+        probe = cfg.train.adaptation == AdaptationMode.LINEAR_PROBE
+        cfg.train.feature_cache = (Switch.OFF if cfg.train.head_augment and not probe else Switch.ON).value
     return cfg
 
 
@@ -203,7 +212,7 @@ def build(prep: Prepared, device: torch.device, dist: Distributed, gen: torch.Ge
     cfg, table = prep.cfg, prep.table
     wspec = get_weight_spec(cfg.model.backbone)
     channels = input_channels(table) if wspec.dims == 2 else 1  # a 3D backbone takes whole volumes
-    backbone, report = load_backbone(wspec, channels, cfg.model.weights)
+    backbone, report = load_backbone(wspec, channels, cfg.model.weights, input_size=cfg.data.size)
     model = TransferModel(backbone, table.num_classes, cfg.model.head, cfg.model.dropout, cfg.model.task).to(device)
     pre = Preprocessor(preprocess_spec(cfg.data, channels, wspec.mean, wspec.std, wspec.dims, wspec.ct))
     if cfg.data.skip_bad_images and not prep.skipped:
@@ -242,8 +251,13 @@ def _loaders(prep: Prepared, pre: Preprocessor, device: torch.device, dist: Dist
 # ---- 3. phases -----------------------------------------------------------------------------------
 def plan_phases(cfg: RunConfig, setup: Setup, validation: Validation) -> list[Phase]:
     """``head`` (frozen backbone; on cached features when ``train.feature_cache`` is on and this is a
-    single process), then ``finetune`` (the network, augmented)."""
+    single process), then ``finetune`` (the network, augmented; what of it trains is the adaptation
+    mode's). A linear probe spends every epoch in ``head``; a fit without a validation split
+    (``Prepared.heldout_val``) validates nothing."""
     model, pre = setup.model, setup.pre
+    head_epochs, finetune_epochs = adaptation.head_and_finetune_epochs(cfg.train.adaptation, cfg.train.head_epochs,
+                                                                       cfg.train.finetune_epochs)
+    has_val = "val" in setup.eval_loaders
     cached = cfg.train.feature_cache == Switch.ON and setup.dist.world == 1
     if cfg.train.feature_cache == Switch.ON and not cached:
         logger.info("feature cache off under DDP (each rank would cache a different shard)")
@@ -254,27 +268,32 @@ def plan_phases(cfg: RunConfig, setup: Setup, validation: Validation) -> list[Ph
             return x.contiguous(memory_format=torch.channels_last) if setup.channels_last else x
         return prepare_batch
 
-    head = Phase("head", cfg.train.head_epochs, lambda: setup.train_loader, validation.images,
+    head = Phase("head", head_epochs, lambda: setup.train_loader, validation.images if has_val else _no_validation,
                  prepare=images(cfg.train.head_augment))
     if cached:
-        head = Phase("head", cfg.train.head_epochs, lambda: validation.feature_loaders()["train"],
-                     validation.features, forward=model.head)
-    finetune = Phase("finetune", cfg.train.finetune_epochs, lambda: setup.train_loader, validation.images,
-                     prepare=images(True))
+        head = Phase("head", head_epochs, lambda: validation.feature_loaders()["train"],
+                     validation.features if has_val else _no_validation, forward=model.head)
+    finetune = Phase("finetune", finetune_epochs, lambda: setup.train_loader,
+                     validation.images if has_val else _no_validation, prepare=images(True))
     return [head, finetune]
+
+
+def _no_validation(epoch: int) -> dict[str, float]:
+    return {}
 
 
 def unfreeze_plan(cfg: RunConfig) -> Any:
     """Epoch → the :func:`apply_plan` arguments: the backbone frozen for the head epochs, then the freeze
     mode, with one more layer group from the top every ``unfreeze_every`` epochs when gradual."""
     t = cfg.train
+    head_epochs, _ = adaptation.head_and_finetune_epochs(t.adaptation, t.head_epochs, t.finetune_epochs)
 
     def plan_for(epoch: int) -> tuple[Any, ...]:
-        if epoch <= t.head_epochs:
+        if epoch <= head_epochs:
             return (FreezeMode.BACKBONE.value, t.bn_policy, t.trainable_stages, t.freeze_pattern, 0)
         stage = None
         if t.schedule == UnfreezeSchedule.GRADUAL:
-            stage = 1 + (epoch - t.head_epochs - 1) // t.unfreeze_every
+            stage = 1 + (epoch - head_epochs - 1) // t.unfreeze_every
         return (t.freeze, t.bn_policy, t.trainable_stages, t.freeze_pattern, stage)
 
     return plan_for
@@ -284,26 +303,29 @@ def unfreeze_plan(cfg: RunConfig) -> Any:
 def plan_callbacks(cfg: RunConfig, setup: Setup, optimizer: torch.optim.Optimizer, run: RunDirectory,
                    validation: Validation, deadline: float | None, progress: bool,
                    extra: dict[str, Any]) -> list[cb.Callback]:
-    """The policies of the recipe around the loop (see :mod:`medtransfer.train.callbacks`)."""
+    """The policies of the recipe around the loop (see :mod:`medtransfer.train.callbacks`). Without a
+    validation split (a fit on train + val) the last epoch is kept and nothing stops on validation."""
     t = cfg.train
+    has_val = "val" in setup.eval_loaders
     steps = -(-len(setup.train_loader) // t.grad_accum) * t.finetune_epochs
+    nan = float("nan")
     callbacks: list[cb.Callback] = [
-        cb.Unfreeze(unfreeze_plan(cfg), apply_plan),
-        cb.BestModel("val_auc", "max", tiebreak="val_loss"),
-        cb.History(run, lambda r: f"train loss {r['train_loss']:.4f}, val loss {r['val_loss']:.4f}, "
-                                  f"val AUC {r['val_auc']:.4f}"),
+        cb.Unfreeze(unfreeze_plan(cfg), adaptation.plan_applier(t.adaptation)),
+        cb.BestModel("val_auc", "max", tiebreak="val_loss") if has_val else cb.BestModel("epoch", "max"),
+        cb.History(run, lambda r: f"train loss {r['train_loss']:.4f}, val loss {r.get('val_loss', nan):.4f}, "
+                                  f"val AUC {r.get('val_auc', nan):.4f}"),
         cb.LastCheckpoint(run, extra),
         cb.ProgressBar(len(setup.train_loader), progress and setup.dist.main,
-                       lambda r: f"val AUC {r['val_auc']:.3f}"),
+                       lambda r: f"val AUC {r.get('val_auc', nan):.3f}"),
     ]
     if t.lr_schedule in (LRSchedule.COSINE, LRSchedule.ONECYCLE):
         factor = cb.cosine_factor if t.lr_schedule == LRSchedule.COSINE else cb.onecycle_factor
         callbacks.append(cb.LRSchedule(factor, steps, phases=("finetune",)))
-    if t.lr_schedule == LRSchedule.PLATEAU:
+    if t.lr_schedule == LRSchedule.PLATEAU and has_val:
         mode = "min" if t.plateau_monitor == PlateauMonitor.VAL_LOSS else "max"
         callbacks.append(cb.Plateau(optimizer, t.plateau_monitor, mode, t.plateau_factor,
                                     t.plateau_patience, t.min_lr))
-    if t.patience:
+    if t.patience and has_val:
         callbacks.append(cb.EarlyStopping("val_auc", t.patience, "max", tiebreak="val_loss"))
     if deadline is not None:
         callbacks.append(cb.TimeLimit(deadline, validation.final_pass_estimate(REPORT_SECONDS)))
@@ -322,11 +344,13 @@ def _tensorboard(run: RunDirectory) -> list[cb.Callback]:
 
 
 def build_optimizer(model: TransferModel, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW with one param group per backbone layer group (input → output, discriminative LRs) and
-    the head last. Frozen parameters stay in their group: with no gradient they are not stepped, so
-    unfreezing and resuming never rebuild or reorder the groups."""
+    """AdamW with one param group per backbone layer group (input → output, discriminative LRs, or
+    layer-wise decay with ``train.layer_decay``) and the head last. Frozen parameters stay in their group:
+    with no gradient they are not stepped, so unfreezing and resuming never rebuild or reorder the groups."""
     groups = layer_groups(model.backbone)
-    lrs = group_learning_rates(len(groups), cfg.train.lr * cfg.train.backbone_lr_mult, cfg.train.layer_lr_ratio)
+    base = cfg.train.lr * cfg.train.backbone_lr_mult
+    lrs = (adaptation.layer_decay_rates(len(groups), base, cfg.train.layer_decay) if cfg.train.layer_decay < 1.0
+           else group_learning_rates(len(groups), base, cfg.train.layer_lr_ratio))
     return torch.optim.AdamW(
         [{"params": g.params, "lr": lr, "name": g.name} for g, lr in zip(groups, lrs)]
         + [{"params": list(model.head.parameters()), "lr": cfg.train.lr, "name": "head"}],
@@ -341,8 +365,15 @@ def fit_classifier(prep: Prepared, run: RunDirectory, *, progress: bool = False,
     """Build, train and report one classification model into ``run`` (see the module docstring)."""
     t_start = time.perf_counter()
     cfg = prep.cfg
+    if cfg.train.adaptation == AdaptationMode.AUTO:
+        raise ConfigError("train.adaptation = auto chooses among fits; run it through medtransfer.train.finetune "
+                          "(medtransfer finetune), not one fit (or choose a mode for cross-validation folds).")
     gen = seed_everything(cfg.train.seed)
     setup = build(prep, device or pick_device(cfg.train.device), dist, gen)
+    if cfg.train.adaptation == AdaptationMode.LORA:  # before the optimizer: the adapters are its parameters
+        t = cfg.train
+        adaptation.add_lora(setup.model.backbone, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets)
+        setup.model.to(setup.device)
     run.write_json("split_report.json", prep.splits)
     run.write_json("load_report.json", setup.report.to_dict())
     validation = Validation(setup, prep, run / ".feature_cache", progress and dist.main)
@@ -361,21 +392,46 @@ def fit_classifier(prep: Prepared, run: RunDirectory, *, progress: bool = False,
     finally:
         shutil.rmtree(validation.cache_dir, ignore_errors=True)
     best = next(c for c in trainer.callbacks if isinstance(c, cb.BestModel))
-    return finish(prep, setup, run, state, best.epoch, t_start, deadline, validation.feature_seconds)
+    record = adaptation_record(cfg, adaptation.parameter_counts(setup.model), state.history,
+                               adaptation.merge_lora(setup.model), prep.selection)
+    return finish(prep, setup, run, state, best.epoch, t_start, deadline, validation.feature_seconds, record)
+
+
+def adaptation_record(cfg: RunConfig, counts: dict[str, Any], history: list[dict[str, Any]], merged: int,
+                      selection: dict[str, Any] | None) -> dict[str, Any]:
+    """``metrics.json["adaptation"]``: the mode, trainable / total parameters (of the last phase trained),
+    seconds per epoch of each phase, LoRA's settings and merge, and ``auto``'s selection."""
+    t = cfg.train
+    seconds: dict[str, list[float]] = {}
+    for row in history:
+        seconds.setdefault(row["phase"], []).append(float(row["seconds"]))
+    out: dict[str, Any] = {"mode": t.adaptation, "parameters": counts,
+                           "seconds_per_epoch": {k: round(float(np.mean(v)), 3) for k, v in seconds.items()}}
+    if t.adaptation == AdaptationMode.LORA:
+        out["lora"] = {"rank": t.lora_rank, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
+                       "targets": list(t.lora_targets) or "default", "merged_layers": merged}
+    if t.layer_decay < 1.0:
+        out["layer_decay"] = t.layer_decay
+    if selection is not None:
+        out["selection"] = selection
+    return out
 
 
 def finish(prep: Prepared, setup: Setup, run: RunDirectory, state: Any, best_epoch: int, t_start: float,
-           deadline: float | None, feature_seconds: float | None = None) -> FinetuneResult:
+           deadline: float | None, feature_seconds: float | None = None,
+           record: dict[str, Any] | None = None) -> FinetuneResult:
     """The best model over the whole validation and test splits: report, ``model.pt``, ``metrics.json``."""
     t_eval = time.perf_counter()
     results = {name: labelled_results(loader.dataset.samples,
                                       predict_loader(setup.model, loader, setup.pre, setup.device, None,
                                                      setup.autocast)[0])
                for name, loader in setup.eval_loaders.items()}
+    if prep.heldout_val is not None:  # a fit on train + val reports the out-of-fold predictions as val
+        results["val"] = prep.heldout_val
     eval_s = time.perf_counter() - t_eval
     if not setup.dist.main:
         return FinetuneResult(run.path, {}, state.history, setup.report, prep.splits)
-    info = model_info(prep, setup.spec, setup.wspec, setup.report, best_epoch, setup.dist.world)
+    info = model_info(prep, setup.spec, setup.wspec, setup.report, best_epoch, setup.dist.world, record)
     metrics = write_evaluation(run.path, results, prep.table.label_names, state.history, info,
                                prep.cfg.model.task == Task.ORDINAL)
     setup.model.cpu()
@@ -386,6 +442,8 @@ def finish(prep: Prepared, setup: Setup, run: RunDirectory, state: Any, best_epo
     metrics.update(best_epoch=best_epoch, minutes=(time.perf_counter() - t_start) / 60, eval_seconds=eval_s,
                    compute=compute_info(setup.device, setup.amp_dtype, setup.channels_last, setup.dist.world),
                    split=prep.splits)
+    if record is not None:
+        metrics["adaptation"] = record
     if prep.skipped:
         metrics["skipped_images"] = prep.skipped
     if feature_seconds is not None:
@@ -399,9 +457,26 @@ def finish(prep: Prepared, setup: Setup, run: RunDirectory, state: Any, best_epo
     return FinetuneResult(run.path, metrics, state.history, setup.report, prep.splits)
 
 
+def _card_adaptation(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The adaptation lines of the model card's training section."""
+    if not record:
+        return {}
+    p = record["parameters"]
+    out = {"adaptation": record["mode"],
+           "trainable parameters": f"{p['trainable']:,} of {p['total']:,} ({p['trainable_percent']:.3g}%)"}
+    if "lora" in record:
+        out["lora"] = f"rank {record['lora']['rank']}, alpha {record['lora']['alpha']:g}, merged into the weights"
+    if "layer_decay" in record:
+        out["layer_decay"] = record["layer_decay"]
+    sel = record.get("selection")
+    if sel:
+        out["adaptation chosen by"] = sel["summary"]
+    return out
+
+
 def model_info(prep: Prepared, spec: PreprocessSpec, wspec: WeightSpec, report: LoadReport,
-               best_epoch: int | None, world: int) -> dict[str, Any]:
-    """The model card's description of a run (data, preprocessing, weights, training)."""
+               best_epoch: int | None, world: int, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model card's description of a run (data, preprocessing, weights, training and adaptation)."""
     cfg = prep.cfg
     t = cfg.train
     return {
@@ -422,5 +497,6 @@ def model_info(prep: Prepared, spec: PreprocessSpec, wspec: WeightSpec, report: 
         "training": {"head_epochs": t.head_epochs, "finetune_epochs": t.finetune_epochs, "best_epoch": best_epoch,
                      "lr": t.lr, "backbone_lr_mult": t.backbone_lr_mult, "bn_policy": t.bn_policy,
                      "freeze": t.freeze, "schedule": t.schedule, "lr_schedule": t.lr_schedule,
-                     "feature_cache": t.feature_cache, "world_size": world, "ensemble": t.ensemble},
+                     "feature_cache": t.feature_cache, "world_size": world, "ensemble": t.ensemble,
+                     **_card_adaptation(record)},
     }

@@ -2,7 +2,8 @@
 
 A new run prepares its data (:func:`~medtransfer.train.classifier.prepare`), resolves its ``auto``
 settings, writes ``config.yaml`` once, and fits one model (:func:`~medtransfer.train.classifier.fit_classifier`)
-or an ensemble of them (:mod:`medtransfer.train.ensemble`); ``resume`` continues an interrupted run
+or an ensemble of them (:mod:`medtransfer.train.ensemble`), or, with ``train.adaptation = auto``, one per
+candidate adaptation mode and the best of them (:mod:`medtransfer.train.auto`); ``resume`` continues an interrupted run
 from its ``last.pt``. See :mod:`medtransfer.train.classifier` for the steps of one fit.
 """
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 
 from medtransfer.config import RunConfig, config_from_dict
 from medtransfer.data.samples import SampleTable
+from medtransfer.options import AdaptationMode
 from medtransfer.run import RunDirectory, default_run_dir
 from medtransfer.train import callbacks as cb
+from medtransfer.train.auto import finetune_auto
 from medtransfer.train.classifier import FinetuneResult, fit_classifier, prepare, resolve_auto
 from medtransfer.train.ensemble import finetune_ensemble
 from medtransfer.utils.device import pick_device
@@ -54,6 +57,8 @@ def finetune(
     run = RunDirectory(broadcast(str(out_dir or default_run_dir(cfg.modality)), dist), dist.main)
     if cfg.train.ensemble > 1:
         return finetune_ensemble(cfg, data, labels, run.open_new(overwrite), progress, samples, deadline, dist)
+    if cfg.train.adaptation == AdaptationMode.AUTO:
+        return finetune_auto(cfg, data, labels, run.open_new(overwrite), progress, samples, deadline, dist)
     prep = prepare(cfg, data, labels, samples)
     prep = replace(prep, cfg=resolve_auto(prep.cfg))
     run.open_new(overwrite).write_config(prep.cfg.to_yaml())

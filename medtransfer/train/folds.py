@@ -58,7 +58,7 @@ def fold_table(table: SampleTable, folds: dict[str, int], fold: int) -> SampleTa
             for j, (i, _) in enumerate(pairs):
                 samples[i].index = j
     check_leakage(samples)
-    return SampleTable(samples, list(table.label_names), table.source, arrays)
+    return SampleTable(samples, list(table.label_names), table.source, arrays, table.task)
 
 
 @dataclass

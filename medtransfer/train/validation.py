@@ -56,21 +56,22 @@ class Validation:
 
     def feature_loaders(self) -> dict[str, DataLoader]:
         """Pooled features of the frozen backbone (inference mode) for the training and validation
-        images, computed on first use and streamed to disk in chunks (so a set larger than memory
-        works), as loaders for the head."""
+        images (when the fit has a validation split), computed on first use and streamed to disk in chunks
+        (so a set larger than memory works), as loaders for the head."""
         if self._feature_loaders is None:
             s = self.setup
             train, batch = s.train_loader, s.train_loader.batch_size
             ordered = DataLoader(train.dataset, batch_size=batch, shuffle=False, num_workers=train.num_workers,
                                  pin_memory=train.pin_memory)
-            stores = {name: self._extract(loader, name) for name, loader in (("train", ordered),
-                                                                             ("val", s.eval_loaders["val"]))}
+            passes = [("train", ordered)] + ([("val", s.eval_loaders["val"])] if "val" in s.eval_loaders else [])
+            stores = {name: self._extract(loader, name) for name, loader in passes}
             self.feature_seconds = sum(st.seconds for st in stores.values())
             self._feature_loaders = {
                 "train": DataLoader(stores["train"].dataset(), batch_size=batch, shuffle=True, generator=s.generator,
                                     drop_last=train.drop_last),
-                "val": DataLoader(stores["val"].dataset(), batch_size=batch, shuffle=False),
             }
+            if "val" in stores:
+                self._feature_loaders["val"] = DataLoader(stores["val"].dataset(), batch_size=batch, shuffle=False)
         return self._feature_loaders
 
     def _extract(self, loader: DataLoader, name: str) -> FeatureStore:
