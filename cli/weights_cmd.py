@@ -41,13 +41,14 @@ _err = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    """Print the error and map it to an exit code scripts can trust."""
+    """Print the error and map it to an exit code scripts can trust (a refused export of gated weights is
+    bad usage, 2, like a bad option)."""
     if isinstance(exc, ConfigError):
         code = EXIT_USAGE
     elif isinstance(exc, WeightsUnavailableError):
         code = EXIT_UNAVAILABLE
     else:
-        code = EXIT_FAILED
+        code = exc.exit_code if isinstance(exc, MedTransferError) else EXIT_FAILED
     _err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 

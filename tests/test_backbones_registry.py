@@ -76,8 +76,11 @@ def _build(spec, c):
     with torch.no_grad():
         for p in model.parameters():
             p.uniform_(-0.05, 0.05, generator=g)
-        for name, b in model.named_buffers():
-            b.fill_(1) if name.endswith("running_var") else b.zero_()
+        for name, b in model.named_buffers():  # BatchNorm statistics; computed buffers (rotary periods) stay
+            if name.endswith("running_var"):
+                b.fill_(1)
+            elif name.endswith(("running_mean", "num_batches_tracked")):
+                b.zero_()
     return model, report
 
 

@@ -61,6 +61,15 @@ class ViTFeatures(nn.Module):
         self.native_grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
         self.rotary = getattr(self.model, "rope", None) is not None
 
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> "ViTFeatures":
+        """``nn.Module.to_empty``, then the non-persistent buffers (rotary frequencies) computed again: they
+        are not in a checkpoint, so a model built on the meta device would otherwise keep garbage there."""
+        super().to_empty(device=device, recurse=recurse)
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_non_persistent_buffers"):
+                module.init_non_persistent_buffers()
+        return self
+
     def truncate(self, stages: int) -> None:
         """Keep the first ``stages`` blocks (the final norm and pooling stay)."""
         if stages < self.num_stages:
@@ -116,7 +125,7 @@ def vit_builder(arch: str, global_pool: str = "token", **timm_kwargs: Any) -> Bu
     def build(in_channels: int) -> nn.Module:
         return ViTFeatures(arch, in_channels, global_pool, **timm_kwargs)
 
-    build.__name__ = f"vit_{arch}"
+    build.__name__ = f"vit_{arch}" + "".join(f"_{k}{v}" for k, v in sorted(timm_kwargs.items()))
     build.arch = arch  # type: ignore[attr-defined]
     return build
 
