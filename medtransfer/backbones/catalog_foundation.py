@@ -121,7 +121,7 @@ register(
         key_layout="same",
         upstream_file="model.safetensors",
         ct=_CTFM_CT,
-        stages=tuple(Stage(f"layers.{i}.blocks", 32 * 2**i, (2**i,) * 3) for i in range(5)),
+        stages=tuple(Stage(f"layers.{i}", 32 * 2**i, (2**i,) * 3) for i in range(5)),
         description="CT-FM 3D SegResNet encoder (77.8M parameters, 512 features), contrastive self-supervised "
                     "pretraining on 148,000 CT scans of the Imaging Data Commons",
         attribution="Pai et al., 'Vision Foundation Models for Computed Tomography', arXiv:2501.09001 (project-lighter)",

@@ -18,7 +18,8 @@ Builder = Callable[[int], nn.Module]
 
 
 class SegResEncoderFeatures(SegResEncoder):
-    """SegResEncoder (3D) whose ``forward`` gives the last level's map, average-pooled; levels are stages."""
+    """SegResEncoder (3D) whose ``forward`` gives the last level's map, average-pooled; levels are stages
+    (``layers.<i>``: its blocks, whose output ``forward_stages`` returns, and the downsampling after them)."""
 
     supports_3d = False
 
@@ -39,7 +40,7 @@ class SegResEncoderFeatures(SegResEncoder):
 
     @property
     def stage_names(self) -> tuple[str, ...]:
-        return tuple(f"layers.{i}.blocks" for i in range(len(self.layers)))
+        return tuple(f"layers.{i}" for i in range(len(self.layers)))
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
