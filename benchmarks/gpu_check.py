@@ -16,7 +16,12 @@ is checked on machines without a GPU. What it measures, on the device picked by 
 3. ``predict``: ``predict_folder`` over the demo DICOM folder on the device and on the CPU with the
    first run: files per second and the largest difference between the two probability columns (CUDA
    autocast against CPU fp32), and that both tables have the same rows and statuses.
-4. ``merlin_encoder`` (CUDA; with ``--quick`` also on the CPU at 32³ to check the code path): the
+4. ``vit_adaptation`` (CUDA; with ``--quick`` also on the CPU at 56 px to check the code path): DINOv2
+   ViT-B/14 (``vit_base_patch14_dinov2.lvd142m``'s architecture, random weights: nothing to download),
+   1-channel input at ``--size`` px, batch ``--batch``, mixed precision as ``train.amp=auto`` picks it:
+   train-step images per second and peak GPU memory of full fine-tuning against LoRA (rank 8 on the
+   attention projections, head + adapters trainable), their ratios, and the trainable parameters of each.
+5. ``merlin_encoder`` (CUDA; with ``--quick`` also on the CPU at 32³ to check the code path): the
    Merlin I3ResNet-152 CT encoder (``i3resnet152.merlin_astra``, needs ``pip install "medtransfer[ct]"``)
    frozen, on 224 × 224 × 160 volumes: volumes per second in fp32 and with the weights in bf16, full and
    truncated after layer2, peak memory, and the largest difference of the pooled bf16 features from fp32.
@@ -176,6 +181,58 @@ def predict_check(run_dir: Path, device: torch.device, out: Path) -> dict:
     return res
 
 
+def _vit_steps(model: TransferModel, device: torch.device, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    """Seconds of ``steps`` train steps (after two warm-up steps) under ``train.amp=auto``'s precision."""
+    dtype = amp_dtype_for("auto", device)
+    auto = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    model.train()
+    for i in range(steps + 2):
+        if i == 2:
+            _sync(device)
+            t0 = time.perf_counter()
+        with auto():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def vit_adaptation(device: torch.device, size: int, batch: int, steps: int) -> dict:
+    """Full fine-tuning against LoRA on a ViT-B/14: train images/s and peak memory."""
+    from medtransfer.transfer import adaptation
+
+    spec = get_weight_spec("vit_base_patch14_dinov2.lvd142m")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, size, size, generator=g).to(device)
+    y = torch.randint(0, 2, (batch,), generator=g).to(device)
+    rows: dict[str, dict] = {}
+    for mode in ("full", "lora"):
+        torch.manual_seed(0)
+        model = TransferModel(load_backbone(spec, 1, "none")[0], 2).to(device)
+        if mode == "lora":
+            adaptation.add_lora(model.backbone, rank=8, alpha=16)
+        adaptation.plan_applier(mode)(model, "none", "frozen", 1, "", None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = _vit_steps(model, device, x, y, steps)
+        rows[mode] = {"train_images_per_s": steps * batch / seconds,
+                      "trainable_parameters": adaptation.parameter_counts(model)["trainable"]}
+        if device.type == "cuda":
+            rows[mode]["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        del model
+    rows["lora_vs_full"] = {"speed": rows["lora"]["train_images_per_s"] / rows["full"]["train_images_per_s"]}
+    if device.type == "cuda":
+        rows["lora_vs_full"]["peak_memory"] = rows["lora"]["peak_memory_mib"] / rows["full"]["peak_memory_mib"]
+    return {"backbone": spec.name + " (architecture; random weights)", "size": size, "batch": batch,
+            "steps": steps, "precision": str(amp_dtype_for("auto", device) or "fp32"), "rows": rows}
+
+
 def merlin_encoder(device: torch.device, size: tuple[int, int, int], batch: int, steps: int) -> dict:
     """Frozen-feature throughput of the Merlin CT encoder, fp32 against bf16 weights, full and after layer2."""
     spec = get_weight_spec("i3resnet152.merlin_astra")
@@ -243,6 +300,9 @@ def main() -> None:
         result["predict"] = predict_check(Path(first["run_dir"]), device, Path(tmp))
         print("predict:", json.dumps(result["predict"], indent=1), flush=True)
     if cuda or args.quick:
+        result["vit_adaptation"] = vit_adaptation(device, args.size if cuda else 56, args.batch if cuda else 2,
+                                                  args.steps if cuda else 1)
+        print("vit_adaptation:", json.dumps(result["vit_adaptation"], indent=1), flush=True)
         size = (224, 224, 160) if cuda else (32, 32, 32)
         result["merlin_encoder"] = merlin_encoder(device, size, 4 if cuda else 1, 10 if cuda else 1)
         print("merlin_encoder:", json.dumps(result["merlin_encoder"], indent=1), flush=True)

@@ -167,6 +167,10 @@ class TrainConfig:
     'linear_probe' (nothing: the head trains on cached frozen features for head_epochs + finetune_epochs),
     'lora' (low-rank adapters on attention projections / convolutions, merged into model.pt), 'bitfit'
     (biases and norms), or 'auto' (train the candidates, keep the best on held-out data; see auto_*)."""
+    adapter_lr_mult: float = field(default=1.0, metadata={"min": 0.0, "max": 10.0})
+    """lora and bitfit: their trainable backbone parameters (adapters starting at zero, biases and norms) train
+    at lr × this, one rate for every layer group (they are few; full fine-tuning's lr × backbone_lr_mult is
+    usually too low for them)."""
     layer_decay: float = field(default=1.0, metadata={"min": 0.01, "max": 1.0})
     """Layer-wise learning-rate decay for full fine-tuning: layer group i of n trains at
     lr × backbone_lr_mult × layer_decay^(n-1-i) (e.g. 0.65, as RETFound; 1: off)."""

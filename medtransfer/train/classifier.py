@@ -345,12 +345,18 @@ def _tensorboard(run: RunDirectory) -> list[cb.Callback]:
 
 def build_optimizer(model: TransferModel, cfg: RunConfig) -> torch.optim.Optimizer:
     """AdamW with one param group per backbone layer group (input → output, discriminative LRs, or
-    layer-wise decay with ``train.layer_decay``) and the head last. Frozen parameters stay in their group:
-    with no gradient they are not stepped, so unfreezing and resuming never rebuild or reorder the groups."""
+    layer-wise decay with ``train.layer_decay``; LoRA / BitFit: ``lr × adapter_lr_mult``) and the head
+    last. Frozen parameters stay in their group: with no gradient they are not stepped, so unfreezing
+    and resuming never rebuild or reorder the groups."""
+    t = cfg.train
     groups = layer_groups(model.backbone)
-    base = cfg.train.lr * cfg.train.backbone_lr_mult
-    lrs = (adaptation.layer_decay_rates(len(groups), base, cfg.train.layer_decay) if cfg.train.layer_decay < 1.0
-           else group_learning_rates(len(groups), base, cfg.train.layer_lr_ratio))
+    base = t.lr * t.backbone_lr_mult
+    if t.adaptation in (AdaptationMode.LORA, AdaptationMode.BITFIT):
+        lrs = [t.lr * t.adapter_lr_mult] * len(groups)
+    elif t.layer_decay < 1.0:
+        lrs = adaptation.layer_decay_rates(len(groups), base, t.layer_decay)
+    else:
+        lrs = group_learning_rates(len(groups), base, t.layer_lr_ratio)
     return torch.optim.AdamW(
         [{"params": g.params, "lr": lr, "name": g.name} for g, lr in zip(groups, lrs)]
         + [{"params": list(model.head.parameters()), "lr": cfg.train.lr, "name": "head"}],
@@ -410,6 +416,8 @@ def adaptation_record(cfg: RunConfig, counts: dict[str, Any], history: list[dict
     if t.adaptation == AdaptationMode.LORA:
         out["lora"] = {"rank": t.lora_rank, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
                        "targets": list(t.lora_targets) or "default", "merged_layers": merged}
+    if t.adaptation in (AdaptationMode.LORA, AdaptationMode.BITFIT):
+        out["backbone_lr"] = t.lr * t.adapter_lr_mult
     if t.layer_decay < 1.0:
         out["layer_decay"] = t.layer_decay
     if selection is not None:
