@@ -187,6 +187,8 @@ def test_auto_by_cross_validation_on_a_small_validation_split(tmp_path):
     # the test split is scored once: by the final fit, never by a candidate
     assert list(res.run_dir.rglob("predictions_test.csv")) == [res.run_dir / "predictions_test.csv"]
     assert "adaptation chosen by**: auto (cv)" in (res.run_dir / "model_card.md").read_text()
+    with pytest.raises(ConfigError, match="auto run stopped in its final fit"):  # its selection is not in last.pt
+        finetune(load_config("xray"), resume=res.run_dir)
 
 
 def test_auto_on_the_validation_split(tmp_path):
@@ -199,3 +201,44 @@ def test_auto_on_the_validation_split(tmp_path):
         assert not (tmp_path / "auto" / "candidates" / c["mode"] / "last.pt").exists()
     chosen = next(c for c in sel["candidates"] if c["mode"] == sel["chosen"])
     assert res.metrics["val"]["auc"] == pytest.approx(chosen["auc"])  # the same fit, trained again for the record
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAtBatch:
+    """Raise after the n-th training batch (the last.pt of the epoch before stays)."""
+
+    key, order = "crash", 50
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def __getattr__(self, hook):  # every other hook: nothing
+        return lambda *args: None
+
+    def state_dict(self):
+        return {}
+
+    def on_batch_end(self, trainer, loss):
+        self.seen += 1
+        if self.seen == self.n:
+            raise _Crash
+
+
+def test_an_interrupted_lora_run_resumes_to_the_same_weights(tmp_path):
+    """The adapters live in last.pt: a resumed run rebuilds them before loading it."""
+    npz = _fake_npz(tmp_path / "toy.npz")
+    cfg = load_config("xray", overrides=[*TINY, "train.adaptation=lora", "train.finetune_epochs=3"])
+    whole = finetune(cfg, data=npz, out_dir=tmp_path / "whole")
+    with pytest.raises(_Crash):  # 3 batches per epoch (60 images, batch 16): dies in the last fine-tuning epoch
+        finetune(cfg, data=npz, out_dir=tmp_path / "cut", callbacks=(_CrashAtBatch(3 + 3 + 3 + 1),))
+    last = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert last["epoch"] == 3 and any("lora_" in k for k in last["model"])
+    resumed = finetune(cfg, resume=tmp_path / "cut")
+    a = torch.load(whole.run_dir / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed.run_dir / "model.pt", weights_only=True)["state_dict"]
+    assert set(a) == set(b) and not any("lora_" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)

@@ -384,7 +384,7 @@ def fit_classifier(prep: Prepared, run: RunDirectory, *, progress: bool = False,
     run.write_json("load_report.json", setup.report.to_dict())
     validation = Validation(setup, prep, run / ".feature_cache", progress and dist.main)
     optimizer = build_optimizer(setup.model, cfg)
-    extra = {"config": cfg.to_dict(), "data": prep.data, "labels": prep.labels}
+    extra = {"config": cfg.to_dict(), "data": prep.data, "labels": prep.labels, "auto_final_fit": bool(prep.selection)}
     trainer = Trainer(setup.model, optimizer, setup.loss_fn, device=setup.device, autocast=setup.autocast,
                       scaler=torch.amp.GradScaler("cuda", enabled=setup.amp_dtype is torch.float16),
                       grad_accum=cfg.train.grad_accum, dist=dist, generator=gen, samplers=setup.samplers,

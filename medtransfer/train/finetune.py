@@ -15,6 +15,7 @@ from typing import Any
 
 from medtransfer.config import RunConfig, config_from_dict
 from medtransfer.data.samples import SampleTable
+from medtransfer.errors import ConfigError
 from medtransfer.options import AdaptationMode
 from medtransfer.run import RunDirectory, default_run_dir
 from medtransfer.train import callbacks as cb
@@ -70,6 +71,10 @@ def _resume(resume: Any, data: Any, labels: Any, samples: SampleTable | None, pr
             callbacks: tuple[cb.Callback, ...]) -> FinetuneResult:
     """Continue a run from its ``last.pt``: its own config and data, its trainer and callback states."""
     state = RunDirectory(resume).load_last()
+    if state.get("auto_final_fit"):
+        raise ConfigError(f"'{resume}' is a train.adaptation=auto run stopped in its final fit; its selection "
+                          "(candidates, out-of-fold predictions) is not in last.pt, so it cannot be resumed. Run it "
+                          "again into a new folder, or train the chosen mode (metrics of candidates/) directly.")
     cfg = config_from_dict(state["config"])
     if samples is None and data is None:
         data, labels = state["data"], state["labels"]
