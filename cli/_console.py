@@ -15,3 +15,23 @@ def table_console() -> Console:
     if sys.stdout.isatty() or os.environ.get("COLUMNS"):
         return Console()
     return Console(width=PIPE_WIDTH)
+
+
+def setup_logging(console: Console, quiet: bool) -> None:
+    """``medtransfer.*`` log lines on ``console`` (INFO, or WARNING when quiet)."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    root = logging.getLogger("medtransfer")
+    root.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False, markup=False)]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def fail(console: Console, exc: Exception, code: int):
+    """Print ``exc`` as an error line and return the ``typer.Exit`` to raise."""
+    import typer
+
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)

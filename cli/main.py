@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from medtransfer.cli import pacs_cmd as pacs
 from medtransfer.config import available_presets
 from medtransfer.errors import ConfigError, DataError, MedTransferError
 
@@ -172,7 +173,7 @@ def _print_test_summary(m: dict) -> None:
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., help="Run directory written by 'medtransfer finetune'."),
-    input_dir: Path = typer.Argument(..., help="Folder of DICOM files (searched recursively; any file name); NIfTI and PNG / JPEG files are read too."),
+    input_dir: str = typer.Argument(..., help="Folder of DICOM files (searched recursively; any file name); NIfTI and PNG / JPEG files are read too. " + pacs.PACS_HELP),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="Output CSV (streamed to OUT.partial, moved into place when done)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     workers: int = typer.Option(0, "--workers", "-j", min=0, help="Decoding processes running beside the model (0: decode in the main process)."),
@@ -186,8 +187,13 @@ def predict(
     patient_fields: bool = typer.Option(False, "--patient-fields", help="Add patient_id, patient_name and patient_birth_date columns (identifying data: off by default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    where: list[str] = typer.Option([], "--where", help=pacs.WHERE_HELP),
+    send_to: Optional[str] = typer.Option(None, "--send-to", help=pacs.SEND_TO_HELP),
+    results_dir: Optional[Path] = typer.Option(None, "--results-dir", help=pacs.RESULTS_DIR_HELP),
+    pacs_config: Optional[Path] = typer.Option(None, "--pacs-config", help=pacs.PACS_CONFIG_HELP),
+    pacs_set: list[str] = typer.Option([], "--pacs-set", help=pacs.PACS_SET_HELP),
 ) -> None:
-    """Predict every file under INPUT_DIR; one CSV row per file (per series for 3D models).
+    """Predict every file under INPUT_DIR (or found by a PACS query); one CSV row each (per series in 3D).
 
     Columns: path, status (ok / skipped / error), reason, SOP/study/series instance UIDs, one
     prob_<class> column per class, predicted (at the operating point chosen on validation).
@@ -196,6 +202,11 @@ def predict(
     are 'skipped'; hidden folders are not entered. The batch always finishes. No patient names or
     birth dates are written unless --patient-fields asks for them. --study-json DIR adds one JSON per
     study.
+
+    From a PACS (dicomweb://… or dimse://…): one row per instance the query finds, path
+    studies/<uid>/series/<uid>/instances/<uid>; retrieval failures are 'error' rows (not
+    retrievable, timed out, rejected); results go to --results-dir as DICOM SR (TID 1500, per
+    study; per series in 3D) or SEG, and to --send-to.
 
     Exit code 0 when at least one input was predicted, 1 otherwise.
 
@@ -206,11 +217,26 @@ def predict(
       medtransfer predict runs/demo /data/inbox --out part0.csv --shard 0/4   # on machine 0 of 4
 
       medtransfer predict runs/demo /data/inbox --out preds.csv --study-json reports/ --parquet
+
+      medtransfer predict runs/cxr "dicomweb://pacs:8042/dicom-web?StudyDate=20240101-20240131&Modality=CR" --send-to dicomweb://pacs:8042/dicom-web
+
+      medtransfer predict runs/ct3d "dimse://PACS@pacs:11112?Modality=CT" --where SliceThickness=2.5:5 --pacs-set retrieve=move
     """
+    from medtransfer.hospital import is_pacs_url
     from medtransfer.inference import predict_folder
     from medtransfer.inference.batch import SeriesFilter, parse_shard
 
+    if is_pacs_url(input_dir):
+        return pacs.predict_pacs(
+            run_dir, input_dir, out=out, batch_size=batch_size, workers=workers, resume=resume, shard=shard,
+            modality=modality, series_description=series_description, min_slices=min_slices, where=where,
+            patient_fields=patient_fields, study_json=study_json, device=device, quiet=quiet, send_to=send_to,
+            results_dir=results_dir, pacs_config=pacs_config, pacs_set=pacs_set)
     _setup_logging(quiet)
+    if where or send_to or results_dir or pacs_config or pacs_set:
+        raise _fail(ConfigError("--where, --send-to, --results-dir, --pacs-config and --pacs-set apply to PACS "
+                                "sources (dicomweb://… or dimse://…), not to a folder."), 2)
+    input_dir = Path(input_dir)
     if _is_segmentation_run(run_dir):
         from medtransfer.segmentation import predict_segmentation
 
@@ -359,10 +385,12 @@ def demo_data(
 
 
 from medtransfer.cli.inspect_cmd import inspect_command  # noqa: E402
+from medtransfer.cli.serve_cmd import serve_command  # noqa: E402
 from medtransfer.cli.segment_cmd import segment_app  # noqa: E402
 from medtransfer.cli.weights_cmd import weights_app  # noqa: E402
 
 app.command("inspect")(inspect_command)
+app.command("serve")(serve_command)
 app.add_typer(weights_app, name="weights")
 app.add_typer(segment_app, name="segment")
 

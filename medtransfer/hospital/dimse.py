@@ -80,8 +80,9 @@ def status_text(code: int, table: Mapping[int, tuple[str, str]]) -> str:
     return f"0x{code:04X} ({category}{': ' + meaning if meaning else ''})"
 
 
-def write_received(event, path: Path) -> None:
-    """Write a C-STORE request's dataset as a Part 10 file, bytes as received (atomically)."""
+def write_received(event, path: Path, fsync: bool = False) -> None:
+    """Write a C-STORE request's dataset as a Part 10 file, bytes as received (atomically; with
+    ``fsync`` on disk before this returns)."""
     from pydicom.filewriter import write_file_meta_info
 
     tmp = path.with_name(f".{path.name}.tmp{threading.get_ident()}")
@@ -89,6 +90,9 @@ def write_received(event, path: Path) -> None:
         fh.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(fh, event.file_meta, enforce_standard=True)
         fh.write(event.request.DataSet.getvalue())
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 

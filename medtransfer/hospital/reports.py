@@ -16,16 +16,17 @@ from medtransfer.hospital.sr import ModelIdentity, classification_report, identi
 logger = logging.getLogger(__name__)
 
 
-def report_name(unit: Unit, per_series: bool) -> str:
-    return f"{unit.series_uid if per_series else unit.study_uid}.sr.dcm"
+def report_name(unit: Unit, per_series: bool, tag: str = "") -> str:
+    """``<study uid>.sr.dcm`` (``<series uid>`` for 3D models; ``.<tag>`` before the suffix when given)."""
+    return f"{unit.series_uid if per_series else unit.study_uid}{'.' + tag if tag else ''}.sr.dcm"
 
 
 class ReportBook:
     """Collects rows by report scope and writes each report once its scope is complete."""
 
     def __init__(self, sink: ResultSink, model: ModelIdentity, per_series: bool, units: Iterable[Unit],
-                 fetch_identity: Callable[[Unit], Any]):
-        self.sink, self.model, self.per_series = sink, model, per_series
+                 fetch_identity: Callable[[Unit], Any], tag: str = ""):
+        self.sink, self.model, self.per_series, self.tag = sink, model, per_series, tag
         self.units = {u.key: u for u in units}
         self.expected = Counter(self._scope(u) for u in self.units.values())
         self.seen: Counter = Counter()
@@ -59,7 +60,7 @@ class ReportBook:
         ok = [(u, r) for u, r in pairs if r["status"] == "ok"]
         if not ok:
             return
-        name = report_name(ok[0][0], self.per_series)
+        name = report_name(ok[0][0], self.per_series, self.tag)
         if self.sink.done(name):
             return
         if (self.sink.folder / name).is_file():  # written before an interruption, not sent yet
