@@ -80,7 +80,7 @@ def identity_of(header) -> Any:
 
     ds = Dataset()
     for keyword in IDENTITY_KEYWORDS:
-        if keyword in header:
+        if keyword in header and (keyword != "SpecificCharacterSet" or header.get(keyword)):
             setattr(ds, keyword, header.get(keyword))
     for keyword in _TYPE2:
         if keyword not in ds:
