@@ -149,13 +149,14 @@ class OrthancServer:
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
 
-    def stop(self) -> None:
-        """Stop the process by its PID and remove its storage."""
+    def stop(self, grace: float = 0.3) -> None:
+        """Stop the process by its PID (SIGTERM, SIGKILL after ``grace`` seconds: a graceful stop takes
+        Orthanc about 3.5 s and its storage is removed anyway) and remove its storage."""
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -166,3 +167,20 @@ class OrthancServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """The path of a DCMTK command-line tool (``storescu``, ``dsrdump``, …), skipping same-named
+    programs from other packages (pynetdicom installs a ``storescu`` too)."""
+    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]
+    for d in dict.fromkeys(dirs):
+        path = Path(d) / name
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            continue
+        try:
+            out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "$dcmtk" in out.stdout + out.stderr:
+            return str(path)
+    return None

@@ -289,3 +289,228 @@ def test_segmentation_over_dicomweb_sends_a_seg_found_by_qido_and_cfind(pacs, se
         {s.SOPInstanceUID for s in sources}
     assert (seg.PatientID, seg.StudyInstanceUID) == (sources[0].PatientID, sources[0].StudyInstanceUID)
     assert seg.get_segment_description(1).SegmentLabel == "liver"
+
+
+def test_killed_job_resumes_with_each_instance_exactly_once(pacs, pacs_runs, cls_run, tmp_path):
+    """SIGKILL mid-job (the PACS frozen so that the kill lands before the end), then --resume."""
+    out = tmp_path / "killed.csv"
+    partial = tmp_path / "killed.csv.partial"
+    args = [cls_run, pacs.dicomweb + "?Modality=MR", "--out", out, "--series-description", "HippoCrop",
+            "--pacs-set", "chunk_size=8", "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "medtransfer", "predict", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 2):
+            assert proc.poll() is None, "the job ended before it could be interrupted"
+            time.sleep(0.01)
+        pacs.pause()
+        time.sleep(0.5)  # what was already retrieved is predicted; then the job waits on the frozen PACS
+        proc.kill()
+        proc.wait()
+    finally:
+        pacs.resume()
+    before = _csv(partial)
+    assert 0 < len(before) < 195
+    res = _predict_cli(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    rows = _csv(out)
+    assert len(rows) == 195 and len({r["sop_instance_uid"] for r in rows}) == 195
+    assert rows[:len(before)] == before  # what was written before the kill is kept, not redone
+    assert out.read_text() == (pacs_runs / "web.csv").read_text()  # the uninterrupted run's table
+    assert len(list((tmp_path / "killed-results").glob("*.sr.dcm"))) == 3
+
+
+@pytest.fixture
+def small_pacs(tmp_path, brain):
+    """A fresh Orthanc with the two HippoCrop series of Study1 and Study2 (32 + 35 instances)."""
+    server = OrthancServer(tmp_path / "orthanc").start()
+    server.upload(sorted((brain / "Study1").rglob("*.dcm")) + sorted((brain / "Study2").rglob("*.dcm")))
+    yield server
+    server.stop()
+
+
+FAST_FAIL = ["--pacs-set", "retries=1", "--pacs-set", "backoff=0.1", "--pacs-set", "chunk_size=16"]
+
+
+def test_pacs_stopped_mid_retrieve_gives_error_rows_and_exit_0(small_pacs, cls_run, tmp_path, monkeypatch):
+    from medtransfer.hospital.dicomweb import DicomWebPacs
+
+    real = DicomWebPacs.retrieve
+    calls = []
+
+    def retrieve_then_stop(self, records, dest, sizes):
+        failures = real(self, records, dest, sizes)
+        calls.append(len(records))
+        if len(calls) == 1:
+            small_pacs.stop()  # the PACS goes away after the first chunk
+        return failures
+
+    monkeypatch.setattr(DicomWebPacs, "retrieve", retrieve_then_stop)
+    start = time.monotonic()
+    res = _predict_cli(cls_run, small_pacs.dicomweb, "--out", tmp_path / "p.csv", *FAST_FAIL)
+    assert time.monotonic() - start < 30
+    assert res.exit_code == 0, res.output  # something was predicted
+    rows = _csv(tmp_path / "p.csv")
+    by_status = {s: [r for r in rows if r["status"] == s] for s in ("ok", "error")}
+    assert len(rows) == 67 and sorted(map(len, by_status.values())) == [32, 35]
+    assert len(by_status["ok"]) == calls[0]  # the first chunk (one whole series) was predicted
+    assert all(r["reason"].startswith("not retrievable: ") and "cannot reach" in r["reason"] for r in by_status["error"])
+    assert len({r["series_instance_uid"] for r in by_status["ok"]}) == 1
+    assert len(list((tmp_path / "p-results").glob("*.sr.dcm"))) == 1  # the report of the predicted study
+
+
+def test_pacs_gone_before_any_retrieval_exits_1(small_pacs, cls_run, tmp_path, monkeypatch):
+    from medtransfer.hospital.dimse import DimsePacs
+
+    real = DimsePacs.query
+
+    def query_then_stop(self, *a, **k):
+        records = real(self, *a, **k)
+        small_pacs.stop()
+        return records
+
+    monkeypatch.setattr(DimsePacs, "query", query_then_stop)
+    res = _predict_cli(cls_run, small_pacs.dimse, "--out", tmp_path / "p.csv", *FAST_FAIL)
+    assert res.exit_code == 1 and "no input could be predicted" in res.output
+    rows = _csv(tmp_path / "p.csv")
+    assert len(rows) == 67 and {r["status"] for r in rows} == {"error"}
+    assert all(r["reason"].startswith("not retrievable: cannot reach") for r in rows), rows[0]["reason"]
+
+
+def test_hanging_pacs_times_out_instead_of_hanging(small_pacs, cls_run, tmp_path, monkeypatch):
+    from medtransfer.hospital.dimse import DimsePacs
+
+    real = DimsePacs.query
+
+    def query_then_freeze(self, *a, **k):
+        records = real(self, *a, **k)
+        small_pacs.pause()  # accepts TCP connections, answers nothing
+        return records
+
+    monkeypatch.setattr(DimsePacs, "query", query_then_freeze)
+    start = time.monotonic()
+    try:
+        res = _predict_cli(cls_run, small_pacs.dimse, "--out", tmp_path / "p.csv", *FAST_FAIL,
+                           "--pacs-set", "timeout=1.5")
+    finally:
+        small_pacs.resume()
+    elapsed = time.monotonic() - start
+    assert res.exit_code == 1
+    rows = _csv(tmp_path / "p.csv")
+    assert len(rows) == 67 and {r["status"] for r in rows} == {"error"}
+    assert all(r["reason"].startswith("timed out: ") for r in rows), rows[0]["reason"]
+    assert elapsed < 20  # two association attempts of 1.5 s, then the PACS is marked down
+
+
+def test_basic_auth_works_and_the_password_is_never_printed(tmp_path, brain, cls_run, monkeypatch):
+    password = "s3cret-Pw-1234"
+    server = OrthancServer(tmp_path / "orthanc", users={"ai": password}).start()
+    try:
+        server.upload(sorted((brain / "Study1").rglob("*.dcm")))
+        monkeypatch.setenv("PACS_PW", password)
+        auth = ["--pacs-set", "username=ai", "--pacs-set", "password_env=PACS_PW"]
+        good = _predict_cli(cls_run, server.dicomweb, "--out", tmp_path / "ok.csv", *auth)
+        assert good.exit_code == 0, good.output
+        assert Counter(r["status"] for r in _csv(tmp_path / "ok.csv")) == {"ok": 32}
+        monkeypatch.setenv("PACS_PW", "wrong-" + password)
+        bad = _predict_cli(cls_run, server.dicomweb, "--out", tmp_path / "bad.csv", *auth)
+        assert bad.exit_code == 1 and "rejected: QIDO-RS search: HTTP 401" in bad.output
+        on_cli = _predict_cli(cls_run, server.dicomweb, "--out", tmp_path / "x.csv", "--pacs-set", f"password={password}")
+        assert on_cli.exit_code == 2 and "never given on the command line" in on_cli.output
+        for res in (good, bad, on_cli):
+            assert password not in res.output
+    finally:
+        server.stop()
+
+
+def _serve(run_dir, port, state, send_to, quiet_period):
+    from orthanc_server import free_port as _  # noqa: F401  (same helpers as the PACS)
+
+    cmd = [sys.executable, "-m", "medtransfer", "serve", str(run_dir), "--dimse-port", str(port), "--ae-title",
+           "MEDTRANSFER", "--bind", "127.0.0.1", "--state-dir", str(state), "--quiet-period", str(quiet_period),
+           "--send-to", send_to]
+    log = open(state.parent / f"serve-{time.monotonic_ns()}.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, Path(log.name).read_text()
+        try:
+            with __import__("socket").create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("medtransfer serve did not listen within 60 s")
+
+
+def _sigterm(proc):
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def _push(storescu, port, files):
+    return subprocess.Popen([storescu, "-aet", "MODALITY", "-aec", "MEDTRANSFER", "127.0.0.1", str(port),
+                             *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_listener_predicts_pushed_studies_once_across_restarts(cls_run, brain, tmp_path):
+    """storescu → medtransfer serve → SR in Orthanc; SIGTERM before the quiet period loses nothing;
+    two concurrent associations; a third start repeats nothing."""
+    import sqlite3
+
+    from orthanc_server import dcmtk_tool
+
+    storescu, dsrdump = dcmtk_tool("storescu"), dcmtk_tool("dsrdump")
+    if storescu is None or dsrdump is None:
+        pytest.skip("DCMTK (storescu, dsrdump) is not installed (Debian: apt-get install dcmtk)")
+    server = OrthancServer(tmp_path / "orthanc").start()
+    port, state = free_port(), tmp_path / "state"
+    state.mkdir()
+    study2 = sorted((brain / "Study2").rglob("*.dcm"))
+    t1, flair = (sorted((brain / "Study3" / d).glob("*.dcm")) for d in ("11-T1post-18670", "36468-FLAIRreg-58706"))
+    proc = None
+    try:
+        proc = _serve(cls_run, port, state, server.dicomweb, quiet_period=120)
+        push = _push(storescu, port, study2)
+        assert push.wait(timeout=60) == 0, push.stderr.read()
+        _sigterm(proc)  # stopped long before the quiet period ends
+        assert server.instances(Modality="SR") == []
+        with sqlite3.connect(state / "journal.sqlite") as db:
+            assert db.execute("SELECT COUNT(*) FROM instances WHERE batch_id IS NULL").fetchone()[0] == 35
+
+        proc = _serve(cls_run, port, state, server.dicomweb, quiet_period=1)
+        pushes = [_push(storescu, port, t1), _push(storescu, port, flair)]  # two associations at once
+        assert [p.wait(timeout=60) for p in pushes] == [0, 0]
+        assert _wait_for(lambda: len(server.instances(Modality="SR")) == 2), "no SR reached Orthanc"
+        _sigterm(proc)
+
+        proc = _serve(cls_run, port, state, server.dicomweb, quiet_period=1)
+        time.sleep(2)
+        _sigterm(proc)
+        reports = server.instances(Modality="SR")
+        assert len(reports) == 2
+        assert {r["0020000D"]["Value"][0] for r in reports} == {pydicom.dcmread(study2[0]).StudyInstanceUID,
+                                                                 pydicom.dcmread(t1[0]).StudyInstanceUID}
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+    rows = [r for f in sorted((state / "rows").glob("*.csv")) for r in _csv(f)]
+    pushed = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in study2 + t1 + flair}
+    assert len(rows) == len(pushed) == 79 and {r["sop_instance_uid"] for r in rows} == pushed
+    assert {r["status"] for r in rows} == {"ok"}
+    assert not list((state / "incoming").rglob("*.dcm"))  # delivered: the received images are gone
+    for sr in (state / "results").glob("*.sr.dcm"):
+        out = subprocess.run([dsrdump, str(sr)], capture_output=True, text=True)
+        assert out.returncode == 0 and "Imaging Measurement Report" in out.stdout, out.stderr

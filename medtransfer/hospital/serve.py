@@ -182,13 +182,14 @@ class Listener:
         chunk = self._chunk(batch)
         rows_csv = self.state / "rows" / f"{batch.id:08d}.csv"
         failures_before = len(self.sink.failures)
+        book = None if self.segmentation else self._book(chunk)
         if batch.state == "pending":
-            rows = self._predict(chunk)
+            rows = self._predict(chunk, book)
             _write_rows(rows_csv, rows, self._fields())
             self.journal.set_state(batch.id, "predicted")
         else:
             rows = _read_rows(rows_csv)
-            self._deliver(chunk, rows)
+        self._deliver(chunk, rows, book)
         new_failures = self.sink.failures[failures_before:]
         if new_failures:
             self.journal.set_state(batch.id, "predicted", note=new_failures[0], attempt=True)
@@ -210,15 +211,14 @@ class Listener:
         per_series = self.run.pre.spec.dims == 3
         return classification_fields(self.run.label_names, self.opts.job.patient_fields, per_series)
 
-    def _predict(self, chunk: Chunk) -> list[dict]:
-        """Rows of a batch; results are delivered on the way (reports when their scope is complete)."""
+    def _predict(self, chunk: Chunk, book: ReportBook | None) -> list[dict]:
+        """Rows of a batch (SEG objects are delivered on the way; reports by :meth:`_deliver`)."""
         if self.segmentation:
             from medtransfer.hospital.segjob import segment_chunk
             from medtransfer.hospital.sr import file_sha256
 
             return segment_chunk(self.run_dir, chunk, self.opts.job, self.sink, file_sha256(self.run_dir / "model.pt"))
-        per_series = self.run.pre.spec.dims == 3
-        return predict_chunk(self.run, chunk, self.opts.job, per_series, self._book(chunk))
+        return predict_chunk(self.run, chunk, self.opts.job, self.run.pre.spec.dims == 3, book)
 
     def _book(self, chunk: Chunk) -> ReportBook:
         from medtransfer.hospital.sr import model_identity
@@ -226,16 +226,15 @@ class Listener:
         return ReportBook(self.sink, model_identity(self.run), self.run.pre.spec.dims == 3, chunk.units,
                           fetch_identity=lambda unit: None, tag=f"batch{chunk.index}")
 
-    def _deliver(self, chunk: Chunk, rows: list[dict]) -> None:
-        """Results of a batch predicted before (a restart, or a failed delivery being retried)."""
-        if self.segmentation:
+    def _deliver(self, chunk: Chunk, rows: list[dict], book: ReportBook | None) -> None:
+        """The results of a batch's rows (again after a restart or a failed delivery: nothing twice)."""
+        if book is None:  # segmentation: SEG objects written while predicting; send what is not sent
             for row in rows:
                 if row.get("seg_sop_instance_uid"):
                     self.sink.deliver(f"{row['series_instance_uid']}.seg.dcm")
             return
-        book = self._book(chunk)
         for unit in chunk.units:
-            if all(chunk.path_of(rec).is_file() for rec in unit.records):
+            if unit.study_uid not in book.identities and all(chunk.path_of(r).is_file() for r in unit.records):
                 note_sources(book, chunk, unit)
         book.add(rows)
 
@@ -250,11 +249,15 @@ class Listener:
             self.shutdown()
 
     def shutdown(self, grace: float = 5.0) -> None:
+        """Stop accepting; give associations in progress ``grace`` seconds to finish, then abort them
+        (a C-STORE not answered is sent again by its sender); close the journal."""
         if self.server is not None:
             self.server.shutdown()
             deadline = time.monotonic() + grace
-            while self.server.active_associations and time.monotonic() < deadline:
+            while any(a.is_established for a in self.server.active_associations) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            for assoc in self.server.active_associations:  # idle connections, e.g. health checks
+                assoc.abort()
             self.server = None
         if self.sink.destination is not None:
             self.sink.destination.close()
