@@ -56,6 +56,31 @@ def set_nodelay(event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def hold_reactor(assoc, settle: float = 0.005, limit: float = 2.0) -> None:
+    """Make sure pynetdicom's reactor thread is parked before a request is sent on ``assoc``.
+
+    pynetdicom (3.0 and its main branch) pauses the association's reactor before each request by
+    clearing a checkpoint and waiting for its ``_is_paused`` flag; the flag is set just before the
+    reactor waits, so a reactor that passed the checkpoint a moment earlier can still take the
+    peer's answer off the queue and drop it ("unexpected C-FIND service message"). A peer that
+    answers within microseconds (TCP_NODELAY on loopback) loses a response now and then: a series
+    missing from a C-FIND, a C-GET that waits for its final response. Here the checkpoint is cleared
+    early and the flag must hold for ``settle`` seconds; pynetdicom then clears it again (no-op).
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None or not hasattr(assoc, "_is_paused"):
+        return
+    checkpoint.clear()
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if assoc._is_paused:
+            time.sleep(settle)
+            if assoc._is_paused:
+                return
+        else:
+            time.sleep(0.0005)
+
+
 def new_ae(ae_title: str, settings: ConnectionSettings):
     """A pynetdicom AE with the settings' timeouts."""
     pynetdicom = _require_pynetdicom()
@@ -184,6 +209,7 @@ class DimsePacs:
         from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS
 
         answers = []
+        hold_reactor(assoc)
         started = time.monotonic()
         for status, ds in assoc.send_c_find(identifier, FindModel):
             if not status or "Status" not in status:
@@ -315,6 +341,7 @@ class DimsePacs:
         ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
         ident.SOPInstanceUID = list(uids) if len(uids) > 1 else uids[0]
         move = self.settings.retrieve == "move"
+        hold_reactor(assoc)
         responses = (assoc.send_c_move(ident, self.settings.store_aet, MoveModel) if move
                      else assoc.send_c_get(ident, GetModel))
         final = None
@@ -372,6 +399,7 @@ class DimsePacs:
                 if not assoc.is_established:
                     failures[uid] = f"not stored: the association with {self.describe()} was lost"
                     continue
+                hold_reactor(assoc)
                 started = time.monotonic()
                 status = assoc.send_c_store(str(path))
                 if not status or "Status" not in status:

@@ -1,11 +1,12 @@
 """Classification results as a DICOM Comprehensive SR, TID 1500 Measurement Report (highdicom).
 
-One report per study (2D models: one measurement group per predicted image, plus a study group
+One report per study (2D models: one measurement group per predicted image, after a study group
 with each class's highest probability) or per series (3D models: one group for the series). Each
 group carries, per class, the probability (TID 300 measurement, unit "no units") and the decision
-at the run's operating point (TID 1501 qualitative evaluation: Present / Absent), the algorithm
-identification (TID 4019: model name, version, sha256, operating point) and references to its
-source images; the report's evidence lists every source instance. Patient and study identity are
+at the run's operating point (TID 1501 qualitative evaluation: Present / Absent; for a binary model
+of its positive class), the algorithm identification (TID 4019: model name and version; the first
+group also its parameters: the sha256 of model.pt, backbone, classes, operating point) and
+references to its source images; the report's evidence lists every source instance. Patient and study identity are
 copied from a source image, as a PACS files the report with the study.
 """
 from __future__ import annotations
@@ -122,13 +123,14 @@ def _class_codes(model: ModelIdentity):
 
 
 def _group(model: ModelIdentity, tracking: tuple[str, str], probs: Sequence[float], predicted: set[str],
-           sources: Sequence[tuple[str, str]], derivation=None):
-    """One TID 1501 group: per class the probability and the decision, the algorithm, the sources."""
+           sources: Sequence[tuple[str, str]], derivation=None, full_algorithm: bool = True):
+    """One TID 1501 group: per class the probability and the decision, the algorithm (with its
+    parameters: sha256, backbone, classes, operating point, when ``full_algorithm``), the sources."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     algorithm = hd.sr.AlgorithmIdentification(name=model.name[:64], version=model.version[:64] or "0",
-                                              parameters=model.parameters())
+                                              parameters=model.parameters() if full_algorithm else None)
     prob_codes, finding_codes = _class_codes(model)
     unit = hd.sr.CodedConcept("1", "UCUM", "no units")
     measurements = [hd.sr.Measurement(name=code, value=float(p), unit=unit, derivation=derivation)
@@ -177,7 +179,7 @@ def classification_report(identity, rows: Sequence[Mapping[str, str]], model: Mo
         refs = [(c, u) for _, c, u in sources[row["path"]]]
         label = "series" if per_series else f"image {n}"
         groups.append(_group(model, (model.sha256, scope, row["path"], label), _probs(row, model), _predicted(row),
-                             refs))
+                             refs, full_algorithm=not groups))  # the parameters once, in the first group
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=stable_uid(model.sha256, "device"), name=model.name[:64], manufacturer_name="medtransfer",
         model_name=model.backbone[:64] or None, serial_number=model.sha256[:16])
