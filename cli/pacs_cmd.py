@@ -40,14 +40,23 @@ def settings_from_options(pacs_config: Optional[Path], pacs_set: list[str]):
         raise fail(console, exc, 2) from None
 
 
+def selection_from_options(modality: list[str], series_description: Optional[str], min_slices: int, where: list[str]):
+    """The selection of ``predict`` / ``serve`` options (raises ConfigError on a bad ``--where``)."""
+    from medtransfer.hospital import Selection, parse_range
+    from medtransfer.inference.batch import SeriesFilter
+
+    return Selection(SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices),
+                     tuple(parse_range(w) for w in where))
+
+
 def predict_pacs(run_dir: Path, source: str, *, out: Path, batch_size: int, workers: int, resume: bool,
                  shard: Optional[str], modality: list[str], series_description: Optional[str], min_slices: int,
                  where: list[str], patient_fields: bool, study_json: Optional[Path], device: str, quiet: bool,
                  send_to: Optional[str], results_dir: Optional[Path], pacs_config: Optional[Path],
                  pacs_set: list[str]) -> None:
     """Run ``predict`` over what a PACS query finds; print the counts; exit as documented above."""
-    from medtransfer.hospital import PacsJobOptions, Selection, parse_pacs_url, parse_range, predict_from_pacs
-    from medtransfer.inference.batch import SeriesFilter, parse_shard
+    from medtransfer.hospital import PacsJobOptions, parse_pacs_url, predict_from_pacs
+    from medtransfer.inference.batch import parse_shard
 
     setup_logging(console, quiet)
     settings = settings_from_options(pacs_config, pacs_set)
@@ -55,8 +64,7 @@ def predict_pacs(run_dir: Path, source: str, *, out: Path, batch_size: int, work
         parse_pacs_url(source)
         if send_to:
             parse_pacs_url(send_to)
-        selection = Selection(SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices),
-                              tuple(parse_range(w) for w in where))
+        selection = selection_from_options(modality, series_description, min_slices, where)
         options = PacsJobOptions(selection=selection, batch_size=batch_size, workers=workers, resume=resume,
                                  shard=parse_shard(shard), patient_fields=patient_fields,
                                  chunk_size=settings.chunk_size, progress=not quiet)

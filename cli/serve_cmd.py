@@ -13,7 +13,14 @@ from typing import Optional
 import typer
 
 from medtransfer.cli._console import fail, setup_logging
-from medtransfer.cli.pacs_cmd import PACS_CONFIG_HELP, PACS_SET_HELP, WHERE_HELP, console, settings_from_options
+from medtransfer.cli.pacs_cmd import (
+    PACS_CONFIG_HELP,
+    PACS_SET_HELP,
+    WHERE_HELP,
+    console,
+    selection_from_options,
+    settings_from_options,
+)
 from medtransfer.errors import MedTransferError
 
 
@@ -54,23 +61,28 @@ def serve_command(
 
       medtransfer serve runs/cxr --send-to dicomweb://pacs:8042/dicom-web --pacs-set token_env=PACS_TOKEN --quiet-period 30
     """
-    from medtransfer.hospital import PacsJobOptions, Selection, parse_pacs_url, parse_range
-    from medtransfer.hospital.serve import Listener, ServeOptions
-    from medtransfer.inference.batch import SeriesFilter
+    from medtransfer.hospital import PacsJobOptions, parse_pacs_url
+    from medtransfer.hospital.serve import ServeOptions
 
     setup_logging(console, quiet)
     settings = settings_from_options(pacs_config, pacs_set)
     try:
         if send_to:
             parse_pacs_url(send_to)
-        selection = Selection(SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices),
-                              tuple(parse_range(w) for w in where))
+        selection = selection_from_options(modality, series_description, min_slices, where)
     except MedTransferError as exc:
         raise fail(console, exc, 2) from None
     options = ServeOptions(state_dir=state_dir, port=dimse_port, ae_title=ae_title, bind=bind, quiet_period=quiet_period,
                            send_to=send_to, results_dir=results_dir, allow_aets=tuple(allow_aet),
                            max_associations=max_associations, keep_images=keep_images,
                            job=PacsJobOptions(selection=selection, batch_size=batch_size))
+    _run_until_signalled(run_dir, options, settings, device)
+
+
+def _run_until_signalled(run_dir: Path, options, settings, device: str) -> None:
+    """Serve until SIGTERM or SIGINT (the batch in hand is finished first)."""
+    from medtransfer.hospital.serve import Listener
+
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -107,7 +107,7 @@ class OrthancServer:
             try:
                 if self.get("/system").get("Name") == self.name:
                     return self
-            except OSError:
+            except OSError:  # not listening yet (URLError is an OSError)
                 pass
             time.sleep(0.1)
         self.stop()
@@ -167,6 +167,70 @@ class OrthancServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def self_signed_pem(folder: Path) -> Path | None:
+    """A certificate for 127.0.0.1 and its key in one PEM file (openssl), or None without openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    key, cert, pem = folder / "key.pem", folder / "cert.pem", folder / "server.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    pem.write_text(cert.read_text() + key.read_text())
+    return pem
+
+
+class TlsProxy:
+    """HTTPS on a loopback port in front of an HTTP server (Orthanc's own HTTPS server crashes on its
+    first connection in Debian's 1.10.1): a real TLS handshake with ``pem``'s certificate."""
+
+    def __init__(self, target_port: int, pem: Path):
+        import http.server
+        import ssl
+        import threading
+        import urllib.error
+        import urllib.request
+
+        class Forward(http.server.BaseHTTPRequestHandler):
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+                req = urllib.request.Request(f"http://127.0.0.1:{target_port}{self.path}", data=body,
+                                             method=self.command)
+                for key in ("Accept", "Content-Type", "Authorization"):
+                    if self.headers.get(key):
+                        req.add_header(key, self.headers[key])
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as resp:
+                        status, headers, data = resp.status, resp.headers, resp.read()
+                except urllib.error.HTTPError as err:
+                    status, headers, data = err.code, err.headers, err.read()
+                self.send_response(status)
+                self.send_header("Content-Type", headers.get("Content-Type", "application/octet-stream"))
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.port = free_port()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Forward)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(pem))
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> TlsProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def dcmtk_tool(name: str) -> str | None:

@@ -519,3 +519,19 @@ def test_listener_predicts_pushed_studies_once_across_restarts(cls_run, brain, t
     for sr in (state / "results").glob("*.sr.dcm"):
         out = subprocess.run([dsrdump, str(sr)], capture_output=True, text=True)
         assert out.returncode == 0 and not out.stderr.strip() and "Imaging Measurement Report" in out.stdout, out.stderr
+
+
+def test_dicomwebs_verifies_the_server_certificate(small_pacs, cls_run, tmp_path):
+    """HTTPS (a TLS front for Orthanc): trusted with the right CA bundle (ca_cert), rejected otherwise."""
+    from orthanc_server import TlsProxy, self_signed_pem
+
+    pem = self_signed_pem(tmp_path)
+    if pem is None:
+        pytest.skip("openssl is not installed: no certificate for the HTTPS test")
+    with TlsProxy(small_pacs.http_port, pem) as proxy:
+        url = f"dicomwebs://127.0.0.1:{proxy.port}/dicom-web?SeriesDescription=HippoCrop&PatientID=PGBM-002"
+        good = _predict_cli(cls_run, url, "--out", tmp_path / "ok.csv", "--pacs-set", f"ca_cert={pem}", "-q")
+        assert good.exit_code == 0, good.output
+        assert Counter(r["status"] for r in _csv(tmp_path / "ok.csv")) == {"ok": 32}
+        bad = _predict_cli(cls_run, url, "--out", tmp_path / "bad.csv", "-q")
+        assert bad.exit_code == 1 and "rejected: QIDO-RS search: TLS handshake" in bad.output

@@ -39,15 +39,28 @@ def _require_client():
 
 
 def http_session(settings: ConnectionSettings):
-    """A requests session carrying the authentication and TLS settings (secrets read here, never logged)."""
+    """A requests session carrying the authentication and TLS settings (secrets read here, never logged).
+
+    The CA bundle (``ca_cert``) or ``verify_tls: false`` holds for every request: requests would
+    otherwise let ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` from the environment replace it.
+    """
     _, requests = _require_client()
-    session = requests.Session()
+    verify = settings.ca_cert or settings.verify_tls
+
+    class Session(requests.Session):
+        def merge_environment_settings(self, url, proxies, stream, verify_arg, cert):
+            merged = super().merge_environment_settings(url, proxies, stream, verify_arg, cert)
+            if settings.ca_cert or not settings.verify_tls:
+                merged["verify"] = verify
+            return merged
+
+    session = Session()
     token = settings.secret("token")
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
     elif settings.username:
         session.auth = (settings.username, settings.secret("password"))
-    session.verify = settings.ca_cert or settings.verify_tls
+    session.verify = verify
     if settings.client_cert:
         session.cert = (settings.client_cert, settings.client_key) if settings.client_key else settings.client_cert
     return session

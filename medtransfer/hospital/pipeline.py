@@ -59,7 +59,7 @@ class PacsSummary:
 
 
 @contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
+def quiet_logger(name: str) -> Iterator[None]:
     """Per-chunk INFO lines of a library module are not the job's news."""
     log = logging.getLogger(name)
     level = log.level
@@ -107,7 +107,7 @@ def _batch_rows(run, chunk: Chunk, opts: PacsJobOptions) -> dict[str, dict[str, 
     """Rows of :func:`run_batch` over the chunk's folder, by the spool path they name."""
     from medtransfer.inference.batch import run_batch
 
-    with _quiet("medtransfer.inference.batch"):
+    with quiet_logger("medtransfer.inference.batch"):
         summary = run_batch(run, chunk.folder, chunk.folder.with_suffix(".csv"), batch_size=opts.batch_size,
                             workers=opts.workers, series_filter=opts.selection.series_filter,
                             patient_fields=opts.patient_fields, keep_rows=True)
@@ -165,7 +165,7 @@ def query_units(pacs, opts: PacsJobOptions, per_series: bool) -> tuple[list[Unit
     return units, Counter(r.series_uid for r in records)
 
 
-def _progress(enabled: bool, total: int):
+def progress_bar(enabled: bool, total: int):
     from rich.progress import Progress
 
     bar = Progress(disable=not enabled, transient=True)
@@ -185,7 +185,7 @@ def predict_classification(run, pacs, out_csv: str | os.PathLike[str], sink: Res
         todo = [u for u in units if u.key not in table.done]
         if opts.resume:
             logger.info("resume: %d of %d inputs already done", len(units) - len(todo), len(units))
-        bar, task = _progress(opts.progress, len(todo))
+        bar, task = progress_bar(opts.progress, len(todo))
         with bar, Prefetcher(pacs, make_chunks(todo, opts.chunk_size), series_sizes, opts.spool_dir) as chunks:
             for chunk in chunks:
                 rows = predict_chunk(run, chunk, opts, per_series, book)

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medtransfer.hospital.pipeline import PacsJobOptions, PacsSummary, _progress, _quiet, query_units, settle_unit
+from medtransfer.hospital.pipeline import PacsJobOptions, PacsSummary, progress_bar, quiet_logger, query_units, settle_unit
 from medtransfer.hospital.results import ResultSink
 from medtransfer.hospital.rows import RowLog, segmentation_fields, unit_row
 from medtransfer.hospital.selection import Unit
@@ -58,7 +58,7 @@ def segment_chunk(run_dir: Path, chunk: Chunk, opts: PacsJobOptions, sink: Resul
     seg_rows: dict[str, dict[str, Any]] = {}
     if todo:
         out = chunk.folder.with_name(chunk.folder.name + "-seg")
-        with _quiet("medtransfer.segmentation.inference"):
+        with quiet_logger("medtransfer.segmentation.inference"):
             found = predict_segmentation(run_dir, [chunk.folder / u.series_uid for u in todo], out)
         seg_rows = {Path(r["input"].split("#")[0]).name: r for r in found}
     rows = []
@@ -85,7 +85,7 @@ def predict_segmentation_pacs(run_dir: str | os.PathLike[str], pacs, out_csv: st
     units, series_sizes = query_units(pacs, opts, per_series=True)
     with RowLog(out_csv, segmentation_fields(ckpt["label_names"]), opts.resume) as table:
         todo = [u for u in units if u.key not in table.done]
-        bar, task = _progress(opts.progress, len(todo))
+        bar, task = progress_bar(opts.progress, len(todo))
         with bar, Prefetcher(pacs, make_chunks(todo, opts.chunk_size), series_sizes, opts.spool_dir) as chunks:
             for chunk in chunks:
                 table.write(segment_chunk(run_dir, chunk, opts, sink, sha))
