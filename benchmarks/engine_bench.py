@@ -30,7 +30,8 @@ from test_train_engine import toy_npz  # noqa: E402
 
 from medtransfer.backbones import get_weight_spec, load_backbone  # noqa: E402
 from medtransfer.config import load_config  # noqa: E402
-from medtransfer.data.preprocess import Preprocessor  # noqa: E402
+from medtransfer.data.datasets import ImageSet  # noqa: E402
+from medtransfer.data.preprocess import Preprocessor, preprocess_spec  # noqa: E402
 from medtransfer.data.samples import samples_from_npz  # noqa: E402
 from medtransfer.train import finetune as ft  # noqa: E402
 from medtransfer.transfer import TransferModel  # noqa: E402
@@ -44,9 +45,9 @@ def minimal_loop_epochs(npz: Path, cfg, epochs: int) -> list[float]:
     table = samples_from_npz(npz)
     backbone, _ = load_backbone(get_weight_spec(cfg.model.backbone), 1, "none")
     model = TransferModel(backbone, 2, "linear", cfg.model.dropout)
-    pre = Preprocessor(ft.preprocess_spec(cfg, 1, (0.5,), (0.5,)))
-    train = ft.ImageSet(table, table.subset("train"), pre)
-    val = ft.ImageSet(table, table.subset("val"), pre)
+    pre = Preprocessor(preprocess_spec(cfg.data, 1, (0.5,), (0.5,)))
+    train = ImageSet(table, table.subset("train"), pre)
+    val = ImageSet(table, table.subset("val"), pre)
     tl = torch.utils.data.DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True)
     vl = torch.utils.data.DataLoader(val, batch_size=cfg.train.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -96,7 +97,7 @@ def engine_epoch_walls(npz: Path, overrides: list[str], out: Path) -> list[float
     bookkeeping (best-model copy, model.pt, last.pt, history.csv). The first epoch (cache fill) has
     no predecessor and is not counted."""
     clock = _EpochClock()
-    log = logging.getLogger(ft.__name__)
+    log = logging.getLogger("medtransfer.train.callbacks")  # the History callback logs each epoch
     level = log.level
     log.addHandler(clock)
     log.setLevel(logging.INFO)

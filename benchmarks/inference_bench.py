@@ -51,16 +51,19 @@ def make_folder(src: Path, dst: Path, n: int) -> list[Path]:
 def make_run(path: Path) -> Path:
     from medtransfer.backbones import get_weight_spec, load_backbone
     from medtransfer.config import load_config
-    from medtransfer.train.finetune import preprocess_spec, save_checkpoint
+    from medtransfer.data.preprocess import preprocess_spec
+    from medtransfer.run import RunDirectory
+    from medtransfer.run.checkpoint import model_payload
     from medtransfer.transfer import TransferModel
 
     cfg = load_config("xray")
     spec_w = get_weight_spec(cfg.model.backbone)
     backbone, _ = load_backbone(spec_w, 1, "pretrained")
     model = TransferModel(backbone, 2)
-    spec = preprocess_spec(cfg, 1, spec_w.mean, spec_w.std)
+    spec = preprocess_spec(cfg.data, 1, spec_w.mean, spec_w.std)
     path.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path / "model.pt", model, cfg, spec, ["no_finding", "opacity"], {"operating_point": {"threshold": 0.5}})
+    RunDirectory(path).save_model(model_payload(model, cfg.to_dict(), spec.to_dict(), ["no_finding", "opacity"],
+                                                cfg.model.backbone, operating_point={"threshold": 0.5}))
     return path
 
 

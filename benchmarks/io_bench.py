@@ -1,6 +1,8 @@
 """IO speed: medtransfer.io.read_dicom versus plain ``pydicom.dcmread(f).pixel_array``.
 
-Run: ``python benchmarks/io_bench.py [--reps N]``. Writes ``benchmarks/results/io.json``.
+Run: ``python benchmarks/io_bench.py [--reps N]``. Writes ``benchmarks/results/io.json``; ``--quick`` (3
+repetitions of 0.1 s, one per decoder, written to a temp file unless ``--out``) checks the script in well
+under two minutes.
 
 * Uncompressed CT (shared/data ct_liver_seg_dicom + pydicom CT_small) and CR (the RG1 chest CR,
   decompressed and re-saved uncompressed in a temp dir): files/s of both readers, repetitions
@@ -65,8 +67,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--min-time", type=float, default=0.25)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "io.json")
+    parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/io.json)")
+    parser.add_argument("--quick", action="store_true", help="3 short repetitions: checks the script, not a measurement")
     args = parser.parse_args()
+    if args.quick:
+        args.reps, args.min_time = 3, 0.1
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "io_quick.json" if args.quick else ROOT / "benchmarks" / "results" / "io.json"
     warnings.simplefilter("ignore")
 
     ct_files = sorted((DATA / "ct_liver_seg_dicom" / "ct").glob("*.dcm"))
@@ -75,6 +82,7 @@ def main() -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU, Python {platform.python_version()}, "
         f"pydicom {pydicom.__version__}",
         "reps": args.reps,
+        "quick": args.quick,
     }
     with tempfile.TemporaryDirectory() as tmp:
         cr_src = DATA / "dicom_nifti_io_samples" / "pydicom" / "RG1_J2KI.dcm"
@@ -104,7 +112,7 @@ def main() -> int:
         ts = str(datasets[0].file_meta.TransferSyntaxUID)
         picked, available = decoder_for(ts)
         fns = {p: (lambda ds, p=p: pixel_array(ds, decoding_plugin=p)) for p in available}
-        reps = 3 if "2000" in syntax else args.reps
+        reps = 1 if args.quick else 3 if "2000" in syntax else args.reps
         r = compare(fns, datasets, reps, args.min_time)
         slowest = min(r, key=r.get)
         decoders[syntax] = {

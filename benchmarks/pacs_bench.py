@@ -65,17 +65,20 @@ def make_run(path: Path, quick: bool) -> Path:
     """A run directory: the xray preset's EfficientNet-Lite0 (ImageNet weights, 128 px), or the tiny CNN."""
     from medtransfer.backbones import get_weight_spec, load_backbone
     from medtransfer.config import load_config
-    from medtransfer.train.finetune import preprocess_spec, save_checkpoint
+    from medtransfer.data.preprocess import preprocess_spec
+    from medtransfer.run import RunDirectory
+    from medtransfer.run.checkpoint import model_payload
     from medtransfer.transfer import TransferModel
 
     overrides = ["model.backbone=tiny_cnn.random", "data.size=32"] if quick else []
     cfg = load_config("xray", overrides=overrides)
     spec_w = get_weight_spec(cfg.model.backbone)
     backbone, _ = load_backbone(spec_w, 1, "none" if quick else "pretrained")
-    spec = preprocess_spec(cfg, 1, spec_w.mean, spec_w.std)
+    spec = preprocess_spec(cfg.data, 1, spec_w.mean, spec_w.std)
     path.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path / "model.pt", TransferModel(backbone, 2), cfg, spec, ["no_finding", "finding"],
-                    {"operating_point": {"threshold": 0.5}})
+    RunDirectory(path).save_model(model_payload(TransferModel(backbone, 2), cfg.to_dict(), spec.to_dict(),
+                                                ["no_finding", "finding"], cfg.model.backbone,
+                                                operating_point={"threshold": 0.5}))
     return path
 
 

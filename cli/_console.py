@@ -6,6 +6,9 @@ import sys
 
 from rich.console import Console
 
+console = Console(stderr=True)
+"""Messages, warnings and summaries go to stderr; stdout carries only what scripts read (paths, JSON)."""
+
 PIPE_WIDTH = 200
 """Width of tables written to a file or a pipe (rich would assume 80 columns and squeeze them)."""
 
@@ -17,8 +20,8 @@ def table_console() -> Console:
     return Console(width=PIPE_WIDTH)
 
 
-def setup_logging(console: Console, quiet: bool) -> None:
-    """``medtransfer.*`` log lines on ``console`` (INFO, or WARNING when quiet)."""
+def setup_logging(quiet: bool) -> None:
+    """``medtransfer.*`` log lines on the stderr console (INFO, or WARNING when quiet)."""
     import logging
 
     from rich.logging import RichHandler
@@ -27,11 +30,3 @@ def setup_logging(console: Console, quiet: bool) -> None:
     root.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False, markup=False)]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
-
-
-def fail(console: Console, exc: Exception, code: int):
-    """Print ``exc`` as an error line and return the ``typer.Exit`` to raise."""
-    import typer
-
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)

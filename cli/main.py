@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from medtransfer.cli import pacs_cmd as pacs
+from medtransfer.cli._console import console
+from medtransfer.cli._errors import ErrorHandlingGroup
 from medtransfer.config import available_presets
-from medtransfer.errors import ConfigError, DataError, MedTransferError
+from medtransfer.errors import ConfigError, DataError, UsageError
 
 app = typer.Typer(
+    cls=ErrorHandlingGroup,
     name="medtransfer",
     help=(
         "Transfer learning for medical imaging: adapt a pretrained backbone to DICOM / NIfTI / MedMNIST data, "
@@ -28,9 +30,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 
 Modality = Enum("Modality", {name: name for name in available_presets()}, type=str)  # type: ignore[misc]
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -73,6 +79,7 @@ def finetune(
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone from 'medtransfer backbones' (e.g. efficientnet_lite0.in1k)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and the final summary."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in RUN_DIR from its last.pt (its own config and data)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --out (otherwise a folder that holds files is refused)."),
     folds: Optional[int] = typer.Option(None, "--folds", min=2, help="K-fold cross-validation grouped by patient: OUT/fold<i> runs and OUT/folds.json (mean ± sd)."),
 ) -> None:
     """Fine-tune a pretrained backbone and evaluate it on a patient-grouped test split.
@@ -118,31 +125,29 @@ def finetune(
         else:
             cfg = load_config(modality.value if modality is not None else "xray", config, overrides)
         from medtransfer.backbones import get_weight_spec
+        from medtransfer.config import check_weights_file
 
         get_weight_spec(cfg.model.backbone)
+        check_weights_file(cfg.model.weights)
     except (ConfigError, DataError) as exc:
         raise _fail(exc, 2) from None
     if data is None:
         console.print("Using the built-in [bold]SYNTHETIC[/] demo data (not patient data).")
     from medtransfer.train.finetune import finetune as run_finetune
 
-    try:
-        if folds is not None:
-            from medtransfer.train.folds import finetune_folds
+    if folds is not None:
+        from medtransfer.train.folds import finetune_folds
 
-            cv = finetune_folds(cfg, folds, data=data, labels=labels, out_dir=out, progress=not quiet)
-            for f in cv.summary["folds"]:
-                console.print(f"fold {f['fold']}: val AUC {f['val_auc']:.3f}, test AUC {f['test_auc'] or float('nan'):.3f}")
-            for key in ("val_auc", "test_auc"):
-                if key in cv.summary:
-                    console.print(f"{key.replace('_', ' ')} {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} ({folds} folds)")
-            typer.echo(str(cv.out_dir))
-            return
-        result = run_finetune(cfg, data=data, labels=labels, out_dir=out, progress=not quiet, resume=resume)
-    except ConfigError as exc:
-        raise _fail(exc, 2) from None
-    except MedTransferError as exc:
-        raise _fail(exc, 1) from None
+        cv = finetune_folds(cfg, folds, data=data, labels=labels, out_dir=out, progress=not quiet, overwrite=overwrite)
+        for f in cv.summary["folds"]:
+            console.print(f"fold {f['fold']}: val AUC {f['val_auc']:.3f}, test AUC {f['test_auc'] or float('nan'):.3f}")
+        for key in ("val_auc", "test_auc"):
+            if key in cv.summary:
+                console.print(f"{key.replace('_', ' ')} {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} ({folds} folds)")
+        typer.echo(str(cv.out_dir))
+        return
+    result = run_finetune(cfg, data=data, labels=labels, out_dir=out, progress=not quiet, resume=resume,
+                          overwrite=overwrite)
     m = result.metrics
     val_auc = (m.get("val") or {}).get("auc")
     members = m.get("members")
@@ -176,7 +181,7 @@ def predict(
     input_dir: str = typer.Argument(..., help="Folder of DICOM files (searched recursively; any file name); NIfTI and PNG / JPEG files are read too. " + pacs.PACS_HELP),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="Output CSV (streamed to OUT.partial, moved into place when done)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    workers: int = typer.Option(0, "--workers", "-j", min=0, help="Decoding processes running beside the model (0: decode in the main process)."),
+    workers: int = typer.Option(0, "--workers", "-j", min=0, help="Local engine: decoding processes running beside the model (0: decode in the main process)."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows of a previous or interrupted run in OUT and do only the rest."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: do the i-th (0-based) of n contiguous blocks of the sorted inputs; outputs of 0/n … n-1/n concatenate to the full run."),
     modality: list[str] = typer.Option([], "--modality", help="Only these DICOM Modality codes (repeatable), e.g. --modality DX --modality CR."),
@@ -186,6 +191,11 @@ def predict(
     study_json: Optional[Path] = typer.Option(None, "--study-json", help="Also write one JSON per study (rows, counts, study-level maximum per class) into this folder."),
     patient_fields: bool = typer.Option(False, "--patient-fields", help="Add patient_id, patient_name and patient_birth_date columns (identifying data: off by default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
+    engine: Engine = typer.Option(Engine.local, "--engine", help="local: this machine, decoding in --workers processes; ray: a Ray cluster, decoding as CPU tasks and the model in actors (pip install \"medtransfer\\[ray]\")."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray engine: the cluster to join, 'auto' (the one 'ray start' runs on this machine) or HEAD_IP:PORT; omitted: a Ray instance for this job alone."),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Ray engine: model actors (default: one per GPU with --num-gpus-per-actor, else 1)."),
+    num_gpus_per_actor: float = typer.Option(0.0, "--num-gpus-per-actor", min=0, help="Ray engine: GPUs each model actor reserves, e.g. 1 (0: CPU actors)."),
+    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.01, help="Ray engine: CPU cores each model actor reserves (on CPU actors also its torch threads)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     where: list[str] = typer.Option([], "--where", help=pacs.WHERE_HELP),
     send_to: Optional[str] = typer.Option(None, "--send-to", help=pacs.SEND_TO_HELP),
@@ -218,6 +228,8 @@ def predict(
 
       medtransfer predict runs/demo /data/inbox --out preds.csv --study-json reports/ --parquet
 
+      medtransfer predict runs/demo /shared/inbox --out preds.csv --engine ray --address auto --num-gpus-per-actor 1
+
       medtransfer predict runs/cxr "dicomweb://pacs:8042/dicom-web?StudyDate=20240101-20240131&Modality=CR" --send-to dicomweb://pacs:8042/dicom-web
 
       medtransfer predict runs/ct3d "dimse://PACS@pacs:11112?Modality=CT" --where SliceThickness=2.5:5 --pacs-set retrieve=move
@@ -226,7 +238,11 @@ def predict(
     from medtransfer.inference import predict_folder
     from medtransfer.inference.batch import SeriesFilter, parse_shard
 
+    from medtransfer.run import is_segmentation_run
+
     if is_pacs_url(input_dir):
+        if engine is Engine.ray:
+            raise UsageError("A PACS source runs on the local engine (--engine local); --engine ray reads folders.")
         return pacs.predict_pacs(
             run_dir, input_dir, out=out, batch_size=batch_size, workers=workers, resume=resume, shard=shard,
             modality=modality, series_description=series_description, min_slices=min_slices, where=where,
@@ -234,44 +250,38 @@ def predict(
             results_dir=results_dir, pacs_config=pacs_config, pacs_set=pacs_set)
     _setup_logging(quiet)
     if where or send_to or results_dir or pacs_config or pacs_set:
-        raise _fail(ConfigError("--where, --send-to, --results-dir, --pacs-config and --pacs-set apply to PACS "
-                                "sources (dicomweb://… or dimse://…), not to a folder."), 2)
+        raise UsageError("--where, --send-to, --results-dir, --pacs-config and --pacs-set apply to PACS sources "
+                         "(dicomweb://… or dimse://…), not to a folder.")
     input_dir = Path(input_dir)
-    if _is_segmentation_run(run_dir):
-        from medtransfer.segmentation import predict_segmentation
+    if is_segmentation_run(run_dir):
+        if engine is Engine.ray:
+            raise UsageError("--engine ray predicts with classification runs; for a segmentation run use --engine "
+                             "local (or 'medtransfer segment predict'), one machine per set of inputs.")
+        from medtransfer.segmentation.inference import predict_segmentation
 
         out_dir = out.with_suffix("") if out.suffix == ".csv" else out
-        try:
-            rows = predict_segmentation(run_dir, [input_dir], out_dir)
-        except MedTransferError as exc:
-            raise _fail(exc, 1) from None
+        rows = predict_segmentation(run_dir, [input_dir], out_dir)
         n_ok = sum(r.get("status") == "ok" for r in rows)
         console.print(f"segmentation: {n_ok} of {len(rows)} inputs ok -> {out_dir} (masks, volumes.csv)")
         raise typer.Exit(0 if n_ok else 1)
-    try:
-        summary = predict_folder(
-            run_dir, input_dir, out, batch_size=batch_size, device=device, progress=not quiet, workers=workers,
-            resume=resume, shard=parse_shard(shard), parquet=parquet, study_json_dir=study_json,
-            patient_fields=patient_fields,
-            series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices),
-        )
-    except MedTransferError as exc:
-        raise _fail(exc, 1) from None
+    job = dict(batch_size=batch_size, device=device, progress=not quiet, resume=resume, shard=parse_shard(shard),
+               parquet=parquet, study_json_dir=study_json, patient_fields=patient_fields,
+               series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
+    if engine is Engine.ray:
+        from medtransfer.inference.ray_engine import RayOptions, run_batch_ray
+
+        options = RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor)
+        summary = run_batch_ray(run_dir, input_dir, out, options=options, **job)
+    else:
+        summary = predict_folder(run_dir, input_dir, out, workers=workers, **job)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     console.print(f"{sum(summary.counts.values())} inputs: {counts} -> {summary.out_csv}")
+    if engine is Engine.ray:
+        for line in summary.report_lines():
+            console.print(line, highlight=False)
     if summary.n_ok == 0:
         console.print("[bold red]no input could be predicted[/]; see the reason column.")
         raise typer.Exit(1)
-
-
-def _is_segmentation_run(run_dir: Path) -> bool:
-    import torch
-
-    path = Path(run_dir) / "model.pt"
-    if not path.is_file():
-        return False
-    # mmap: only the small metadata is read here; the weights are read once, by the loader.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("format") == "medtransfer-seg/1"
 
 
 @app.command()
@@ -292,10 +302,7 @@ def evaluate(
     from medtransfer.inference.evaluate import evaluate_run
 
     _setup_logging(quiet)
-    try:
-        metrics = evaluate_run(run_dir, data, labels, split, out, device)
-    except MedTransferError as exc:
-        raise _fail(exc, 1) from None
+    metrics = evaluate_run(run_dir, data, labels, split, out, device)
     _print_test_summary(metrics)
     typer.echo(str(out or Path(run_dir) / "evaluation"))
 
@@ -317,10 +324,7 @@ def compare(
     from medtransfer.inference.evaluate import compare_runs
 
     _setup_logging(True)
-    try:
-        r = compare_runs(run_a, run_b, data, labels, split, out, device=device)
-    except MedTransferError as exc:
-        raise _fail(exc, 1) from None
+    r = compare_runs(run_a, run_b, data, labels, split, out, device=device)
     d, b = r["delong"], r["paired_bootstrap"]
     console.print(f"n = {r['n']} images / {r['n_patients']} patients")
     console.print(f"AUC A {d['auc_a']:.3f}, AUC B {d['auc_b']:.3f}, difference {d['diff']:+.3f}")

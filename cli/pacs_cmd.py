@@ -2,7 +2,7 @@
 ``predict`` that a PACS address dispatches to) and the options it shares with ``serve``.
 
 Exit codes: 0 at least one input predicted; 1 nothing predicted, the PACS could not be queried, or
-a result could not be sent; 2 bad usage or settings.
+a result could not be sent; 2 bad usage or settings (errors reach the CLI's one error path).
 """
 from __future__ import annotations
 
@@ -10,12 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from medtransfer.cli._console import fail, setup_logging
-from medtransfer.errors import ConfigError, MedTransferError
-
-console = Console(stderr=True)
+from medtransfer.cli._console import console, setup_logging
+from medtransfer.errors import MedTransferError, UsageError
 
 PACS_HELP = (
     "PACS sources: dicomweb://HOST:PORT/PATH?KEY=VALUE&… (dicomwebs:// for HTTPS) or dimse://AET@HOST:PORT?KEY=VALUE&…, "
@@ -31,13 +28,10 @@ PACS_SET_HELP = "One PACS setting, repeatable: --pacs-set timeout=10 --pacs-set 
 
 
 def settings_from_options(pacs_config: Optional[Path], pacs_set: list[str]):
-    """The connection settings of a command (file, then ``--pacs-set`` overrides); exit 2 on a bad one."""
+    """The connection settings of a command (file, then ``--pacs-set`` overrides; a bad one is a ConfigError)."""
     from medtransfer.hospital import load_settings
 
-    try:
-        return load_settings(pacs_config, pacs_set)
-    except ConfigError as exc:
-        raise fail(console, exc, 2) from None
+    return load_settings(pacs_config, pacs_set)
 
 
 def selection_from_options(modality: list[str], series_description: Optional[str], min_slices: int, where: list[str]):
@@ -58,7 +52,7 @@ def predict_pacs(run_dir: Path, source: str, *, out: Path, batch_size: int, work
     from medtransfer.hospital import PacsJobOptions, parse_pacs_url, predict_from_pacs
     from medtransfer.inference.batch import parse_shard
 
-    setup_logging(console, quiet)
+    setup_logging(quiet)
     settings = settings_from_options(pacs_config, pacs_set)
     try:
         parse_pacs_url(source)
@@ -68,20 +62,17 @@ def predict_pacs(run_dir: Path, source: str, *, out: Path, batch_size: int, work
         options = PacsJobOptions(selection=selection, batch_size=batch_size, workers=workers, resume=resume,
                                  shard=parse_shard(shard), patient_fields=patient_fields,
                                  chunk_size=settings.chunk_size, progress=not quiet)
-    except MedTransferError as exc:
-        raise fail(console, exc, 2) from None
-    try:
-        summary = predict_from_pacs(run_dir, source, out, settings, options, send_to=send_to,
-                                    results_dir=results_dir, device=device)
-        from medtransfer.hospital.jobs import is_segmentation_run
+    except MedTransferError as exc:  # found before any work: bad usage
+        raise UsageError(str(exc)) from None
+    summary = predict_from_pacs(run_dir, source, out, settings, options, send_to=send_to, results_dir=results_dir,
+                                device=device)
+    from medtransfer.run import is_segmentation_run
 
-        if study_json is not None and not is_segmentation_run(run_dir):
-            from medtransfer.inference import load_run
-            from medtransfer.inference.batch import write_study_jsons
+    if study_json is not None and not is_segmentation_run(run_dir):
+        from medtransfer.inference import load_run
+        from medtransfer.inference.batch import write_study_jsons
 
-            write_study_jsons(summary.out_csv, study_json, load_run(run_dir, "cpu"), options.shard)
-    except MedTransferError as exc:
-        raise fail(console, exc, 1) from None
+        write_study_jsons(summary.out_csv, study_json, load_run(run_dir, "cpu"), options.shard)
     _report(summary, send_to)
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
-from medtransfer.errors import ConfigError, MedTransferError
+from medtransfer.cli._console import console
+from medtransfer.cli._errors import ErrorHandlingGroup
 
 segment_app = typer.Typer(
+    cls=ErrorHandlingGroup,
     name="segment",
     help=(
         "Segmentation transfer: a U-Net decoder on a registered (pretrained) encoder, trained with Dice + "
@@ -27,7 +28,6 @@ segment_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 
 
 class SegModality(str, Enum):
@@ -42,11 +42,6 @@ def _setup_logging(quiet: bool) -> None:
     root.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False, markup=False)]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
-
-
-def _fail(exc: Exception, code: int) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 @segment_app.command()
@@ -65,25 +60,26 @@ def train(
                                           help="Registered encoder, e.g. efficientnet_lite0.in1k, tiny_cnn3d.random "
                                                "(see 'medtransfer backbones')."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last.pt (its own config)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --out (otherwise a folder that holds files is refused)."),
 ) -> None:
     """Train a segmentation model; writes a self-describing run directory.
 
-    Example: medtransfer segment train --modality mri --data Task04_Hippocampus --out runs/hippo --set train.epochs=10
+    Several GPUs or machines: launch the same command with torchrun (DDP).
+
+    Examples:
+
+      medtransfer segment train --modality mri --data Task04_Hippocampus --out runs/hippo --set train.epochs=10
+
+      medtransfer segment train --data Task04_Hippocampus --out runs/hippo --resume    # after an interruption
     """
-    from medtransfer.segmentation import load_seg_config, train_segmentation
+    from medtransfer.segmentation.config import load_seg_config
+    from medtransfer.segmentation.train import train_segmentation
 
     _setup_logging(quiet)
     model = {k: v for k, v in {"encoder": encoder, "weights": weights}.items() if v is not None}
-    try:
-        cfg = load_seg_config(modality.value, config, set_, data={"path": str(data)}, model=model)
-    except ConfigError as exc:
-        raise _fail(exc, 2) from None
-    try:
-        metrics = train_segmentation(cfg, out)
-    except ConfigError as exc:
-        raise _fail(exc, 2) from None
-    except (MedTransferError, OSError, ValueError) as exc:
-        raise _fail(exc, 1) from None
+    cfg = load_seg_config(modality.value, config, set_, data={"path": str(data)}, model=model)
+    metrics = train_segmentation(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
     split = "test" if "test" in metrics else "val"
     dice = (metrics.get(split) or {}).get("mean_dice")
     console.print(f"run directory: {out}" + (f"; mean Dice ({split}) {dice:.4f}" if dice is not None else ""))
@@ -99,15 +95,10 @@ def predict(
 ) -> None:
     """Segment inputs: NIfTI masks with the input's affine, DICOM SEG for DICOM series, and volumes.csv
     (one row per input, structure volumes in mL). Exit code 1 if any input failed."""
-    from medtransfer.segmentation import predict_segmentation
+    from medtransfer.segmentation.inference import predict_segmentation
 
     _setup_logging(quiet)
-    try:
-        rows = predict_segmentation(run_dir, inputs, out, dicom_seg=dicom_seg)
-    except ConfigError as exc:
-        raise _fail(exc, 2) from None
-    except (MedTransferError, OSError) as exc:
-        raise _fail(exc, 1) from None
+    rows = predict_segmentation(run_dir, inputs, out, dicom_seg=dicom_seg)
     failed = [r for r in rows if r["status"] != "ok"]
     console.print(f"{len(rows) - len(failed)} of {len(rows)} input(s) segmented; table: {out / 'volumes.csv'}")
     for r in failed[:10]:

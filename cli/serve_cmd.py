@@ -12,16 +12,9 @@ from typing import Optional
 
 import typer
 
-from medtransfer.cli._console import fail, setup_logging
-from medtransfer.cli.pacs_cmd import (
-    PACS_CONFIG_HELP,
-    PACS_SET_HELP,
-    WHERE_HELP,
-    console,
-    selection_from_options,
-    settings_from_options,
-)
-from medtransfer.errors import MedTransferError
+from medtransfer.cli._console import console, setup_logging
+from medtransfer.cli.pacs_cmd import PACS_CONFIG_HELP, PACS_SET_HELP, WHERE_HELP, selection_from_options, settings_from_options
+from medtransfer.errors import MedTransferError, UsageError
 
 
 def serve_command(
@@ -64,14 +57,14 @@ def serve_command(
     from medtransfer.hospital import PacsJobOptions, parse_pacs_url
     from medtransfer.hospital.serve import ServeOptions
 
-    setup_logging(console, quiet)
+    setup_logging(quiet)
     settings = settings_from_options(pacs_config, pacs_set)
     try:
         if send_to:
             parse_pacs_url(send_to)
         selection = selection_from_options(modality, series_description, min_slices, where)
-    except MedTransferError as exc:
-        raise fail(console, exc, 2) from None
+    except MedTransferError as exc:  # found before any work: bad usage
+        raise UsageError(str(exc)) from None
     options = ServeOptions(state_dir=state_dir, port=dimse_port, ae_title=ae_title, bind=bind, quiet_period=quiet_period,
                            send_to=send_to, results_dir=results_dir, allow_aets=tuple(allow_aet),
                            max_associations=max_associations, keep_images=keep_images,
@@ -86,8 +79,5 @@ def _run_until_signalled(run_dir: Path, options, settings, device: str) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        Listener(run_dir, options, settings, device).serve_forever(stop)
-    except MedTransferError as exc:
-        raise fail(console, exc, 1) from None
+    Listener(run_dir, options, settings, device).serve_forever(stop)
     console.print("medtransfer serve stopped")

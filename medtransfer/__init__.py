@@ -12,7 +12,7 @@ Typical notebook use::
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from medtransfer._version import __version__  # noqa: E402,F401
 
 from medtransfer.errors import ConfigError, MedTransferError, WeightsUnavailableError  # noqa: E402
 from medtransfer.config import RunConfig, load_config  # noqa: E402
@@ -26,9 +26,9 @@ def __getattr__(name: str):
 
         return getattr(_ft, name)
     if name in {"predict_folder", "load_run"}:
-        from medtransfer.inference import predict as _pr
+        import medtransfer.inference as _inf
 
-        return getattr(_pr, name)
+        return getattr(_inf, name)
     raise AttributeError(f"module 'medtransfer' has no attribute {name!r}")
 
 

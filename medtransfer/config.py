@@ -10,6 +10,7 @@ Every key and value is validated before any work starts; an unknown key or a bad
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,10 +21,24 @@ import yaml
 
 from medtransfer._suggest import did_you_mean
 from medtransfer.errors import ConfigError
+from medtransfer.options import (
+    AMP,
+    BNPolicy,
+    FreezeMode,
+    Head,
+    LRSchedule,
+    OutsidePaths,
+    PlateauMonitor,
+    StrEnum,
+    Switch,
+    Task,
+    UnfreezeSchedule,
+    Window,
+)
 
 
-def _choices(*options: str) -> dict[str, Any]:
-    return {"choices": options}
+def _choices(options: type[StrEnum]) -> dict[str, Any]:
+    return {"choices": options.values()}
 
 
 @dataclass
@@ -32,7 +47,7 @@ class DataConfig:
 
     size: int = field(default=128, metadata={"min": 8})
     """Images are padded to square and resized to size × size pixels."""
-    window: str = field(default="tags", metadata=_choices("tags", "percentile", "none"))
+    window: str = field(default="tags", metadata=_choices(Window))
     """Intensity window: the DICOM VOI tags (falling back to percentiles), percentiles, or none."""
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     val_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 0.9})
@@ -47,6 +62,12 @@ class DataConfig:
     """Class names in index order, e.g. [normal, pneumonia]: for a binary task the second is the positive
     class (sensitivity, PPV). Orders named CSV labels and names numeric ones (indices, .npz). Empty:
     names meaning 'nothing found' (normal, negative, benign, healthy, no_finding, …) first, the rest sorted."""
+    outside_paths: str = field(default="warn", metadata=_choices(OutsidePaths))
+    """Files of the labels CSV outside --data (``../..``, absolute paths elsewhere): 'warn', or 'forbid'
+    them (shared servers)."""
+    skip_bad_images: bool = False
+    """Leave out images that cannot be read or hold NaN / infinite values, each named in the log and in
+    metrics.json (default: stop at the first one, naming the file and its patient)."""
     val_max: int = field(default=0, metadata={"min": 0})
     """Select the model on at most this many validation images (whole patients, stratified, seeded;
     0: all). A validation pass runs every epoch; on large sets a few thousand images rank epochs
@@ -71,11 +92,10 @@ class ModelConfig:
     backbone: str = "efficientnet_lite0.in1k"
     weights: str = "pretrained"
     """'pretrained' (the registry's weights), 'none' (random initialisation) or a file path."""
-    head: str = field(default="linear", metadata=_choices("linear", "mlp"))
+    head: str = field(default="linear", metadata=_choices(Head))
     """'linear': Dropout + Linear; 'mlp': Linear(128) + ReLU + Dropout(0.5) + Linear."""
     dropout: float = field(default=0.2, metadata={"min": 0.0, "max": 0.95})
-    task: str = field(default="auto", metadata=_choices("auto", "binary", "multiclass", "multilabel",
-                                                         "ordinal", "regression"))
+    task: str = field(default="auto", metadata=_choices(Task))
     """'auto': binary for two classes (sigmoid), multiclass otherwise (softmax); 'ordinal': K-1
     cumulative logits for ordered grades (see medtransfer.transfer.model)."""
 
@@ -92,38 +112,38 @@ class TrainConfig:
     backbone_lr_mult: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
     """Backbone learning rate after unfreezing = lr × this."""
     weight_decay: float = field(default=1e-4, metadata={"min": 0.0})
-    bn_policy: str = field(default="auto", metadata=_choices("auto", "frozen", "eval-stats", "train"))
+    bn_policy: str = field(default="auto", metadata=_choices(BNPolicy))
     """BatchNorm in trainable layer groups. 'frozen': pretrained statistics used and not updated, no
     affine gradients (small batches); 'eval-stats': statistics fixed, affine parameters train;
     'train': both adapt; 'auto': frozen for pretrained weights, train for random initialisation.
     Norms in frozen groups are always frozen."""
-    freeze: str = field(default="none", metadata=_choices("none", "backbone", "all_but_last", "pattern"))
+    freeze: str = field(default="none", metadata=_choices(FreezeMode))
     """What stays frozen after the head-only epochs: nothing, the whole backbone (linear probe),
     all but the last `trainable_stages` layer groups, or the parameters matching `freeze_pattern`."""
     trainable_stages: int = field(default=1, metadata={"min": 0})
     freeze_pattern: str = ""
     """Regular expression on backbone parameter names (e.g. '^model\\.blocks\\.[0-2]\\.'), for freeze: pattern."""
-    schedule: str = field(default="fine_tune", metadata=_choices("fine_tune", "gradual"))
+    schedule: str = field(default="fine_tune", metadata=_choices(UnfreezeSchedule))
     """'fine_tune': head-only epochs, then every allowed group at once; 'gradual': one more layer
     group (from the top) every `unfreeze_every` epochs."""
     unfreeze_every: int = field(default=1, metadata={"min": 1})
     layer_lr_ratio: float = field(default=1.0, metadata={"min": 1e-6, "max": 1.0})
     """Discriminative LRs: the first layer group trains at lr × backbone_lr_mult × this, the last at
     lr × backbone_lr_mult, geometric in between (fastai's slice(lr/100, lr) is 0.01)."""
-    lr_schedule: str = field(default="cosine", metadata=_choices("cosine", "onecycle", "plateau", "constant"))
+    lr_schedule: str = field(default="cosine", metadata=_choices(LRSchedule))
     """After the head-only epochs: per-step cosine decay, one-cycle (30% warm-up from lr/25, cosine
     down to lr/1e4), ReduceLROnPlateau per epoch, or constant."""
-    plateau_monitor: str = field(default="val_loss", metadata=_choices("val_loss", "val_auc"))
+    plateau_monitor: str = field(default="val_loss", metadata=_choices(PlateauMonitor))
     plateau_factor: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
     plateau_patience: int = field(default=5, metadata={"min": 0})
     min_lr: float = field(default=1e-6, metadata={"min": 0.0})
     grad_accum: int = field(default=1, metadata={"min": 1})
     """Optimizer step every this many batches (effective batch = batch_size × grad_accum)."""
-    amp: str = field(default="auto", metadata=_choices("auto", "off", "bf16", "fp16"))
+    amp: str = field(default="auto", metadata=_choices(AMP))
     """Mixed precision on CUDA only ('auto': bf16 where supported, else fp16 with a GradScaler)."""
     channels_last: bool = True
     """channels-last memory format on CUDA for 2D models."""
-    feature_cache: str = field(default="auto", metadata=_choices("auto", "on", "off"))
+    feature_cache: str = field(default="auto", metadata=_choices(Switch))
     """Head-only epochs on features computed once by the frozen backbone; 'auto': on when
     head_augment is false."""
     head_augment: bool = True
@@ -271,13 +291,41 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
-    """Validate a plain dict (e.g. a saved ``config.yaml``) into a :class:`RunConfig`."""
+    """Validate a plain dict (e.g. a saved ``config.yaml``) into a :class:`RunConfig`: every key and
+    value, then the values that only make sense together (checked here, before any work, rather than
+    failing mid-epoch)."""
     cfg = _build(RunConfig, values, "")
+    _check_together(cfg)
+    return cfg
+
+
+def _check_together(cfg: RunConfig) -> None:
     if cfg.data.val_fraction + cfg.data.test_fraction >= 0.95:
         raise ConfigError(
             "data.val_fraction + data.test_fraction must leave at least 5% of patients for training."
         )
-    return cfg
+    pct = cfg.data.percentiles
+    if len(pct) != 2 or not 0.0 <= pct[0] < pct[1] <= 100.0:
+        raise ConfigError(f"data.percentiles = {pct} must be two percentiles [low, high] with 0 <= low < high "
+                          "<= 100, e.g. [0.5, 99.5].")
+    if cfg.train.freeze == FreezeMode.PATTERN:
+        if not cfg.train.freeze_pattern:
+            raise ConfigError("train.freeze = pattern needs train.freeze_pattern, a regular expression on "
+                              "backbone parameter names, e.g. '^model\\.blocks\\.[0-2]\\.'.")
+        try:
+            re.compile(cfg.train.freeze_pattern)
+        except re.error as exc:
+            raise ConfigError(f"train.freeze_pattern = {cfg.train.freeze_pattern!r} is not a valid regular "
+                              f"expression ({exc}).") from None
+
+
+def check_weights_file(weights: str, key: str = "model.weights") -> None:
+    """A weights file given by path must exist (checked before any work, not when the backbone loads)."""
+    if weights in ("pretrained", "none"):
+        return
+    if not Path(weights).expanduser().is_file():
+        raise ConfigError(f"{key} = {weights!r}: no such file. Pass 'pretrained', 'none' (random initialisation) "
+                          "or the path of a .pth / .pt / .safetensors file.")
 
 
 def read_user_yaml(config_file: str | Path) -> dict[str, Any]:

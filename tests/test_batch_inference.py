@@ -12,7 +12,8 @@ from medtransfer.config import load_config
 from medtransfer.data.preprocess import PreprocessSpec
 from medtransfer.inference import predict_folder
 from medtransfer.inference.batch import SeriesFilter, parse_shard, shard_slice
-from medtransfer.train.finetune import save_checkpoint
+from medtransfer.run import RunDirectory
+from medtransfer.run.checkpoint import model_payload
 from medtransfer.transfer import TransferModel
 
 
@@ -24,8 +25,8 @@ def make_run(path, backbone="tiny_cnn.random", dims=2, size=32, seed=0):
     model = TransferModel(backbone_module, 2)
     spec = PreprocessSpec(size, 1, "tags", (0.5, 99.5), (0.5,), (0.5,), dims)
     path.mkdir(parents=True)
-    save_checkpoint(path / "model.pt", model, cfg, spec, ["negative", "positive"],
-                    {"operating_point": {"threshold": 0.5}})
+    RunDirectory(path).save_model(model_payload(model, cfg.to_dict(), spec.to_dict(), ["negative", "positive"],
+                                                backbone, operating_point={"threshold": 0.5}))
     return path
 
 
@@ -171,7 +172,7 @@ def test_study_json_per_study_matches_the_table(run2d, small_demo, tmp_path):
     (broken / "junk.dcm").write_bytes(b"not dicom")
     predict_folder(run2d, broken, tmp_path / "b.csv", study_json_dir=tmp_path / "bj", shard=(0, 1))
     doc = json.loads((tmp_path / "bj" / "no-study-uid.shard-0-of-1.json").read_text())
-    assert doc["counts"] == {"skipped": 1} and doc["summary"]["n_predicted"] == 0
+    assert doc["counts"] == {"error": 1} and doc["summary"]["n_predicted"] == 0  # named .dcm, not DICOM
 
 
 def test_parquet_has_the_same_rows_as_the_csv(run2d, small_demo, tmp_path):

@@ -7,7 +7,7 @@ from conftest import toy_binary_npz
 from medtransfer.config import load_config
 from medtransfer.data.samples import class_order, samples_from_folder
 from medtransfer.errors import DataError
-from medtransfer.train.finetune import resolve_samples
+from medtransfer.data.datasets import resolve_samples
 
 
 @pytest.mark.parametrize("names, want", [

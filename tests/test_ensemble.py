@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import toy_binary_npz
 from medtransfer.config import load_config
-from medtransfer.inference.predict import load_run
+from medtransfer.run import load_run
 from medtransfer.train.finetune import finetune
 from medtransfer.transfer import EnsembleModel, task_probabilities
 
@@ -77,8 +77,8 @@ def test_ensemble_run_averages_members_and_reloads_as_one_model(tmp_path):
 
 def test_resuming_an_ensemble_directory_points_at_its_members(tmp_path):
     from medtransfer.errors import DataError
-    from medtransfer.train.finetune import load_last_checkpoint
+    from medtransfer.run import RunDirectory
 
     (tmp_path / "members" / "0").mkdir(parents=True)
     with pytest.raises(DataError, match="ensemble.*members"):
-        load_last_checkpoint(tmp_path)
+        RunDirectory(tmp_path).load_last()

@@ -9,7 +9,7 @@ import pytest
 
 from medtransfer.io import MedIOError, NoPixelDataError, read_dicom, read_nifti
 from medtransfer.io.dicom import UndecodablePixelDataError
-from conftest import bundled
+from conftest import bundled, shared_data
 
 
 def _expect(path, *words, cls=MedIOError):
@@ -70,7 +70,8 @@ def test_pixel_data_of_the_wrong_length(tmp_path):
 
 
 def test_unsupported_syntax_names_plugin():
-    _expect(bundled("SC_rgb_jpeg_gdcm.dcm"), "pip install pylibjpeg-libjpeg", cls=UndecodablePixelDataError)
+    _expect(bundled("SC_rgb_jpeg_gdcm.dcm"), 'pip install "medtransfer[gdcm]"', "pylibjpeg-libjpeg, GPL-3.0",
+            cls=UndecodablePixelDataError)
 
 
 def test_corrupt_compressed_stream(tmp_path):
@@ -122,3 +123,14 @@ def test_dicomdir_is_named_not_an_unknown_sop_class(tmp_path):
     ds.save_as(tmp_path / "DICOMDIR", enforce_file_format=True)
     err = _expect(tmp_path / "DICOMDIR", "DICOMDIR", "Media Storage Directory", cls=NoPixelDataError)
     assert "unknown" not in err.reason
+
+
+def test_truncated_pixel_data_of_a_large_file(tmp_path):
+    """Files over 1 MiB are read with the pixel data mapped from the file: one cut short says so instead of
+    mapping past its end."""
+    data = (shared_data() / "dicom_nifti_io_samples" / "pydicom" / "MR2_UNCR.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[:-1000])
+    err = _expect(tmp_path / "cut.dcm", "cut short", "2096290 of 2097152 bytes", cls=UndecodablePixelDataError)
+    assert "truncated" in err.reason
+    whole = read_dicom(shared_data() / "dicom_nifti_io_samples" / "pydicom" / "MR2_UNCR.dcm").array
+    assert whole.flags.writeable and whole.flags.owndata  # a new array, not a view of the mapping

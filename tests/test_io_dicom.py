@@ -105,7 +105,8 @@ def test_monochrome1_cr_is_inverted_with_its_window():
     assert image.meta["inverted"] and image.meta["photometric_interpretation"] == "MONOCHROME1"
     top = 2**15 - 1  # BitsStored 15, unsigned
     assert image.array[1000, 900] == pytest.approx(top - float(raw[1000, 900]))
-    assert image.meta["window_center"] == pytest.approx(top - float(ds.WindowCenter))
+    # the centre that windows the inverted array like the file's window: lo + hi + 1 - c
+    assert image.meta["window_center"] == pytest.approx(top + 1 - float(ds.WindowCenter))
     assert image.meta["pixel_spacing"] is None  # the file says 0\0, which is no spacing
     kept = read_dicom(path, invert_monochrome1=False)
     assert kept.array[1000, 900] == float(raw[1000, 900]) and not kept.meta["inverted"]
@@ -122,7 +123,7 @@ def test_synthetic_monochrome1_and_imager_pixel_spacing(tmp_path):
     raw = pydicom.dcmread(tmp_path / "m1.dcm").pixel_array
     image = read_dicom(tmp_path / "m1.dcm")  # signed 12 bit: range [-2048, 2047]
     assert image.array[3, 7] == pytest.approx(-2048 + 2047 - float(raw[3, 7]))
-    assert image.meta["window_center"] == -1.0 - 1000
+    assert image.meta["window_center"] == -1.0 + 1 - 1000
     assert image.meta["pixel_spacing"] == [0.143, 0.143] and image.meta["pixel_spacing_source"] == "ImagerPixelSpacing"
 
 
@@ -160,8 +161,69 @@ def test_undecodable_syntax_names_the_plugin():
     # JPEG Lossless SV1: no installed plugin (needs pylibjpeg-libjpeg or gdcm)
     with pytest.raises(MedIOError) as err:
         read_dicom(bundled("SC_rgb_jpeg_gdcm.dcm"))
-    assert "pip install pylibjpeg-libjpeg" in str(err.value) and "SC_rgb_jpeg_gdcm.dcm" in str(err.value)
+    assert 'pip install "medtransfer[gdcm]" (python-gdcm, BSD-3-Clause)' in str(err.value)
+    assert 'pip install "medtransfer[libjpeg]" (pylibjpeg-libjpeg, GPL-3.0' in str(err.value)
+    assert "SC_rgb_jpeg_gdcm.dcm" in str(err.value)
     # 12-bit JPEG Extended: Pillow is installed but cannot decode it
     with pytest.raises(MedIOError) as err:
         read_dicom(bundled("JPGExtended.dcm"))
     assert "pylibjpeg-libjpeg" in err.value.reason
+
+
+def test_invalid_number_of_frames_keeps_the_frames_the_data_holds(tmp_path):
+    """badVR.dcm says NumberOfFrames "1A"; its 6000 bytes hold 15 frames of 10×10 at 32 bits (the frames of
+    rtdose.dcm). All 15 are read and the metadata says why, instead of one frame read silently."""
+    image = read_dicom(bundled("badVR.dcm"))
+    assert image.array.shape == (15, 10, 10)
+    np.testing.assert_array_equal(image.array, read_dicom(bundled("rtdose.dcm")).array)
+    assert image.meta["frames"] == 15
+    (problem,) = image.meta["problems"]
+    assert problem["kind"] == "invalid_number_of_frames"
+    assert "'1A'" in problem["message"] and "15 frame(s)" in problem["message"]
+    assert "problems" not in read_dicom(bundled("rtdose.dcm")).meta or not read_dicom(bundled("rtdose.dcm")).meta["problems"]
+
+    # data for 2.5 frames under an invalid count: the 2 whole frames are kept, and the rest is named
+    ds = pydicom.dcmread(bundled("badVR.dcm"))
+    ds.PixelData = ds.PixelData[:1000]
+    ds.save_as(tmp_path / "partial.dcm")
+    image = read_dicom(tmp_path / "partial.dcm")
+    assert image.array.shape == (2, 10, 10)
+    assert "200 byte(s) left over" in image.meta["problems"][0]["message"]
+
+
+def test_inspect_reports_an_invalid_number_of_frames(tmp_path):
+    import shutil
+
+    from medtransfer.io import inventory
+
+    shutil.copy(bundled("badVR.dcm"), tmp_path / "badVR.dcm")
+    problems = inventory(tmp_path)["problems"]
+    assert [p["kind"] for p in problems] == ["invalid_number_of_frames"]
+    assert "'1A'" in problems[0]["message"] and "15 frame(s)" in problems[0]["message"]
+
+
+def test_twelve_bit_jpeg_extended_message_names_syntax_depth_and_plugins():
+    """Pillow cannot decode 12-bit JPEG Extended (DCMTK can): the message keeps Pillow's reason, names the
+    syntax, the bit depth, the plugin tried and the ones that would work (GPL flagged), and does not call
+    the stream corrupt or suggest Pillow again."""
+    for name in ("JPGExtended.dcm", "JPEG-lossy.dcm"):
+        with pytest.raises(MedIOError) as err:
+            read_dicom(bundled(name))
+        reason = err.value.reason
+        assert "JPEG Extended (Process 2 and 4)" in reason and "1.2.840.10008.1.2.4.51" in reason
+        assert "12-bit" in reason and "tried: pillow" in reason
+        assert "Pillow does not support 'JPEG Extended' for samples with 12-bit precision" in reason
+        assert 'pip install "medtransfer[gdcm]" (python-gdcm, BSD-3-Clause)' in reason
+        assert "(pylibjpeg-libjpeg, GPL-3.0" in reason
+        assert "corrupt" not in reason and "install Pillow" not in reason and "or Pillow" not in reason
+
+
+def test_decoder_hints_put_permissive_plugins_first():
+    from medtransfer.io.dicom import missing_decoder_hint
+
+    baseline = missing_decoder_hint("1.2.840.10008.1.2.4.50")
+    assert baseline.index("Pillow") < baseline.index("GPL") and not baseline.split("pip install ")[1].startswith("pylibjpeg-libjpeg")
+    j2k = missing_decoder_hint("1.2.840.10008.1.2.4.90")
+    assert "pylibjpeg-openjpeg" in j2k and "Pillow" in j2k
+    lossless = missing_decoder_hint("1.2.840.10008.1.2.4.70")
+    assert lossless.index("python-gdcm") < lossless.index("pylibjpeg-libjpeg, GPL-3.0")

@@ -173,3 +173,29 @@ def test_broken_file_in_series_is_reported_and_skipped(tmp_path):
     assert kinds(volume) == ["undecodable", "unreadable"]
     assert {p.paths[0] for p in volume.problems} == {str(tmp_path / "s" / "zero.dcm"), str(paths[2])}
     assert volume.array.shape[2] == 2
+
+
+def test_direction_cosines_are_normalised_before_the_geometry(tmp_path):
+    """ImageOrientationPatient written with rounding errors or scaled (|row| = 1.02, |col| = 0.98): the
+    voxel sizes are the pixel spacing and the slice step is the distance along the unit normal."""
+    write_series(tmp_path / "s", [0, 2.5, 5, 7.5], orientations={i: [1.02, 0, 0, 0, 0.98, 0] for i in range(4)})
+    volume = read_series(tmp_path / "s")
+    assert volume.problems == []
+    spacing = float(pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False)).PixelSpacing[0])
+    np.testing.assert_allclose(volume.affine[:3, 0], [-spacing, 0, 0], rtol=1e-12)
+    np.testing.assert_allclose(volume.affine[:3, 1], [0, -spacing, 0], rtol=1e-12)
+    np.testing.assert_allclose(volume.affine[:3, 2], [0, 0, 2.5], atol=1e-12)
+    assert volume.spacing == pytest.approx((spacing, spacing, 2.5), rel=1e-12)
+
+
+def test_mr700_localizer_geometry_uses_unit_vectors():
+    """pydicom's MR700 localizer stack (radial: seven orientations) keeps one slice; its cosines are off unit
+    length by up to 2e-5, which leaked into the voxel sizes."""
+    folder = Path(get_testdata_file("CT_small.dcm", download=False)).parent / "dicomdirtests" / "98892003" / "MR700"
+    volume = read_series(folder)
+    assert kinds(volume) == ["mixed_orientation"]
+    first = pydicom.dcmread(volume.meta["files"][0], stop_before_pixels=True)
+    row, col = (float(v) for v in first.PixelSpacing)
+    assert np.linalg.norm(volume.affine[:3, 0]) == pytest.approx(col, rel=1e-12)
+    assert np.linalg.norm(volume.affine[:3, 1]) == pytest.approx(row, rel=1e-12)
+    assert np.linalg.norm(volume.affine[:3, 2]) == pytest.approx(float(first.SliceThickness), rel=1e-12)

@@ -16,16 +16,16 @@ from typer.testing import CliRunner
 from medtransfer.errors import ConfigError
 from medtransfer.io import read_seg, read_series
 from medtransfer.metrics import evaluate_segmentation
+from medtransfer.run import SEG_MODEL_FORMAT as CHECKPOINT_FORMAT
 from medtransfer.segmentation import (
-    CHECKPOINT_FORMAT,
     discover_cases,
     load_seg_config,
     predict_segmentation,
     split_cases,
     train_segmentation,
 )
+from medtransfer.metrics import dice_per_label
 from medtransfer.segmentation.data import load_case
-from medtransfer.segmentation.train import _dice_per_class
 from medtransfer.segmentation.writers import write_dicom_seg
 
 # A non-canonical affine (x flipped, anisotropic, translated): predict must give it back unchanged.
@@ -201,8 +201,8 @@ def test_dice_perfect_and_shifted_by_hand():
     true = np.zeros((10, 10, 10), np.int16)
     true[2:6, 2:6, 2:6] = 1  # 64 voxels
     shifted = np.roll(true, 1, axis=0)  # overlap 3×4×4 = 48 → Dice = 2·48 / (64 + 64) = 0.75
-    assert _dice_per_class(true, true, 2) == [1.0]
-    assert _dice_per_class(shifted, true, 2) == [0.75]
+    assert dice_per_label(true, true, [1]) == {1: 1.0}
+    assert dice_per_label(shifted, true, [1]) == {1: 0.75}
     rows, summary = evaluate_segmentation([("a", true, true, (1, 1, 1)), ("b", shifted, true, (1, 1, 1))],
                                           ["background", "x"], n_boot=0)
     assert [r["dice_x"] for r in rows] == [1.0, 0.75]

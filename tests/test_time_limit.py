@@ -7,7 +7,7 @@ import pytest
 
 from conftest import toy_binary_npz
 from medtransfer.config import load_config
-from medtransfer.inference.predict import load_run
+from medtransfer.run import load_run
 from medtransfer.train.finetune import finetune
 from medtransfer.transfer import EnsembleModel
 

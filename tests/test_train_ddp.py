@@ -55,3 +55,33 @@ def test_two_process_gloo_run_matches_single_process_shape(tmp_path):
     hist = list(csv.DictReader(open(tmp_path / "ddp" / "history.csv")))
     assert [h["phase"] for h in hist] == ["head", "finetune"]
     assert not any(p.name.startswith(".") for p in (tmp_path / "ddp").iterdir())  # no stray temp files
+
+
+SEG_SCRIPT = textwrap.dedent("""
+    import sys
+    from medtransfer.segmentation.config import load_seg_config
+    from medtransfer.segmentation.train import train_segmentation
+    data, out, *overrides = sys.argv[1:]
+    train_segmentation(load_seg_config("mri", data={"path": data}, overrides=overrides), out)
+""")
+
+
+def test_two_process_gloo_segmentation_trains_and_writes_one_run(tmp_path):
+    from medtransfer.segmentation.inference import predict_segmentation
+    from test_train_resume import SEG, _msd_folder
+
+    folder = _msd_folder(tmp_path / "msd")
+    script = tmp_path / "seg.py"
+    script.write_text(SEG_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(folder), str(tmp_path / "ddp"), *SEG]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hist = list(csv.DictReader(open(tmp_path / "ddp" / "history.csv")))
+    assert [h["epoch"] for h in hist] == ["1", "2", "3"] and all(h["val_dice_mean"] for h in hist)
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["val"]["n_cases"] == 2 and metrics["training"]["epochs_run"] == 3
+    rows = predict_segmentation(tmp_path / "ddp", [folder / "imagesTr"], tmp_path / "pred")
+    assert len(rows) == 5 and {r["status"] for r in rows} == {"ok"}
+    assert not any(p.name.startswith(".") for p in (tmp_path / "ddp").iterdir())  # one writer: no stray temp files

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import medtransfer.train.finetune as ft
+from medtransfer.train.classifier import build_optimizer
+from medtransfer.utils.device import amp_dtype_for
 from medtransfer.backbones import get_weight_spec, load_backbone
 from medtransfer.config import load_config
 from medtransfer.errors import DataError
@@ -42,36 +44,6 @@ def uninterrupted(npz, tmp_path_factory):
     return ft.finetune(load_config("xray", overrides=TINY), data=npz, out_dir=tmp_path_factory.mktemp("a") / "run")
 
 
-def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(npz, uninterrupted, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = ft.augment_batch
-
-    def killed_mid_epoch_3(*args, **kwargs):  # 3 batches per epoch: call 8 is inside epoch 3
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ft, "augment_batch", killed_mid_epoch_3)
-    run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        ft.finetune(load_config("xray", overrides=TINY), data=npz, out_dir=run)
-    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)  # still valid after the kill
-    assert last["epoch"] == 2 and len(last["history"]) == 2
-    monkeypatch.setattr(ft, "augment_batch", real)
-
-    resumed = ft.finetune(load_config("xray"), resume=run)  # cfg ignored: the run's own config is used
-    a = torch.load(uninterrupted.run_dir / "last.pt", map_location="cpu", weights_only=True)
-    b = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    assert b["epoch"] == a["epoch"] == 4
-    for key, value in a["model"].items():
-        assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
-    assert [h["val_loss"] for h in resumed.history] == pytest.approx([h["val_loss"] for h in uninterrupted.history])
-    assert [g["lr"] for g in b["optimizer"]["param_groups"]] == pytest.approx(
-        [g["lr"] for g in a["optimizer"]["param_groups"]])
-    assert resumed.metrics["test"]["auc"] == pytest.approx(uninterrupted.metrics["test"]["auc"])
-
-
 def test_history_and_learning_rates_of_the_recipe(uninterrupted):
     rows = list(csv.DictReader(open(uninterrupted.run_dir / "history.csv")))
     assert [r["phase"] for r in rows] == ["head", "finetune", "finetune", "finetune"]
@@ -101,14 +73,14 @@ def test_history_and_learning_rates_of_the_recipe(uninterrupted):
     ("off", "cuda", True, None),
 ])
 def test_mixed_precision_choice(amp, device, bf16, want):
-    assert ft.amp_dtype_for(amp, torch.device(device), bf16_supported=bf16) is want
+    assert amp_dtype_for(amp, torch.device(device), bf16_supported=bf16) is want
 
 
 def test_optimizer_groups_hold_the_layer_groups_by_identity_after_unfreezing():
     cfg = load_config("xray", overrides=TINY)
     backbone, _ = load_backbone(get_weight_spec("tiny_cnn.random"), 1, "none")
     model = TransferModel(backbone, 2)
-    opt = ft.build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     apply_plan(model, "none", "train", unfrozen=1)  # gradual unfreezing: top group only
     groups = layer_groups(model.backbone)
     for pg, g in zip(opt.param_groups, groups):
@@ -120,7 +92,7 @@ def test_optimizer_groups_hold_the_layer_groups_by_identity_after_unfreezing():
     opt.step()
     assert torch.equal(model.backbone.conv_stem.weight, stem_before)  # frozen: no grad, not stepped
     # a rebuilt optimizer (as on resume) maps its state back onto the same parameters
-    opt2 = ft.build_optimizer(model, cfg)
+    opt2 = build_optimizer(model, cfg)
     opt2.load_state_dict(opt.state_dict())
     top = model.backbone.stages[1][0].weight
     assert torch.equal(opt2.state[top]["exp_avg"], opt.state[top]["exp_avg"])
@@ -168,6 +140,8 @@ def test_feature_cache_trains_the_head_like_the_full_forward(npz, tmp_path):
     on = ft.finetune(load_config("xray", overrides=base + ["train.feature_cache=on"]), data=npz, out_dir=tmp_path / "on")
     off = ft.finetune(load_config("xray", overrides=base + ["train.feature_cache=off"]), data=npz, out_dir=tmp_path / "off")
     assert [h["val_loss"] for h in on.history] == pytest.approx([h["val_loss"] for h in off.history], rel=1e-4)
+    assert on.metrics["feature_cache_seconds"] > 0 and "feature_cache_seconds" not in off.metrics
+    assert not (on.run_dir / ".feature_cache").exists()  # the cached features go when the run ends
     a = torch.load(on.run_dir / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(off.run_dir / "model.pt", weights_only=True)["state_dict"]
     assert torch.allclose(a["head.1.weight"], b["head.1.weight"], atol=1e-5)

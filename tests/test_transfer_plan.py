@@ -136,3 +136,27 @@ def test_class_weights_from_counts():
     loss = TaskLoss("binary", 2, class_weights("binary", [0, 0, 0, 1], 2))
     # pos_weight 3 on the positive: -3·log σ(0) for y=1
     assert loss(torch.tensor([[0.0]]), torch.tensor([1])).item() == pytest.approx(3 * math.log(2))
+
+
+def test_layer_groups_follow_the_backbone_stage_interface():
+    """Backbones that name their stages (``stage_names``) get one group per stage plus the stem, every
+    parameter in exactly one group: the registry's own metadata, not a guess from module names."""
+    from medtransfer.backbones import list_weights
+
+    checked = 0
+    for spec in list_weights():
+        with torch.device("meta"):
+            backbone = spec.builder(spec.in_channels)
+        modules = dict(backbone.named_modules())
+        stages = tuple(n for n in getattr(backbone, "stage_names", ()) or () if n in modules)
+        if not stages or hasattr(getattr(backbone, "model", None), "group_matcher"):
+            continue
+        groups = layer_groups(backbone)
+        first = next(n for n, _ in backbone.named_parameters())
+        stem = [] if first.startswith(stages[0] + ".") else ["stem"]  # e.g. a U-Net encoder starts with a stage
+        assert [g.name for g in groups] == [*stem, *stages], spec.name
+        names = [n for g in groups for n in g.param_names]
+        assert sorted(names) == sorted(n for n, _ in backbone.named_parameters()), spec.name
+        assert all(n.startswith(st) for g, st in zip(groups[len(stem):-1], stages[:-1]) for n in g.param_names), spec.name
+        checked += 1
+    assert checked >= 8

@@ -11,6 +11,7 @@ from medtransfer.backbones.checkpoint import CheckpointError, read_state_dict, s
 from medtransfer.backbones.contract import InputContract, InputContractError, check_input_contract
 from medtransfer.backbones.load import LoadReport, load_backbone, locate_weights
 from medtransfer.backbones.registry import (
+    Stage,
     WeightSpec,
     count_parameters,
     get_weight_spec,
@@ -23,11 +24,15 @@ from medtransfer.backbones.sources import (
     HubSource,
     ManualSource,
     PipSource,
+    Shard,
+    ShardedPipSource,
+    ShardError,
     UrlSource,
     is_offline,
     weights_dir,
 )
 from medtransfer.backbones.store import export_weights, import_weights, pull_weights, verify_weights
+from medtransfer.backbones import catalog  # noqa: E402,F401,I001  (registers the built-in weights; after registry)
 
 __all__ = [
     "CacheSource",
@@ -39,6 +44,10 @@ __all__ = [
     "LoadReport",
     "ManualSource",
     "PipSource",
+    "Shard",
+    "ShardError",
+    "ShardedPipSource",
+    "Stage",
     "UrlSource",
     "WeightSpec",
     "adapt_input_conv",

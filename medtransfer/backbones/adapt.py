@@ -15,6 +15,12 @@ ChannelMap = Sequence[int | Sequence[int] | None]
 INFLATE_MODES = ("average", "centre")
 
 
+def _result_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapted kernels keep the checkpoint's dtype, except 16-bit floats: their sums stay float32
+    (rounding a sum of bfloat16 kernels back to bfloat16 would lose precision for nothing)."""
+    return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+
+
 def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> tuple[torch.Tensor, str]:
     """Adapt a first-conv kernel ``(O, I, *k)`` to ``in_channels`` inputs; returns (kernel, how).
 
@@ -25,7 +31,7 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> tuple[torch.Tens
     orig = weight.shape[1]
     if orig == in_channels:
         return weight, "unchanged"
-    dtype = weight.dtype
+    dtype = _result_dtype(weight)
     w = weight.float()
     if in_channels == 1:
         return w.sum(dim=1, keepdim=True).to(dtype), f"summed {orig} input-channel kernels into 1"
@@ -59,7 +65,7 @@ def map_input_channels(weight: torch.Tensor, channel_map: ChannelMap) -> tuple[t
         kernels.append(w[:, idx].sum(dim=1))
         used += len(idx)
     out = torch.stack(kernels, dim=1) * (orig / used)
-    return out.to(weight.dtype), f"mapped input channels {list(channel_map)} from {orig} and scaled by {orig}/{used}"
+    return out.to(_result_dtype(weight)), f"mapped input channels {list(channel_map)} from {orig} and scaled by {orig}/{used}"
 
 
 def inflate_conv_weight(weight: torch.Tensor, depth: int, mode: str = "average") -> torch.Tensor:

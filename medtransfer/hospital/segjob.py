@@ -51,7 +51,7 @@ def _seg_row(unit: Unit, seg_row: dict[str, Any], sink: ResultSink, sha: str, mo
 
 def segment_chunk(run_dir: Path, chunk: Chunk, opts: PacsJobOptions, sink: ResultSink, sha: str) -> list[dict]:
     """Rows of one retrieved chunk of series (SEG delivered before its row is written)."""
-    from medtransfer.segmentation import predict_segmentation
+    from medtransfer.segmentation.inference import predict_segmentation
 
     settled = {u.key: settle_unit(chunk, u, opts.selection, per_series=True) for u in chunk.units}
     todo = [u for u in chunk.units if settled[u.key] is None]
@@ -77,7 +77,7 @@ def segment_chunk(run_dir: Path, chunk: Chunk, opts: PacsJobOptions, sink: Resul
 def predict_segmentation_pacs(run_dir: str | os.PathLike[str], pacs, out_csv: str | os.PathLike[str],
                               sink: ResultSink, opts: PacsJobOptions) -> PacsSummary:
     """Segment every series a PACS query finds with a segmentation run; SEG to the sink."""
-    from medtransfer.segmentation import load_run
+    from medtransfer.segmentation.inference import load_run
 
     _, ckpt = load_run(run_dir)
     run_dir = Path(run_dir)

@@ -61,7 +61,7 @@ class Listener:
 
     def __init__(self, run_dir: str | os.PathLike[str], options: ServeOptions,
                  settings: ConnectionSettings | None = None, device: str = "auto"):
-        from medtransfer.hospital.jobs import is_segmentation_run
+        from medtransfer.run import is_segmentation_run
 
         self.run_dir, self.opts = Path(run_dir), options
         self.settings = settings or ConnectionSettings()
@@ -205,7 +205,7 @@ class Listener:
 
     def _fields(self) -> list[str]:
         if self.segmentation:
-            from medtransfer.segmentation import load_run
+            from medtransfer.segmentation.inference import load_run
 
             return segmentation_fields(load_run(self.run_dir)[1]["label_names"])
         per_series = self.run.pre.spec.dims == 3
@@ -272,7 +272,7 @@ def _load(run_dir: Path, device: str):
 
 
 def _write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
-    from medtransfer.metrics._utils import write_csv_atomic
+    from medtransfer.utils.atomic import write_csv_atomic
 
     write_csv_atomic(path, [{k: r.get(k, "") for k in fields} for r in rows], fields)
 

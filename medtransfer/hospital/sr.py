@@ -162,7 +162,7 @@ def classification_report(identity, rows: Sequence[Mapping[str, str]], model: Mo
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    import medtransfer
+    from medtransfer._version import __version__
 
     ok = [r for r in rows if r.get("status") == "ok"]
     if not ok:
@@ -196,6 +196,6 @@ def classification_report(identity, rows: Sequence[Mapping[str, str]], model: Mo
         sop_instance_uid=stable_uid(model.sha256, scope, "sr", *keys), instance_number=1,
         manufacturer="medtransfer", is_complete=True, is_final=False, is_verified=False,
         series_description=f"medtransfer {model.name}"[:64],
-        software_versions=str(medtransfer.__version__), manufacturer_model_name=model.backbone[:64] or "medtransfer",
+        software_versions=str(__version__), manufacturer_model_name=model.backbone[:64] or "medtransfer",
     )
     return sr

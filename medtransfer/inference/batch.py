@@ -15,16 +15,23 @@
   counts and a study-level summary), written atomically once the table is complete.
 * Patient-identifying fields (PatientID, PatientName, PatientBirthDate) are never written unless
   ``patient_fields=True``.
+
+The job is four stages that every engine shares (:mod:`medtransfer.inference.ray_engine` runs
+them on a Ray cluster): :func:`work_items` lists the inputs, :func:`decode_item` turns one into a
+tensor or a status, :class:`ModelStep` runs the model on a batch of decoded items,
+:class:`RowBuilder` makes the rows and :class:`PredictionTable` writes them.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +39,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medtransfer.data.preprocess import UnsupportedImageError
-from medtransfer.errors import MedTransferError
+from medtransfer.data.preprocess import UnsupportedImageError, require_finite
+from medtransfer.errors import MedTransferError, UsageError
 from medtransfer.io import (
     MedIOError,
     NoPixelDataError,
@@ -42,6 +49,7 @@ from medtransfer.io import (
     is_raster_path,
     read_dicom_header,
 )
+from medtransfer.utils.atomic import DiskFullError
 
 logger = logging.getLogger(__name__)
 
@@ -128,54 +136,154 @@ def _patient_ids(path: str) -> dict[str, str]:
     return _header_fields(path, _PATIENT_TAGS)
 
 
+@dataclass
+class DecodedItem:
+    """A work item after decoding: the model input (``None`` when the item needs no model) and the
+    row's status, reason and DICOM identifiers. ``index`` is the item's position in the work list."""
+
+    index: int
+    tensor: torch.Tensor | None
+    status: str
+    reason: str
+    ids: dict[str, str]
+
+
+def decode_item(item: WorkItem, pre, dims: int, filt: SeriesFilter, patient_fields: bool = False,
+                index: int = 0) -> DecodedItem:
+    """Read and preprocess one work item with the run's preprocessor; never raises: an unreadable
+    input becomes an ``error``, one the model does not take a ``skipped`` item, with the reason."""
+    decoded = _decode(item, pre, dims, filt, index)
+    if patient_fields:
+        decoded.ids.update(_patient_ids(item.paths[0]))
+    return decoded
+
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+"""File names that promise DICOM: such a file that is not DICOM is an error, not a README to skip."""
+
+
+def not_dicom_status(path: str, reason: str) -> tuple[str, str]:
+    """A file that is not DICOM is ``skipped`` (a README on a patient CD), unless its name says DICOM."""
+    if str(path).lower().endswith(DICOM_SUFFIXES):
+        return "error", f"not DICOM despite its name ({reason})"
+    return "skipped", reason
+
+
+def _decode(item: WorkItem, pre, dims: int, filt: SeriesFilter, index: int) -> DecodedItem:
+    out = DecodedItem(index, None, item.status, item.reason, dict(item.ids))
+    if item.status:
+        return out
+    try:
+        _load(item, pre, dims, filt, out)
+        if out.tensor is not None:
+            require_finite(out.tensor, item.key)
+    except NotDicomError as exc:
+        out.status, out.reason = not_dicom_status(item.paths[0], exc.reason)
+        out.tensor, out.ids = None, _header_ids(item.paths[0])
+    except (NoPixelDataError, UnsupportedImageError) as exc:
+        out.status, out.reason, out.tensor, out.ids = "skipped", exc.reason, None, _header_ids(item.paths[0])
+    except MedIOError as exc:
+        out.status, out.reason, out.tensor = "error", exc.reason, None
+        out.ids = out.ids or _header_ids(item.paths[0])
+    except Exception as exc:  # one bad input never stops the batch
+        out.status, out.reason, out.tensor = "error", f"{type(exc).__name__}: {exc}", None
+        out.ids = _header_ids(item.paths[0])
+    return out
+
+
+def _load(item: WorkItem, pre, dims: int, filt: SeriesFilter, out: DecodedItem) -> None:
+    """Fill ``out`` with the item's tensor (or its ``skipped`` status when the selection leaves it out)."""
+    if _image_file(item.paths[0]):  # NIfTI / PNG: no DICOM header, so no UIDs and no selection by tags
+        skip = filt.reason_to_skip("", "")
+        if skip:
+            out.status, out.reason = "skipped", skip
+            return
+        load = pre.load_volume if dims == 3 else pre.load_image
+        out.tensor, out.status = load(item.paths[0]), "ok"
+        return
+    if dims == 3:
+        tensor, ids = pre.load_series(item.paths)
+    else:
+        tensor, meta = pre.load_dicom_with_meta(item.paths[0])
+        ids = _ids(meta)
+        skip = filt.reason_to_skip(meta.get("modality", ""), meta.get("series_description", ""))
+        if skip:
+            out.status, out.reason, out.ids = "skipped", skip, ids
+            return
+    out.tensor, out.status, out.ids = tensor, "ok", ids
+
+
 class _Decode(Dataset):
-    """Decodes work items in DataLoader workers; never raises (failures become row statuses)."""
+    """The work list as a Dataset, decoded in DataLoader workers by :func:`decode_item`."""
 
     def __init__(self, items: list[WorkItem], pre, dims: int, filt: SeriesFilter, patient_fields: bool = False):
         self.items, self.pre, self.dims, self.filt = items, pre, dims, filt
         self.patient_fields = patient_fields
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        out = self._decode(i)
-        if self.patient_fields:
-            out["ids"].update(_patient_ids(self.items[i].paths[0]))
-        return out
+    def __getitem__(self, i: int) -> DecodedItem:
+        return decode_item(self.items[i], self.pre, self.dims, self.filt, self.patient_fields, index=i)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _decode(self, i: int) -> dict[str, Any]:
-        item = self.items[i]
-        out: dict[str, Any] = {"i": i, "tensor": None, "status": item.status, "reason": item.reason,
-                               "ids": dict(item.ids)}
-        if item.status:
-            return out
-        try:
-            if _image_file(item.paths[0]):  # NIfTI / PNG: no DICOM header, so no UIDs and no selection by tags
-                skip = self.filt.reason_to_skip("", "")
-                if skip:
-                    out.update(status="skipped", reason=skip)
-                    return out
-                load = self.pre.load_volume if self.dims == 3 else self.pre.load_image
-                out.update(tensor=load(item.paths[0]), status="ok")
-                return out
-            if self.dims == 3:
-                tensor, ids = self.pre.load_series(item.paths)
-            else:
-                tensor, meta = self.pre.load_dicom_with_meta(item.paths[0])
-                ids = _ids(meta)
-                skip = self.filt.reason_to_skip(meta.get("modality", ""), meta.get("series_description", ""))
-                if skip:
-                    out.update(status="skipped", reason=skip, ids=ids)
-                    return out
-            out.update(tensor=tensor, status="ok", ids=ids)
-        except (NoPixelDataError, NotDicomError, UnsupportedImageError) as exc:
-            out.update(status="skipped", reason=exc.reason, ids=_header_ids(item.paths[0]))
-        except MedIOError as exc:
-            out.update(status="error", reason=exc.reason, ids=_header_ids(item.paths[0]))
-        except Exception as exc:  # one bad input never stops the batch
-            out.update(status="error", reason=f"{type(exc).__name__}: {exc}", ids=_header_ids(item.paths[0]))
-        return out
+
+class ModelStep:
+    """The model on a batch of decoded items: stack the tensors, normalise, forward, probabilities.
+
+    The first batch with an input is checked against the weights' input contract (once per instance,
+    so once per job locally and once per model actor under Ray).
+    """
+
+    def __init__(self, run):
+        self.run = run
+        self._checked = False
+
+    def probabilities(self, batch: list[DecodedItem]) -> list[Any]:
+        """One probability row (a numpy array) per item that has a tensor, ``None`` for the others."""
+        from medtransfer.backbones import check_input_contract
+
+        run = self.run
+        ready = [b for b in batch if b.tensor is not None]
+        if not ready:
+            return [None] * len(batch)
+        pin = run.device.type == "cuda"
+        x = torch.stack([b.tensor for b in ready])
+        if pin:
+            x = x.pin_memory()
+        x = run.pre.normalize(x.to(run.device, non_blocking=pin))
+        if not self._checked:  # a real batch against the weights' contract
+            check_input_contract(x, run.checkpoint["backbone"], channels=run.pre.spec.channels,
+                                 dims=run.pre.spec.dims)
+            self._checked = True
+        with torch.no_grad(), torch.autocast(run.device.type, enabled=run.device.type == "cuda"):
+            logits = run.model(x)
+        probs = iter(run.model.probabilities(logits).cpu().numpy())
+        return [next(probs) if b.tensor is not None else None for b in batch]
+
+
+def output_fields(label_names: list[str], dims: int, patient_fields: bool = False) -> list[str]:
+    """The columns of the prediction table, in order."""
+    return (BASE_FIELDS + (PATIENT_FIELDS if patient_fields else []) + (["files"] if dims == 3 else [])
+            + [f"prob_{n}" for n in label_names] + ["predicted"])
+
+
+class RowBuilder:
+    """Turns a decoded item and its probabilities into one output row (all values as written)."""
+
+    def __init__(self, run, patient_fields: bool = False):
+        self.dims = run.pre.spec.dims
+        self.prob_cols = [f"prob_{n}" for n in run.label_names]
+        self.fields = output_fields(run.label_names, self.dims, patient_fields)
+        self._predicted_label = run.predicted_label
+
+    def row(self, item: WorkItem, decoded: DecodedItem, probs: Any = None) -> dict[str, str]:
+        row = {"path": item.key, "status": decoded.status, "reason": decoded.reason, **decoded.ids}
+        if self.dims == 3:
+            row["files"] = ";".join(item.paths)
+        if probs is not None:
+            row.update({c: f"{v:.6f}" for c, v in zip(self.prob_cols, probs)})
+            row["predicted"] = self._predicted_label(probs)
+        return row
 
 
 # Decoding workers run at the lowest CPU priority: when they and the model share the cores, the
@@ -191,7 +299,7 @@ def _lower_priority(_worker_id: int) -> None:
         pass
 
 
-def _list_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _list_list(batch: list[DecodedItem]) -> list[DecodedItem]:
     return batch
 
 
@@ -214,6 +322,15 @@ def _hidden(path: str) -> bool:
     return os.path.basename(path).startswith(".")
 
 
+def _not_regular(path: str) -> WorkItem | None:
+    """The row of a listed entry that is not a regular file (never opened: a FIFO would block the job)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return WorkItem(path, [path], "error", f"broken symbolic link (points to {os.readlink(path)})")
+    if not os.path.isfile(path):
+        return WorkItem(path, [path], "skipped", "not a regular file (a FIFO, socket or device): not read")
+    return None
+
+
 def _image_file(path: str) -> bool:
     """A NIfTI or PNG / JPEG / TIFF / BMP file: read directly, not as DICOM."""
     return is_nifti_path(path) or is_raster_path(path)
@@ -221,9 +338,12 @@ def _image_file(path: str) -> bool:
 
 def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
     """The sorted work list: files for 2D models; series (plus files in no series) for 3D models."""
-    files = [str(p) for p in iter_files(folder)]
+    listed = [str(p) for p in iter_files(folder)]
+    special = {p: item for p in listed if (item := _not_regular(p)) is not None}
+    files = [p for p in listed if p not in special]
     if dims == 2:
-        return [WorkItem(p, [p], "skipped", HIDDEN) if _hidden(p) else WorkItem(p, [p]) for p in files]
+        items = [WorkItem(p, [p], "skipped", HIDDEN) if _hidden(p) else WorkItem(p, [p]) for p in files]
+        return sorted(items + list(special.values()), key=lambda it: it.paths[0])
     from medtransfer.io.series import find_series, object_kind
 
     series, problems = find_series([p for p in files if not _hidden(p) and not _image_file(p)])
@@ -248,14 +368,18 @@ def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
             items.append(WorkItem(p, [p], "skipped", HIDDEN))
             continue
         if p in unreadable:
-            status = "skipped" if unreadable[p].kind == "not_dicom" else "error"
-            items.append(WorkItem(p, [p], status, unreadable[p].message))
+            status, reason = ("error", unreadable[p].message) if unreadable[p].kind != "not_dicom" \
+                else not_dicom_status(p, unreadable[p].message)
+            items.append(WorkItem(p, [p], status, reason))
             continue
         try:
             kind = object_kind(read_dicom_header(p))
             reason = f"not part of an image series ({kind} object)"
+        except NotDicomError as exc:
+            items.append(WorkItem(p, [p], *not_dicom_status(p, exc.reason)))
+            continue
         except MedIOError as exc:
-            items.append(WorkItem(p, [p], "skipped" if isinstance(exc, NotDicomError) else "error", exc.reason))
+            items.append(WorkItem(p, [p], "error", exc.reason))
             continue
         items.append(WorkItem(p, [p], "skipped", reason, _header_ids(p)))
     # A series is named by its folder; two series sharing a folder get their UID appended.
@@ -266,6 +390,7 @@ def work_items(folder: Path, dims: int, filt: SeriesFilter) -> list[WorkItem]:
             continue
         common = os.path.commonpath(it.paths) if len(it.paths) > 1 else str(Path(it.paths[0]).parent)
         it.key = common if folders[common] == 1 else f"{common}#{it.ids['series_instance_uid']}"
+    items += special.values()
     items.sort(key=lambda it: it.paths[0])
     return items
 
@@ -284,6 +409,120 @@ def _complete_rows(path: Path, fields: list[str]) -> list[dict[str, str]]:
             "Use another --out or remove the file."
         )
     return rows
+
+
+class PredictionTable:
+    """The output CSV, written as rows arrive: appended to ``<out>.partial`` and flushed after each
+    write, then moved into place by :meth:`commit`, so a crash never leaves a half-written ``<out>``."""
+
+    def __init__(self, out_csv: str | os.PathLike[str], fields: list[str]):
+        self.path = Path(out_csv)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.fields = fields
+        self._fh: Any = None
+        self._writer: csv.DictWriter | None = None
+
+    def completed_rows(self, keys: Iterable[str] | None = None) -> list[dict[str, str]]:
+        """The rows a previous run left in ``<out>.partial`` and ``<out>`` (what ``resume`` keeps): each
+        input once (the newer file first), only inputs of this job when ``keys`` lists them."""
+        wanted = set(keys) if keys is not None else None
+        seen: set[str] = set()
+        rows = []
+        for row in _complete_rows(self.partial, self.fields) + _complete_rows(self.path, self.fields):
+            if row["path"] in seen or (wanted is not None and row["path"] not in wanted):
+                continue
+            seen.add(row["path"])
+            rows.append(row)
+        return rows
+
+    def __enter__(self) -> "PredictionTable":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._disk_full_says_so():
+            self._fh = open(self.partial, "w", newline="")
+            self._writer = csv.DictWriter(self._fh, fieldnames=self.fields, restval="")
+            self._writer.writeheader()
+            self._fh.flush()
+        return self
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        with self._disk_full_says_so():
+            self._writer.writerows(rows)
+            self._fh.flush()
+
+    @contextlib.contextmanager
+    def _disk_full_says_so(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(errno.ENOSPC, f"No space left on device at {self.partial.parent} while writing "
+                                    f"{self.partial.name}. The rows written so far are kept there: free some space "
+                                    "and run the same command with --resume.") from None
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            self._fh.close()
+        except OSError:  # the buffered tail of a full disk: the error that stopped the job says so
+            if exc_info[0] is None:
+                raise
+
+    def commit(self) -> Path:
+        """Move the finished table into place (atomically)."""
+        os.replace(self.partial, self.path)
+        return self.path
+
+
+@contextlib.contextmanager
+def output_lock(out_csv: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``<out>.lock`` for the whole job: a second job writing the same table is refused at once
+    (its rows would otherwise tear and lose the first one's)."""
+    import fcntl
+
+    out = Path(out_csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(out.name + ".lock")
+    fh = open(lock, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise UsageError(f"'{out}' is being written by another medtransfer job (pid {holder}, lock {lock}). Give "
+                         "each job its own --out (e.g. part0.csv, part1.csv for --shard 0/2 and 1/2) or wait for "
+                         "it to finish.") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        fh.close()
+
+
+def pending_items(items: list[WorkItem], done_keys: set[str]) -> list[WorkItem]:
+    """The work items whose row is not yet written."""
+    return [it for it in items if it.key not in done_keys]
+
+
+def input_folder(input_dir: str | os.PathLike[str]) -> Path:
+    """The input folder, or a message saying it is missing."""
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise MedTransferError(f"Input folder '{folder}' does not exist or is not a folder.")
+    return folder
+
+
+def finish_outputs(out: Path, run, *, parquet: bool = False, study_json_dir: str | os.PathLike[str] | None = None,
+                   shard: tuple[int, int] | None = None) -> None:
+    """What follows a finished table: ``OUT.parquet`` and the study JSON files when asked for."""
+    if parquet:
+        _write_parquet(out)
+    if study_json_dir is not None:
+        write_study_jsons(out, study_json_dir, run, shard)
 
 
 @dataclass
@@ -315,79 +554,47 @@ def run_batch(
     progress: bool = False,
 ) -> BatchSummary:
     """Predict every input under ``input_dir`` with a loaded run (see the module docstring)."""
-    folder = Path(input_dir)
-    if not folder.is_dir():
-        raise MedTransferError(f"Input folder '{folder}' does not exist or is not a folder.")
+    folder = input_folder(input_dir)
     filt = series_filter or SeriesFilter()
     dims = run.pre.spec.dims
-    prob_cols = [f"prob_{n}" for n in run.label_names]
-    fields = (BASE_FIELDS + (PATIENT_FIELDS if patient_fields else []) + (["files"] if dims == 3 else [])
-              + prob_cols + ["predicted"])
+    rows_of = RowBuilder(run, patient_fields)
     items = shard_slice(work_items(folder, dims, filt), shard)
+    with output_lock(out_csv):
+        return _predict_items(run, items, out_csv, rows_of, filt, batch_size, workers, resume, keep_rows, progress,
+                              parquet, study_json_dir, shard, patient_fields)
 
-    out = Path(out_csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    previous = (_complete_rows(out, fields) + _complete_rows(partial, fields)) if resume else []
-    done = {r["path"] for r in previous}
-    todo = [it for it in items if it.key not in done]
+
+def _predict_items(run, items: list[WorkItem], out_csv: Any, rows_of: RowBuilder, filt: SeriesFilter,
+                   batch_size: int, workers: int, resume: bool, keep_rows: bool, progress: bool, parquet: bool,
+                   study_json_dir: Any, shard: tuple[int, int] | None, patient_fields: bool) -> BatchSummary:
+    dims = run.pre.spec.dims
+    table = PredictionTable(out_csv, rows_of.fields)
+    previous = table.completed_rows([it.key for it in items]) if resume else []
+    todo = pending_items(items, {r["path"] for r in previous})
     if resume:
         logger.info("resume: %d of %d inputs already done", len(items) - len(todo), len(items))
 
     counts: Counter = Counter(r["status"] for r in previous)
     kept: list[dict[str, Any]] | None = list(previous) if keep_rows else None
-    pin = run.device.type == "cuda"
     loader = DataLoader(_Decode(todo, run.pre, dims, filt, patient_fields), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_list_list, persistent_workers=False,
                         worker_init_fn=_lower_priority if workers else None,
                         prefetch_factor=4 if workers else None)
     from rich.progress import Progress
 
-    from medtransfer.backbones import check_input_contract
-
-    checked = False
-    with open(partial, "w", newline="") as fh, Progress(disable=not progress, transient=True) as bar:
-        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(previous)
-        fh.flush()
+    model = ModelStep(run)
+    with table, Progress(disable=not progress, transient=True) as bar:
+        table.write(previous)
         task = bar.add_task("predicting", total=len(todo))
         for batch in loader:
-            ready = [b for b in batch if b["tensor"] is not None]
-            if ready:
-                x = torch.stack([b["tensor"] for b in ready])
-                if pin:
-                    x = x.pin_memory()
-                x = run.pre.normalize(x.to(run.device, non_blocking=pin))
-                if not checked:  # a real batch against the weights' contract, once per job
-                    check_input_contract(x, run.checkpoint["backbone"], channels=run.pre.spec.channels, dims=dims)
-                    checked = True
-                with torch.no_grad(), torch.autocast(run.device.type, enabled=run.device.type == "cuda"):
-                    logits = run.model(x)
-                probs = run.model.probabilities(logits).cpu().numpy()
-                for b, p in zip(ready, probs):
-                    b["probs"] = p
-            rows = []
-            for b in batch:
-                item = todo[b["i"]]
-                row = {"path": item.key, "status": b["status"], "reason": b["reason"], **b["ids"]}
-                if dims == 3:
-                    row["files"] = ";".join(item.paths)
-                if "probs" in b:
-                    row.update({c: f"{v:.6f}" for c, v in zip(prob_cols, b["probs"])})
-                    row["predicted"] = run.predicted_label(b["probs"])
-                rows.append(row)
-                counts[row["status"]] += 1
-            writer.writerows(rows)
-            fh.flush()
+            rows = [rows_of.row(todo[d.index], d, p) for d, p in zip(batch, model.probabilities(batch))]
+            table.write(rows)
+            counts.update(r["status"] for r in rows)
             if kept is not None:
                 kept.extend(rows)
             bar.advance(task, len(batch))
-    os.replace(partial, out)
-    if parquet:
-        _write_parquet(out)
-    if study_json_dir is not None:
-        write_study_jsons(out, study_json_dir, run, shard)
+    out = table.commit()
+    finish_outputs(out, run, parquet=parquet, study_json_dir=study_json_dir, shard=shard)
     logger.info("%d inputs: %s -> %s", sum(counts.values()), dict(counts), out)
     return BatchSummary(out, counts, kept)
 

@@ -7,13 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch.utils.data import DataLoader
 
+from medtransfer.data.datasets import ImageSet, resolve_samples
 from medtransfer.data.samples import SampleTable, split_by_patient
 from medtransfer.errors import DataError
-from medtransfer.inference.predict import LoadedRun, load_run
-from medtransfer.metrics._utils import nan_to_none, write_json_atomic
+from medtransfer.evaluation import labelled_results, predict_loader
+from medtransfer.metrics import delong_test, paired_bootstrap_auc_diff, write_classification_report
+from medtransfer.run import LoadedRun, load_run
+from medtransfer.utils.atomic import json_safe, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +28,6 @@ def select_samples(run: LoadedRun, data: str | os.PathLike[str] | None, labels: 
     its test split. A ``.npz`` defaults to its official test split. A folder + CSV takes every row,
     or only the rows of ``split`` when the CSV has a ``split`` column.
     """
-    from medtransfer.train.finetune import resolve_samples
-
     table = resolve_samples(data, labels)
     if data is None:
         split_by_patient(table, run.config.data.val_fraction, run.config.data.test_fraction, run.config.train.seed)
@@ -73,12 +73,9 @@ def _align_classes(table: SampleTable, samples: list, model_names: list[str]) ->
 
 def predict_samples(run: LoadedRun, table: SampleTable, samples: list, batch_size: int = 32) -> dict[str, Any]:
     """Probabilities of ``run``'s model for labelled samples: the dict the metrics report takes."""
-    from medtransfer.train.finetune import ImageSet, predict_loader
-
     loader = DataLoader(ImageSet(table, samples, run.pre, cache=False), batch_size=batch_size, shuffle=False)
     prob, logits = predict_loader(run.model, loader, run.pre, run.device)
-    return {"y": np.array([s.label for s in samples]), "prob": prob, "logits": logits,
-            "patient_ids": [s.patient_id for s in samples], "paths": [s.path for s in samples]}
+    return {**labelled_results(samples, prob), "logits": logits}
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str] | None = None,
@@ -89,8 +86,6 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str] |
     Writes ``metrics.json`` (the evaluated set under ``test``), ``predictions_test.csv``, plots and a
     model card into ``out_dir`` (default ``RUN_DIR/evaluation``). Returns the metrics.
     """
-    from medtransfer.metrics import write_classification_report
-
     run = load_run(run_dir, device)
     table, samples = select_samples(run, data, labels, split)
     result = predict_samples(run, table, samples)
@@ -128,8 +123,6 @@ def compare_runs(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str],
                  n_boot: int = 2000, device: str = "auto") -> dict[str, Any]:
     """AUC difference of two binary runs on the same samples: DeLong's test and a paired bootstrap
     over patients. Writes the result as JSON to ``out`` when given."""
-    from medtransfer.metrics import delong_test, paired_bootstrap_auc_diff
-
     ra, rb = load_run(run_a, device), load_run(run_b, device)
     if len(ra.label_names) != 2 or len(rb.label_names) != 2:
         raise DataError("compare needs two binary models (DeLong's test compares two AUCs).")
@@ -143,7 +136,7 @@ def compare_runs(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str],
                                      n_boot=n_boot)
     result = {
         "run_a": str(run_a), "run_b": str(run_b), "n": int(len(y)), "n_patients": len(set(pa["patient_ids"])),
-        "delong": nan_to_none(dataclasses.asdict(dl)), "paired_bootstrap": nan_to_none(dataclasses.asdict(boot)),
+        "delong": json_safe(dataclasses.asdict(dl)), "paired_bootstrap": json_safe(dataclasses.asdict(boot)),
     }
     if out:
         write_json_atomic(out, result)

@@ -6,12 +6,10 @@ from medtransfer.io.dicom import (
     NoPixelDataError,
     NotDicomError,
     UndecodablePixelDataError,
-    apply_window,
     decoder_for,
     dicom_meta,
     frame_geometry,
     frame_rescale,
-    percentile_window,
     read_dicom,
     read_dicom_header,
 )
@@ -21,7 +19,15 @@ from medtransfer.io.raster import RASTER_SUFFIXES, is_raster_path, read_raster
 from medtransfer.io.seg import Segmentation, read_seg
 from medtransfer.io.series import SeriesFiles, find_series, order_slices, read_series
 from medtransfer.io.volume import Problem, Volume
-from medtransfer.io.windows import WINDOW_STACKS, WINDOWS, resolve_window, stack_windows, window_by_name
+from medtransfer.io.windows import (
+    WINDOW_STACKS,
+    WINDOWS,
+    apply_window,
+    percentile_window,
+    resolve_window,
+    stack_windows,
+    window_by_name,
+)
 
 __all__ = [
     "PHI_KEYWORDS",

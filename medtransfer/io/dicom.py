@@ -7,23 +7,32 @@ Conventions (kept by every reader in :mod:`medtransfer.io`):
   Hounsfield units. BitsStored and PixelRepresentation are respected (high bits masked, sign
   extended).
 * Higher values are always brighter on screen. MONOCHROME1 images (where high stored values are
-  displayed dark) are mirrored within their representable range, and so are their window centres;
-  ``meta["inverted"]`` records it. Pass ``invert_monochrome1=False`` to keep raw polarity.
+  displayed dark) are mirrored within their representable range ``[lo, hi]`` (``meta["value_range"]``);
+  ``meta["inverted"]`` records it and ``meta["window_center"]`` is then the mirrored centre
+  ``lo + hi + 1 - center``, the one that windows the inverted array like the file's window. Pass
+  ``invert_monochrome1=False`` to keep raw polarity.
 * Single-frame grayscale → ``(H, W)``; multi-frame → ``(F, H, W)``; colour → ``(..., H, W, 3)`` RGB
   (YBR and PALETTE COLOR are converted to RGB, values 0–255 for 8-bit data).
 * No VOI is applied unless asked (``voi="tags"``, a named window such as ``"lung"`` from
   :data:`medtransfer.io.windows.WINDOWS`, or a ``(center, width)`` pair): then the result is in
-  ``[0, 1]`` using the DICOM linear window function (PS3.3 C.11.2.1.2).
+  ``[0, 1]``, in the standard's order (PS3.4 N.2): Modality LUT → VOI (the linear window of PS3.3
+  C.11.2.1.2 in modality units, or the VOI LUT Sequence) → MONOCHROME1 inversion. VOI does not apply to
+  colour images: they come back on ``[0, 1]`` with a warning. ``meta["voi_applied"]`` says what was done.
 * Compressed transfer syntaxes decode through the installed pydicom plugins; where several can,
-  the fastest measured one is used (:data:`PREFERRED_DECODERS`). A syntax without a plugin raises
-  :class:`MedIOError` naming the package to install.
+  the fastest measured one is used (:data:`medtransfer.io.decoders.PREFERRED_DECODERS`). A syntax
+  without a plugin, or plugins that fail, raise :class:`UndecodablePixelDataError` naming the syntax,
+  the bit depth, the plugins tried and the package (and licence) that would decode it.
+* Something wrong that could still be read (an invalid NumberOfFrames) is listed in ``meta["problems"]``.
 """
 from __future__ import annotations
 
-import functools
 import logging
+import mmap
 import os
 import warnings
+from io import BytesIO
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +40,19 @@ from typing import Any
 import numpy as np
 
 from medtransfer.errors import MedTransferError
+from medtransfer.io.decoders import (  # PREFERRED_DECODERS, decoder_available: still importable from here
+    NATIVE_SYNTAXES,
+    PLUGINS,
+    PREFERRED_DECODERS,  # noqa: F401
+    decode_failure_reason,
+    decoder_available,  # noqa: F401
+    decoder_for,
+    missing_decoder_hint,
+    plugin_reason,
+    syntax_name,
+)
+from medtransfer.io.volume import Problem
+from medtransfer.io.windows import apply_window, percentile_window, window_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -45,42 +67,6 @@ _PYDICOM_MAJOR = _pydicom_major()
 
 # Attributes that identify a person; never copied into metadata, outputs or logs.
 PHI_KEYWORDS = frozenset({"PatientName", "PatientBirthDate", "PatientAddress", "OtherPatientNames"})
-
-# Package to install for each compressed transfer syntax (first one is the suggested pip install).
-_DECODER_HINTS = {
-    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg (GPL-3.0) or Pillow",
-    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg (GPL-3.0) or Pillow",
-    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg (GPL-3.0) or python-gdcm",
-    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg (GPL-3.0) or python-gdcm",
-    "1.2.840.10008.1.2.4.80": "pyjpegls or pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.81": "pyjpegls or pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.5": "pylibjpeg-rle",
-}
-
-# Where several installed plugins decode a syntax, the one measured fastest by
-# benchmarks/io_bench.py (pylibjpeg-rle is ~2x pydicom's numpy RLE; openjpeg ≈ Pillow for J2K).
-PREFERRED_DECODERS = {
-    "1.2.840.10008.1.2.5": ("pylibjpeg", "pydicom"),
-    "1.2.840.10008.1.2.4.90": ("pylibjpeg", "pillow"),
-    "1.2.840.10008.1.2.4.91": ("pylibjpeg", "pillow"),
-    "1.2.840.10008.1.2.4.201": ("pylibjpeg",),
-    "1.2.840.10008.1.2.4.202": ("pylibjpeg",),
-    "1.2.840.10008.1.2.4.203": ("pylibjpeg",),
-}
-
-# Uncompressed syntaxes read straight from the PixelData bytes (little/big endian).
-_NATIVE_SYNTAXES = {
-    "1.2.840.10008.1.2": "<",
-    "1.2.840.10008.1.2.1": "<",
-    "1.2.840.10008.1.2.1.99": "<",
-    "1.2.840.10008.1.2.2": ">",
-}
-
 
 class MedIOError(MedTransferError):
     """A file could not be read as a medical image. ``path`` and ``reason`` say which and why."""
@@ -111,7 +97,12 @@ class ImageData:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _dcmread(path: str | os.PathLike[str], stop_before_pixels: bool = False):
+# PixelData longer than this is left in the file by the header read and mapped when it is converted
+# (read_dicom), instead of being copied into a bytes object first.
+_DEFER_BYTES = 1 << 20
+
+
+def _dcmread(path: str | os.PathLike[str], stop_before_pixels: bool = False, defer_pixels: bool = False):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -122,15 +113,16 @@ def _dcmread(path: str | os.PathLike[str], stop_before_pixels: bool = False):
         raise MedIOError(p, f"cannot open file ({exc.strerror})") from None
     if size == 0:
         raise MedIOError(p, "empty file (0 bytes)")
+    defer = _DEFER_BYTES if defer_pixels else None
     try:
-        return pydicom.dcmread(p, stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(p, stop_before_pixels=stop_before_pixels, defer_size=defer)
     except InvalidDicomError:
         # Files without the 128-byte preamble are common from old PACS exports; accept them
         # only when the content parses as DICOM.
         try:
             with warnings.catch_warnings():  # pydicom's guesses about a text file's VR are noise here
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(p, force=True, stop_before_pixels=stop_before_pixels)
+                ds = pydicom.dcmread(p, force=True, stop_before_pixels=stop_before_pixels, defer_size=defer)
         except Exception:
             raise NotDicomError(p, "not a DICOM file (no DICM preamble, content does not parse)") from None
         if "SOPClassUID" not in ds and "PixelData" not in ds and "Rows" not in ds:
@@ -187,6 +179,7 @@ _FAST_TAGS: dict[str, tuple[int, str]] = {
     "SOPClassUID": (0x00080016, "UI"), "SOPInstanceUID": (0x00080018, "UI"), "StudyInstanceUID": (0x0020000D, "UI"),
     "SeriesInstanceUID": (0x0020000E, "UI"), "FrameOfReferenceUID": (0x00200052, "UI"),
     "Modality": (0x00080060, "CS"), "PhotometricInterpretation": (0x00280004, "CS"),
+    "PatientID": (0x00100020, "LO"), "SeriesDescription": (0x0008103E, "LO"),
 }
 
 
@@ -196,6 +189,30 @@ def _fget(ds, keyword: str, default: Any = None) -> Any:
     DS values come back as float (or list of float), IS as int, US as int, UI/CS as str;
     anything unusual falls back to pydicom's own conversion.
     """
+    cache = ds.__dict__.get("_medtransfer_fast")
+    if cache is not None:
+        if keyword not in cache:
+            cache[keyword] = _fget_uncached(ds, keyword, _MISSING)
+        value = cache[keyword]
+        return default if value is _MISSING else value
+    return _fget_uncached(ds, keyword, default)
+
+
+_MISSING = object()
+
+
+@contextmanager
+def _fast_tag_cache(ds) -> Iterator[None]:
+    """Within the block, :func:`_fget` parses each tag of ``ds`` once (read_dicom asks for some ten tags
+    several times; the dataset is private to the call, so nothing goes stale)."""
+    object.__setattr__(ds, "_medtransfer_fast", {})
+    try:
+        yield
+    finally:
+        object.__delattr__(ds, "_medtransfer_fast")
+
+
+def _fget_uncached(ds, keyword: str, default: Any) -> Any:
     tag, vr = _FAST_TAGS[keyword]
     try:
         elem = ds.get_item(tag)
@@ -214,6 +231,10 @@ def _fget(ds, keyword: str, default: Any = None) -> Any:
             if len(raw) != 2:
                 return ds.get(keyword, default)
             return int.from_bytes(raw, "little" if elem.is_little_endian else "big")
+        if vr == "LO":  # plain ASCII, one value: what pydicom gives; else its own decoding (character sets)
+            if b"\\" in raw or b"\x1b" in raw:
+                return ds.get(keyword, default)
+            return raw.decode("ascii").rstrip("\0 ")
         text = raw.decode("ascii").strip(" \0")
         if vr in ("UI", "CS"):
             return text
@@ -253,10 +274,19 @@ def _fg_item(ds, sequence: str, frame: int | None = None):
 
 
 def _n_frames(ds) -> int:
+    """NumberOfFrames, 1 when absent or invalid (read_dicom first replaces an invalid value by the frames
+    the pixel data holds: :func:`correct_number_of_frames`)."""
     try:
         return max(int(_fget(ds, "NumberOfFrames", 1) or 1), 1)
     except (TypeError, ValueError):
         return 1
+
+
+def _classic_rescale(ds) -> tuple[float, float] | None:
+    """The top-level RescaleSlope/Intercept (1, 0 when absent); None when the frames carry their own."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds or "PerFrameFunctionalGroupsSequence" not in ds:
+        return _float(_fget(ds, "RescaleSlope"), 1.0), _float(_fget(ds, "RescaleIntercept"), 0.0)
+    return None
 
 
 def frame_rescale(ds) -> tuple[np.ndarray, np.ndarray]:
@@ -266,9 +296,9 @@ def frame_rescale(ds) -> tuple[np.ndarray, np.ndarray]:
     shared); classic objects in the top-level attributes. Missing values mean slope 1, intercept 0.
     """
     n = _n_frames(ds)
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds or "PerFrameFunctionalGroupsSequence" not in ds:
-        slope, intercept = _float(_fget(ds, "RescaleSlope"), 1.0), _float(_fget(ds, "RescaleIntercept"), 0.0)
-        return np.full(n, slope), np.full(n, intercept)
+    classic = _classic_rescale(ds)
+    if classic is not None:
+        return np.full(n, classic[0]), np.full(n, classic[1])
     slopes, intercepts = np.ones(n), np.zeros(n)
     for i in range(n):
         item = _fg_item(ds, "PixelValueTransformationSequence", i)
@@ -334,144 +364,229 @@ def _stored_range(ds) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def apply_window(array: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM linear VOI function (PS3.3 C.11.2.1.2.1) mapped to ``[0, 1]``."""
-    width = max(float(width), 1.0)
-    lo = center - 0.5 - (width - 1) / 2
-    out = (array.astype(np.float32) - np.float32(lo)) / np.float32(width - 1)
-    return np.clip(out, 0.0, 1.0)
+_PIXEL_DATA_TAG = 0x7FE00010
+_NUMBER_OF_FRAMES_TAG = 0x00280008
+
+
+def _deferred_pixel_element(ds):
+    """The PixelData element while its value is still in the file (deferred read), else None."""
+    try:
+        elem = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    except TypeError:  # pydicom < 3 has no keep_deferred
+        return None
+    if elem is None or getattr(elem, "value", b"") is not None or getattr(elem, "value_tell", None) is None:
+        return None
+    return elem
+
+
+def _pixel_data_length(ds) -> int | None:
+    """Bytes of native PixelData, without reading a deferred value; None when absent or encapsulated."""
+    elem = _deferred_pixel_element(ds)
+    if elem is not None:
+        return None if elem.length == 0xFFFFFFFF else int(elem.length)
+    raw = _pixel_bytes(ds)
+    return len(raw) if isinstance(raw, (bytes, bytearray)) and transfer_syntax(ds) in NATIVE_SYNTAXES else None
+
+
+def _pixel_bytes(ds):
+    """The PixelData value as read, without pydicom's element conversion (~70 µs per 512×512 slice)."""
+    elem = ds.get_item(_PIXEL_DATA_TAG)
+    value = getattr(elem, "value", None)
+    return value if isinstance(value, (bytes, bytearray)) else ds.get("PixelData")
+
+
+def _native_buffer(ds, path: Path, ts: str):
+    """The native PixelData bytes: mapped from the file when the header read left them there (no copy),
+    otherwise the value pydicom read. Deflated files are always read by pydicom (the offset is in the
+    inflated stream)."""
+    elem = _deferred_pixel_element(ds)
+    if elem is None or ts == "1.2.840.10008.1.2.1.99":
+        return _pixel_bytes(ds)
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    start = int(elem.value_tell)
+    return memoryview(mapped)[start : min(start + int(elem.length), len(mapped))]
+
+
+def _frames_held(ds) -> tuple[int, int, int] | None:
+    """``(frames, frame bytes, leftover bytes)`` the native pixel data holds (None when unknown)."""
+    length = _pixel_data_length(ds)
+    rows, cols = int(_fget(ds, "Rows", 0) or 0), int(_fget(ds, "Columns", 0) or 0)
+    bits = int(_fget(ds, "BitsAllocated", 0) or 0) * int(_fget(ds, "SamplesPerPixel", 1) or 1)
+    if length is None or not rows or not cols or not bits:
+        return None
+    frame_bits = rows * cols * bits
+    frames = length * 8 // frame_bits
+    return frames, frame_bits // 8, (length * 8 - frames * frame_bits) // 8
+
+
+def _encapsulated_frames(ds) -> int | None:
+    """Frames in encapsulated pixel data: the Basic Offset Table entries, else one per fragment."""
+    try:
+        from pydicom.encaps import parse_basic_offsets, parse_fragments
+
+        buffer = BytesIO(ds.PixelData)
+        offsets = parse_basic_offsets(buffer)
+        return len(offsets) if offsets else parse_fragments(buffer)[0]
+    except Exception:  # pydicom < 3, or a broken item structure
+        return None
+
+
+def _raw_text(ds, tag: int) -> str | None:
+    """An element's value as text, without pydicom's value conversion (and its warnings)."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip(" \0")
+    return None if value is None else str(value)
+
+
+def correct_number_of_frames(ds, path: str | os.PathLike[str]) -> Problem | None:
+    """Replace an invalid NumberOfFrames ("1A", "0", "") in ``ds`` by the frames its pixel data holds.
+
+    ``ds`` must hold the pixel data (read by :func:`read_dicom`, possibly deferred). Returns the
+    ``invalid_number_of_frames`` problem that says what was read, or None when the value is valid or
+    absent. Raises :class:`UndecodablePixelDataError` when not even one frame is there.
+    """
+    text = _raw_text(ds, _NUMBER_OF_FRAMES_TAG)
+    if text is None:
+        return None
+    try:
+        if int(text) >= 1:
+            return None
+    except ValueError:
+        pass
+    what = f"NumberOfFrames {text!r} is not a whole number ≥ 1"
+    held = _frames_held(ds)
+    if held is not None:
+        frames, frame_bytes, leftover = held
+        if frames == 0:
+            raise UndecodablePixelDataError(path, f"{what}, and the pixel data is shorter than one frame ({frame_bytes} bytes)")
+        message = (f"{what}; read {frames} frame(s), as many as the {frames * frame_bytes + leftover} bytes of pixel "
+                   f"data hold ({frame_bytes} bytes per frame)")
+        if leftover > 1:  # one byte is the padding to an even length
+            message += f"; {leftover} byte(s) left over (not a whole frame) were ignored"
+    else:
+        frames = _encapsulated_frames(ds) or 1
+        message = f"{what}; read {frames} frame(s), one per compressed frame of the pixel data"
+    del ds[_NUMBER_OF_FRAMES_TAG]  # dropped unconverted: converting it makes pydicom warn again
+    ds.NumberOfFrames = frames
+    logger.warning("%s: %s", path, message)
+    return Problem("invalid_number_of_frames", message, [str(path)])
+
+
+def checked_frame_count(path: str | os.PathLike[str], header) -> tuple[int, Problem | None]:
+    """Frames of the image at ``path`` whose header (without pixels) is ``header``: NumberOfFrames, or when
+    that is invalid the frames its pixel data holds, with the problem (see :func:`correct_number_of_frames`)."""
+    text = _raw_text(header, _NUMBER_OF_FRAMES_TAG)
+    if text is None:
+        return 1, None
+    try:
+        if int(text) >= 1:
+            return int(text), None
+    except ValueError:
+        pass
+    ds = _dcmread(path, defer_pixels=True)
+    try:
+        problem = correct_number_of_frames(ds, path)
+    except UndecodablePixelDataError as exc:
+        return 1, Problem("invalid_number_of_frames", exc.reason, [str(path)])
+    return _n_frames(ds), problem
 
 
 def _native_pixels(ds, path: Path, ts: str) -> np.ndarray | None:
-    """Uncompressed grayscale pixels straight from the PixelData bytes (None: let pydicom do it).
+    """Uncompressed grayscale stored values straight from the PixelData bytes (None: let pydicom do it).
 
-    Same result as ``ds.pixel_array`` (high bits masked, sign extended), without its per-call
-    overhead, and a precise message when the data is shorter than the header promises.
+    Same values as ``ds.pixel_array`` (high bits masked, sign extended) without its per-call overhead, and
+    a precise message when the data is shorter than the header promises. The array may be a read-only
+    view of the file (mapped): convert it, don't keep it.
     """
-    order = _NATIVE_SYNTAXES.get(ts)
+    order = NATIVE_SYNTAXES.get(ts)
     if order is None or int(_fget(ds, "SamplesPerPixel", 1) or 1) != 1 or "PixelData" not in ds:
         return None
     bits_alloc = int(_fget(ds, "BitsAllocated", 0) or 0)
     if bits_alloc not in (8, 16, 32) or (order == ">" and bits_alloc == 8):
         return None
-    raw = ds.PixelData
-    if not isinstance(raw, (bytes, bytearray)):
-        return None
-    rows, cols, frames = int(ds.Rows), int(ds.Columns), _n_frames(ds)
+    rows, cols, frames = int(_fget(ds, "Rows")), int(_fget(ds, "Columns")), _n_frames(ds)
     count = rows * cols * frames
     expected = count * bits_alloc // 8
-    if len(raw) < expected:
+    length = _pixel_data_length(ds)
+    if length is not None and length < expected:
         raise UndecodablePixelDataError(
             path,
-            f"pixel data holds {len(raw)} bytes but {frames} frame(s) of {rows}×{cols} at {bits_alloc} bits "
+            f"pixel data holds {length} bytes but {frames} frame(s) of {rows}×{cols} at {bits_alloc} bits "
             f"need {expected}: the file is truncated or Rows/Columns/BitsAllocated are wrong",
         )
+    raw = _native_buffer(ds, path, ts)
+    if len(raw) < expected:  # the file ends before the element does
+        raise UndecodablePixelDataError(path, f"pixel data cut short: {len(raw)} of {expected} bytes in the file; it is truncated")
     signed = int(_fget(ds, "PixelRepresentation", 0) or 0) == 1
     dtype = np.dtype(f"{order}{'i' if signed else 'u'}{bits_alloc // 8}")
     arr = np.frombuffer(raw, dtype=dtype, count=count)
-    if order == ">":
-        arr = arr.astype(dtype.newbyteorder("="))
     bits_stored = int(_fget(ds, "BitsStored", bits_alloc) or bits_alloc)
     if bits_stored < bits_alloc and arr.size:
-        # Only touch the data when a value lies outside the stored range (overlay bits, unextended
-        # signs): a read-only min/max pass is cheaper than always writing a masked copy.
-        if signed:
-            lo, hi = -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
-            if int(arr.min()) < lo or int(arr.max()) > hi:
-                shift = bits_alloc - bits_stored
-                arr = (arr << shift) >> shift
-        elif int(arr.max()) >= (1 << bits_stored):
-            arr = arr & arr.dtype.type((1 << bits_stored) - 1)
+        arr = _mask_unused_bits(arr, bits_alloc, bits_stored, signed)
     return arr.reshape((frames, rows, cols) if frames > 1 else (rows, cols))
 
 
-@functools.lru_cache(maxsize=None)
-def decoder_for(ts: str) -> tuple[str, tuple[str, ...]]:
-    """The plugin medtransfer uses for transfer syntax ``ts`` and all installed ones.
+def _mask_unused_bits(arr: np.ndarray, bits_alloc: int, bits_stored: int, signed: bool) -> np.ndarray:
+    """Clear the bits above BitsStored (overlays, garbage) and extend the sign of signed values.
 
-    ``("", ())`` for uncompressed syntaxes or when pydicom has no decoder for ``ts``.
+    Only touches the data when a value lies outside the stored range: a read-only min/max pass is
+    cheaper than always writing a masked copy.
     """
-    if ts in _NATIVE_SYNTAXES:
-        return "", ()
-    try:
-        from pydicom.pixels import get_decoder
-
-        available = tuple(get_decoder(ts).available_plugins)
-    except Exception:
-        return "", ()
-    for plugin in PREFERRED_DECODERS.get(ts, ()):
-        if plugin in available:
-            return plugin, available
-    return (available[0] if available else ""), available
+    if signed:
+        lo, hi = -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
+        if int(arr.min()) < lo or int(arr.max()) > hi:
+            shift = bits_alloc - bits_stored
+            return (arr.astype(arr.dtype.newbyteorder("=")) << shift) >> shift
+    elif int(arr.max()) >= (1 << bits_stored):
+        return arr & arr.dtype.type((1 << bits_stored) - 1)
+    return arr
 
 
-def decoder_available(ts: str) -> bool:
-    """Whether the installed plugins can decode pixel data in transfer syntax ``ts``."""
-    if not ts or ts in _NATIVE_SYNTAXES:
-        return True
-    return bool(decoder_for(ts)[1])
+def _decode_with_plugins(ds, path: Path, ts: str) -> np.ndarray:
+    """Compressed pixel data through the installed pydicom plugins, the preferred one first; when all
+    fail, the message names the syntax, the bit depth, each plugin's reason and what would work."""
+    from pydicom.pixels import pixel_array
 
-
-def missing_decoder_hint(ts: str) -> str:
-    """``"pip install X"`` advice for a transfer syntax no installed plugin decodes."""
-    hint = _DECODER_HINTS.get(ts)
-    if not hint:
-        return "no pydicom decoder plugin is known for this transfer syntax"
-    return f"install a decoder plugin: pip install {hint.split(' ')[0]} (alternatives: {hint})"
-
-
-def _ts_name(ts: str) -> str:
-    try:
-        from pydicom.uid import UID
-
-        name = UID(ts).name
-        return f"{name} ({ts})" if name != ts else ts
-    except Exception:  # pragma: no cover
-        return ts
+    first, available = decoder_for(ts)
+    bits = int(_fget(ds, "BitsStored", 0) or 0)
+    if not available:
+        raise UndecodablePixelDataError(
+            path, f"cannot decode {syntax_name(ts)}, {bits}-bit samples: no installed plugin can; "
+            f"{missing_decoder_hint(ts, bits)}"
+        )
+    failures: dict[str, str] = {}
+    for plugin in (first, *(p for p in available if p != first)):
+        try:
+            return pixel_array(ds, decoding_plugin=plugin)
+        except Exception as exc:
+            failures[plugin] = plugin_reason(exc)
+            logger.debug("%s: plugin %s failed: %s", path, plugin, exc)
+    raise UndecodablePixelDataError(path, decode_failure_reason(ts, bits, failures))
 
 
 def _pixel_array(ds, path: Path) -> np.ndarray:
+    """Stored pixel values of every frame (uncompressed: possibly a read-only view of the file)."""
     ts = transfer_syntax(ds)
     native = _native_pixels(ds, path, ts)
     if native is not None:
         return native
-    plugin, available = decoder_for(ts)
-    if ts and ts not in _NATIVE_SYNTAXES and not available and ts in _DECODER_HINTS:
-        raise UndecodablePixelDataError(
-            path, f"cannot decode transfer syntax {_ts_name(ts)}: no installed plugin can; {missing_decoder_hint(ts)}"
-        )
+    if ts in PLUGINS and _PYDICOM_MAJOR >= 3:
+        return _decode_with_plugins(ds, path, ts)
     try:
-        if plugin:
-            from pydicom.pixels import pixel_array
-
-            try:
-                return pixel_array(ds, decoding_plugin=plugin)
-            except Exception:
-                if len(available) < 2:
-                    raise
-                logger.debug("%s: plugin %s failed, trying the others", path, plugin)
         return ds.pixel_array
-    except NotImplementedError as exc:
-        raise UndecodablePixelDataError(
-            path, f"cannot decode transfer syntax {_ts_name(ts)} ({exc}); {missing_decoder_hint(ts)}"
-        ) from None
     except Exception as exc:
-        # pydicom says e.g. "The number of bytes of pixel data is less than expected"; a corrupt
-        # codestream raises from the plugin.
+        # pydicom says e.g. "The number of bytes of pixel data is less than expected"
         detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if ts in _DECODER_HINTS:
-            via = f" via {', '.join(available)}" if available else ""
-            raise UndecodablePixelDataError(
-                path,
-                f"compressed pixel data ({_ts_name(ts)}) cannot be decoded{via}: {detail}. The stream may be "
-                f"corrupt; if it is not, another plugin may help: {missing_decoder_hint(ts)}",
-            ) from None
         raise UndecodablePixelDataError(path, f"pixel data cannot be decoded: {detail}") from None
 
 
 def dicom_meta(ds) -> dict[str, Any]:
     """Non-identifying metadata of a dataset (identifiers the user keys on, geometry, encoding)."""
-    get = ds.get
     pixel_spacing, imager_spacing = _spacing(_fget(ds, "PixelSpacing")), _spacing(_fget(ds, "ImagerPixelSpacing"))
     spacing = pixel_spacing or imager_spacing
     spacing_source = "PixelSpacing" if pixel_spacing else ("ImagerPixelSpacing" if spacing else None)
@@ -481,7 +596,7 @@ def dicom_meta(ds) -> dict[str, Any]:
         "study_instance_uid": str(_fget(ds, "StudyInstanceUID", "")),
         "series_instance_uid": str(_fget(ds, "SeriesInstanceUID", "")),
         "frame_of_reference_uid": str(_fget(ds, "FrameOfReferenceUID", "")),
-        "patient_id": str(get("PatientID", "")),
+        "patient_id": str(_fget(ds, "PatientID", "")),
         "modality": str(_fget(ds, "Modality", "")),
         "photometric_interpretation": str(_fget(ds, "PhotometricInterpretation", "")),
         "rows": int(_fget(ds, "Rows", 0) or 0),
@@ -492,7 +607,7 @@ def dicom_meta(ds) -> dict[str, Any]:
         "pixel_spacing": spacing,
         "pixel_spacing_source": spacing_source,
         "transfer_syntax": transfer_syntax(ds),
-        "series_description": str(get("SeriesDescription", "")),
+        "series_description": str(_fget(ds, "SeriesDescription", "")),
     }
     number = _fget(ds, "InstanceNumber")
     meta["instance_number"] = int(number) if number not in (None, "") else None
@@ -535,6 +650,197 @@ def _to_rgb(ds, pixels: np.ndarray, photometric: str) -> np.ndarray:
     return pixels
 
 
+def _colour_image(ds, pixels: np.ndarray, meta: dict[str, Any], voi: Any, path: Path) -> ImageData:
+    """RGB (YBR and PALETTE COLOR converted), 0…top as stored; on [0, 1] when a VOI was asked for, which
+    does not apply to colour (PS3.4 N.2: VOI is a grayscale transformation), with a warning saying so."""
+    photometric = meta["photometric_interpretation"]
+    array = _to_rgb(ds, pixels, photometric).astype(np.float32)
+    top = float(2 ** int(_fget(ds, "BitsStored", 8) or 8) - 1)
+    if photometric == "PALETTE COLOR":  # palette LUT entries are 8 or 16 bit, whatever BitsStored says
+        top = 65535.0 if float(array.max(initial=0)) > 255 else 255.0
+    meta.update(
+        inverted=False, window_center=None, window_width=None, rescale_slope=1.0, rescale_intercept=0.0,
+        color_space="RGB", value_range=[0.0, top],
+    )
+    if voi is not None:
+        warnings.warn(
+            f"{path.name}: VOI ({voi!r}) does not apply to colour images ({photometric}); returned the colour "
+            f"values scaled to [0, 1] (divided by {top:g})",
+            UserWarning, stacklevel=3,
+        )
+        array /= np.float32(top)
+        meta.update(value_range=[0.0, 1.0], voi_applied="none: VOI does not apply to colour images")
+    return ImageData(array, meta)
+
+
+@dataclass
+class _Modality:
+    """Stored value → modality value: per-frame ``slopes``/``intercepts`` ``(F,)`` or a Modality LUT
+    Sequence (``lut``, applied by pydicom), and ``[lo, hi]``, the modality values of the stored range."""
+
+    slopes: np.ndarray
+    intercepts: np.ndarray
+    lo: float
+    hi: float
+    lut: bool = False
+    per_frame: bool = False  # frames differ in slope or intercept
+
+
+def _lut_data(ds, item, entries: int) -> np.ndarray:
+    """LUT Data of a Modality or VOI LUT item: a list of values (US) or 16-bit words (OW)."""
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):
+        order = ">" if transfer_syntax(ds) == "1.2.840.10008.1.2.2" else "<"
+        return np.frombuffer(data, dtype=f"{order}u2", count=min(entries, len(data) // 2))
+    return np.atleast_1d(np.asarray(data))
+
+
+def _modality_transform(ds) -> _Modality:
+    if "ModalityLUTSequence" in ds and "RescaleSlope" not in ds:
+        item = ds.ModalityLUTSequence[0]
+        lut = _lut_data(ds, item, int(item.LUTDescriptor[0]) or 65536).astype(np.float64)
+        return _Modality(np.ones(1), np.zeros(1), float(lut.min()), float(lut.max()), lut=True)
+    lo_s, hi_s = _stored_range(ds)
+    classic = _classic_rescale(ds)
+    if classic is not None:  # one slope and intercept for every frame
+        slope, intercept = classic
+        lo, hi = sorted((lo_s * slope + intercept, hi_s * slope + intercept))
+        return _Modality(np.array([slope]), np.array([intercept]), lo, hi)
+    slopes, intercepts = frame_rescale(ds)
+    ends = np.concatenate([lo_s * slopes + intercepts, hi_s * slopes + intercepts])
+    per_frame = bool(np.ptp(slopes) > 0 or np.ptp(intercepts) > 0)
+    return _Modality(slopes, intercepts, float(ends.min()), float(ends.max()), per_frame=per_frame)
+
+
+def _affine_float32(stored: np.ndarray, scale: Any, offset: Any) -> np.ndarray:
+    """``scale * stored + offset`` as a new float32 array, in one pass when ``scale`` is ±1.
+
+    ``scale`` and ``offset`` are numbers, or ``(F,)`` per-frame values for ``(F, H, W)`` data.
+    """
+    out = np.empty(stored.shape, dtype=np.float32)
+    if np.ndim(scale) or np.ndim(offset):
+        shape = (-1,) + (1,) * (stored.ndim - 1)
+        np.multiply(stored, np.asarray(scale, dtype=np.float32).reshape(shape), out=out, dtype=np.float32)
+        out += np.asarray(offset, dtype=np.float32).reshape(shape)
+    elif scale == 1.0:
+        np.add(stored, np.float32(offset), out=out, dtype=np.float32)
+    elif scale == -1.0:
+        np.subtract(np.float32(offset), stored, out=out, dtype=np.float32)
+    else:
+        np.multiply(stored, np.float32(scale), out=out, dtype=np.float32)
+        if offset != 0.0:
+            out += np.float32(offset)
+    return out
+
+
+def _rescale_terms(modality: _Modality) -> tuple[Any, Any]:
+    if modality.per_frame:
+        return modality.slopes, modality.intercepts
+    return float(modality.slopes[0]), float(modality.intercepts[0])
+
+
+def _physical(ds, stored: np.ndarray, modality: _Modality, invert: bool) -> np.ndarray:
+    """Modality values in float32; MONOCHROME1 mirrored within ``[lo, hi]`` when ``invert``."""
+    if modality.lut:
+        from pydicom.pixels import apply_modality_lut
+
+        array = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        if invert:
+            np.subtract(np.float32(modality.lo + modality.hi), array, out=array)
+        return array
+    slope, intercept = _rescale_terms(modality)
+    if invert:  # lo + hi - (slope * x + intercept), fused into one affine map
+        slope, intercept = -np.asarray(slope), modality.lo + modality.hi - np.asarray(intercept)
+        if not modality.per_frame:
+            slope, intercept = float(slope), float(intercept)
+    return _affine_float32(stored, slope, intercept)
+
+
+def _modality_values(ds, stored: np.ndarray, modality: _Modality) -> np.ndarray:
+    """Modality values in float64 (the input of the VOI stage: window or VOI LUT)."""
+    if modality.lut:
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    shape = (-1,) + (1,) * (stored.ndim - 1) if modality.per_frame else ()
+    slope, intercept = _rescale_terms(modality)
+    return stored * np.reshape(slope, shape) + np.reshape(intercept, shape)
+
+
+def _voi_lut(ds, modality_values: np.ndarray, invert: bool) -> np.ndarray:
+    """The first VOI LUT Sequence item on the modality values, on [0, 1] by the LUT's nominal output range
+    (2^bits − 1, PS3.3 C.11.2.1.1); input below the first mapped value takes the first entry, above the
+    last the last entry; then the MONOCHROME1 inversion."""
+    item = ds.VOILUTSequence[0]
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    lut = _lut_data(ds, item, entries)
+    index = np.clip(np.floor(modality_values).astype(np.int64) - first, 0, len(lut) - 1)  # integer LUT input
+    out = lut.astype(np.float32)[index] / np.float32(2**bits - 1)
+    return np.subtract(np.float32(1.0), out, out=out) if invert else out
+
+
+def _voi_choice(voi: Any, tags: tuple[float | None, float | None]) -> tuple[str, tuple[float, float] | None]:
+    """Which VOI to apply: ``("explicit" | "preset:NAME" | "window_tags", (center, width))``, or
+    ``("voi_lut_sequence" | "percentile", None)`` decided by the caller from the dataset."""
+    if isinstance(voi, tuple):
+        return "explicit", (float(voi[0]), float(voi[1]))
+    if voi != "tags":
+        return f"preset:{voi}", window_by_name(voi)
+    center, width = tags
+    if center is not None and width is not None and width > 0:
+        return "window_tags", (center, width)
+    return "lookup", None
+
+
+def _grayscale_image(ds, stored: np.ndarray, meta: dict[str, Any], voi: Any, invert: bool) -> ImageData:
+    """Modality LUT → VOI (window, VOI LUT or percentiles) → MONOCHROME1 inversion (PS3.4 N.2)."""
+    modality = _modality_transform(ds)
+    center, width = _window_tags(ds)
+    meta.update(
+        inverted=invert, window_center=center, window_width=width,
+        rescale_slope=float(modality.slopes[0]), rescale_intercept=float(modality.intercepts[0]),
+        value_range=[modality.lo, modality.hi],
+    )
+    if invert and center is not None:
+        # the window that gives the same display on the inverted array: 1 - f(x; c) = f(lo + hi - x; lo + hi + 1 - c)
+        meta["window_center"] = modality.lo + modality.hi + 1.0 - center
+    if modality.lut:
+        meta["modality_lut"] = "ModalityLUTSequence"
+    if modality.per_frame:
+        meta["rescale_slopes"], meta["rescale_intercepts"] = modality.slopes.tolist(), modality.intercepts.tolist()
+    if voi is None:
+        return ImageData(_physical(ds, stored, modality, invert), meta)
+    how, window = _voi_choice(voi, (center, width))
+    if window is not None:
+        meta.update(voi_applied=how, voi_window=list(window))
+        return ImageData(apply_window(_modality_values(ds, stored, modality), *window, invert=invert), meta)
+    if "VOILUTSequence" in ds:
+        meta["voi_applied"] = "voi_lut_sequence"
+        return ImageData(_voi_lut(ds, _modality_values(ds, stored, modality), invert), meta)
+    meta["voi_applied"] = "percentile"
+    return ImageData(percentile_window(_physical(ds, stored, modality, invert)), meta)
+
+
+def _require_pixel_data(ds, meta: dict[str, Any], path: Path) -> None:
+    """Raise :class:`NoPixelDataError` for objects without an image and :class:`UndecodablePixelDataError`
+    for image objects whose pixels are missing or unusable."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        # A DICOMDIR names its SOP class only in the file meta (Media Storage Directory Storage).
+        sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+        name = str(getattr(sop, "name", str(sop or "unknown SOP class")))
+        if "DirectoryRecordSequence" in ds:
+            name = f"DICOMDIR, {name}" if sop else "DICOMDIR"
+        if name.endswith("Image Storage") or "Rows" in ds:
+            # An image object without its pixels is broken (cut short, or pixels stripped), not skippable.
+            raise UndecodablePixelDataError(
+                path, f"{name} object has no pixel data: the file is truncated or its pixel data was removed"
+            )
+        raise NoPixelDataError(path, f"no image in this DICOM object ({name})")
+    if not meta["rows"] or not meta["columns"]:
+        raise UndecodablePixelDataError(path, "pixel data present but Rows/Columns are missing or zero")
+
+
 def read_dicom(
     path: str | os.PathLike[str],
     *,
@@ -545,128 +851,25 @@ def read_dicom(
 
     ``voi``: ``None`` (physical units), ``"tags"`` (the file's first WindowCenter/Width, or its
     VOI LUT Sequence; percentiles 0.5–99.5 when it has neither), a window name from
-    :data:`medtransfer.io.windows.WINDOWS` (``"lung"``, ``"bone"``, …) or ``(center, width)``;
-    the windowed output is in ``[0, 1]``.
+    :data:`medtransfer.io.windows.WINDOWS` (``"lung"``, ``"bone"``, …) or ``(center, width)``, always in
+    modality units (the window applies before the MONOCHROME1 inversion); the windowed output is in
+    ``[0, 1]``. Colour images are not windowed: with a ``voi`` they come back on ``[0, 1]`` with a warning.
 
-    Raises :class:`NoPixelDataError` for objects without an image and :class:`MedIOError`
+    ``meta["problems"]`` lists what was wrong but could be read (an invalid NumberOfFrames). Raises
+    :class:`NoPixelDataError` for objects without an image and :class:`MedIOError`
     (:class:`UndecodablePixelDataError` for pixel data problems) for every other failure, both
     naming the file and the cause.
     """
     p = Path(path)
-    ds = _dcmread(p)
-    meta = dicom_meta(ds)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        # A DICOMDIR names its SOP class only in the file meta (Media Storage Directory Storage).
-        sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
-        name = str(getattr(sop, "name", str(sop or "unknown SOP class")))
-        if "DirectoryRecordSequence" in ds:
-            name = f"DICOMDIR, {name}" if sop else "DICOMDIR"
-        if name.endswith("Image Storage") or "Rows" in ds:
-            # An image object without its pixels is broken (cut short, or pixels stripped), not skippable.
-            raise UndecodablePixelDataError(
-                p, f"{name} object has no pixel data: the file is truncated or its pixel data was removed"
-            )
-        raise NoPixelDataError(p, f"no image in this DICOM object ({name})")
-    if not meta["rows"] or not meta["columns"]:
-        raise UndecodablePixelDataError(p, "pixel data present but Rows/Columns are missing or zero")
-    pixels = _pixel_array(ds, p)
-    photometric = meta["photometric_interpretation"]
-    samples = int(_fget(ds, "SamplesPerPixel", 1) or 1)
-
-    if samples > 1 or photometric == "PALETTE COLOR":
-        array = _to_rgb(ds, pixels, photometric).astype(np.float32)
-        top = float(2 ** int(_fget(ds, "BitsStored", 8) or 8) - 1)
-        if photometric == "PALETTE COLOR":  # palette LUT entries are 8 or 16 bit, whatever BitsStored says
-            top = 65535.0 if float(array.max(initial=0)) > 255 else 255.0
-        meta.update(
-            inverted=False, window_center=None, window_width=None, rescale_slope=1.0, rescale_intercept=0.0,
-            color_space="RGB", value_range=[0.0, top],
-        )
-        return ImageData(array, meta)
-
-    if "ModalityLUTSequence" in ds and "RescaleSlope" not in ds:
-        from pydicom.pixels import apply_modality_lut
-
-        array = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
-        lut = np.asarray(ds.ModalityLUTSequence[0].LUTData, dtype=np.float64)
-        lo, hi = float(lut.min()), float(lut.max())
-        slopes, intercepts = np.ones(1), np.zeros(1)
-        meta["modality_lut"] = "ModalityLUTSequence"
-        if photometric == "MONOCHROME1" and invert_monochrome1:
-            np.subtract(np.float32(lo + hi), array, out=array)
-    else:
-        slopes, intercepts = frame_rescale(ds)
-        lo_s, hi_s = _stored_range(ds)
-        ends = np.concatenate([lo_s * slopes + intercepts, hi_s * slopes + intercepts])
-        lo, hi = float(ends.min()), float(ends.max())
-        invert = photometric == "MONOCHROME1" and invert_monochrome1
-        if pixels.ndim == 3 and (np.ptp(slopes) > 0 or np.ptp(intercepts) > 0):
-            array = pixels.astype(np.float32)
-            array *= slopes.astype(np.float32)[:, None, None]
-            array += intercepts.astype(np.float32)[:, None, None]
-            if invert:
-                np.subtract(np.float32(lo + hi), array, out=array)
-            meta["rescale_slopes"], meta["rescale_intercepts"] = slopes.tolist(), intercepts.tolist()
-        else:
-            # One affine map a·stored + b straight into float32 (rescale and inversion fused).
-            a, b = float(slopes[0]), float(intercepts[0])
-            if invert:
-                a, b = -a, lo + hi - b
-            array = np.empty(pixels.shape, dtype=np.float32)
-            if a == 1.0:
-                np.add(pixels, np.float32(b), out=array, dtype=np.float32)
-            elif a == -1.0:
-                np.subtract(np.float32(b), pixels, out=array, dtype=np.float32)
-            else:
-                np.multiply(pixels, np.float32(a), out=array, dtype=np.float32)
-                if b != 0.0:
-                    array += np.float32(b)
-    center, width = _window_tags(ds)
-
-    inverted = False
-    if photometric == "MONOCHROME1" and invert_monochrome1:
-        if center is not None:
-            center = lo + hi - center
-        inverted = True
-    meta.update(
-        inverted=inverted,
-        window_center=center,
-        window_width=width,
-        rescale_slope=float(slopes[0]),
-        rescale_intercept=float(intercepts[0]),
-        value_range=[lo, hi],
-    )
-
-    if voi is None:
-        return ImageData(array, meta)
-    if isinstance(voi, tuple):
-        meta["voi_applied"] = "explicit"
-        return ImageData(apply_window(array, *voi), meta)
-    if voi != "tags":
-        from medtransfer.io.windows import window_by_name
-
-        c, w = window_by_name(voi)
-        meta["voi_applied"] = f"preset:{voi}"
-        return ImageData(apply_window(array, c, w), meta)
-    if center is not None and width is not None and width > 0:
-        meta["voi_applied"] = "window_tags"
-        return ImageData(apply_window(array, center, width), meta)
-    if "VOILUTSequence" in ds:
-        from pydicom.pixels import apply_voi_lut
-
-        voi_out = np.asarray(apply_voi_lut(pixels, ds), dtype=np.float32)
-        voi_out = (voi_out - voi_out.min()) / max(float(voi_out.max() - voi_out.min()), 1e-6)
-        if inverted:
-            voi_out = 1.0 - voi_out
-        meta["voi_applied"] = "voi_lut_sequence"
-        return ImageData(voi_out, meta)
-    meta["voi_applied"] = "percentile"
-    return ImageData(percentile_window(array), meta)
-
-
-def percentile_window(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Scale ``array`` to ``[0, 1]`` between two percentiles (robust to outlier pixels)."""
-    a, b = np.percentile(array, [low, high])
-    if b <= a:
-        return np.zeros_like(array, dtype=np.float32)
-    return np.clip((array.astype(np.float32) - np.float32(a)) / np.float32(b - a), 0.0, 1.0)
+    ds = _dcmread(p, defer_pixels=True)
+    problems = [] if "PixelData" not in ds else [x for x in [correct_number_of_frames(ds, p)] if x is not None]
+    with _fast_tag_cache(ds):
+        meta = dicom_meta(ds)
+        meta["problems"] = [x.to_dict() for x in problems]
+        _require_pixel_data(ds, meta, p)
+        pixels = _pixel_array(ds, p)
+        samples = int(_fget(ds, "SamplesPerPixel", 1) or 1)
+        if samples > 1 or meta["photometric_interpretation"] == "PALETTE COLOR":
+            return _colour_image(ds, pixels, meta, voi, p)
+        invert = meta["photometric_interpretation"] == "MONOCHROME1" and invert_monochrome1
+        return _grayscale_image(ds, pixels, meta, voi, invert)

@@ -10,14 +10,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from medtransfer.io.decoders import decoder_available, missing_decoder_hint
 from medtransfer.io.dicom import (
     MedIOError,
     NoPixelDataError,
     NotDicomError,
-    _n_frames,
-    decoder_available,
+    checked_frame_count,
     frame_geometry,
-    missing_decoder_hint,
     read_dicom,
     read_dicom_header,
     transfer_syntax,
@@ -43,7 +42,8 @@ def inventory(folder: str | os.PathLike[str], *, decode_check: bool = False, rec
     ``series`` (modality, description, slices, size, spacing, transfer syntax, photometric
     interpretation, per-series problems); ``non_image`` (SR, RTSTRUCT, SEG, PR, KO, DICOMDIR, …);
     ``problems`` (one entry per problem, each with ``kind``, ``message``, ``path`` and ``paths``;
-    kinds: not_dicom, unreadable, no_pixel_data, undecodable, and the series problems of
+    kinds: not_dicom, unreadable, no_pixel_data, undecodable, invalid_number_of_frames (the frames the
+    pixel data holds are counted instead), and the series problems of
     :func:`medtransfer.io.series.order_slices`: mixed_size, mixed_orientation, no_position,
     duplicate_slice, missing_slice, uneven_spacing, gantry_tilt). Series ``spacing`` is
     ``[row, column, slice]`` in mm (slice spacing from the positions; None when unknown).
@@ -59,6 +59,7 @@ def inventory(folder: str | os.PathLike[str], *, decode_check: bool = False, rec
     non_image: list[dict[str, Any]] = []
     series: dict[tuple[str, str], dict[str, Any]] = {}
     series_headers: dict[tuple[str, str], list[tuple[Path, Any]]] = defaultdict(list)
+    frames: dict[Path, int] = {}
 
     for path in files:
         try:
@@ -86,6 +87,9 @@ def inventory(folder: str | os.PathLike[str], *, decode_check: bool = False, rec
             continue
         key = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")))
         series_headers[key].append((path, ds))
+        frames[path], frames_problem = checked_frame_count(path, ds)
+        if frames_problem is not None:
+            problems.append(frames_problem)
         ts = transfer_syntax(ds)
         if not decoder_available(ts):
             problems.append(Problem(
@@ -104,7 +108,7 @@ def inventory(folder: str | os.PathLike[str], *, decode_check: bool = False, rec
         ds0 = members[0][1]
         geom = frame_geometry(ds0)
         infos = [info for path, ds in members for info in slice_infos(ds, path)]
-        n_slices = sum(_n_frames(ds) for _, ds in members)
+        n_slices = sum(frames[path] for path, _ in members)
         series_problems: list[Problem] = []
         slice_spacing = None
         if len(infos) > 1:

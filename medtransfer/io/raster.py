@@ -42,6 +42,9 @@ def read_raster(path: str | os.PathLike[str]) -> ImageData:
                 a, vmax = np.asarray(im.convert("RGB")), 255.0
                 if (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
                     a = a[..., 0]  # a grayscale image stored as RGB (common for radiograph exports)
+    except Image.DecompressionBombError as exc:
+        raise MedIOError(p, f"refused: {exc} (an image this large is a decompression bomb or not a medical "
+                            "image; remove it from the inputs)") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise MedIOError(p, f"not a readable image ({type(exc).__name__}: {exc})") from None
     colour = a.ndim == 3

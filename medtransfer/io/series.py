@@ -137,6 +137,16 @@ def _orientation_key(o: np.ndarray | None) -> tuple | None:
     return None if o is None else tuple(np.round(o, 3) + 0.0)
 
 
+def _unit_directions(orientation: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column direction of ImageOrientationPatient scaled to unit length (files store them rounded
+    or not quite normalised), and the unit slice normal (row × column)."""
+    ori = np.asarray(orientation, dtype=float)
+    row_dir = ori[:3] / (np.linalg.norm(ori[:3]) or 1.0)
+    col_dir = ori[3:] / (np.linalg.norm(ori[3:]) or 1.0)
+    normal = np.cross(row_dir, col_dir)
+    return row_dir, col_dir, normal / (np.linalg.norm(normal) or 1.0)
+
+
 def order_slices(
     slices: Sequence[SliceInfo], pixel_spacing: Sequence[float] | None = None, default_thickness: float | None = None
 ) -> SliceOrder:
@@ -194,10 +204,7 @@ def order_slices(
         ))
         items = [s for s in items if _orientation_key(s.orientation) == main_ori]
 
-    ori = np.asarray(items[0].orientation, dtype=float)
-    row_dir, col_dir = ori[:3], ori[3:]
-    normal = np.cross(row_dir, col_dir)
-    normal /= np.linalg.norm(normal) or 1.0
+    row_dir, col_dir, normal = _unit_directions(items[0].orientation)
     dist = np.array([float(np.dot(s.position, normal)) for s in items])
     order = sorted(range(len(items)), key=lambda i: (dist[i], items[i].instance_number or 0, items[i].label))
     items = [items[i] for i in order]

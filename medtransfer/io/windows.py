@@ -1,7 +1,7 @@
-"""Named CT windows and window stacks (several windows as image channels).
+"""The VOI window functions, named CT windows and window stacks (several windows as image channels).
 
 A window is ``(center, width)`` in Hounsfield units, applied with the DICOM linear VOI function
-(:func:`medtransfer.io.dicom.apply_window`) to give ``[0, 1]``. Stacking three windows gives the
+(:func:`apply_window`) to give ``[0, 1]``. Stacking three windows gives the
 three channels an ImageNet backbone expects, without touching its first convolution (the
 fastai ``medical.imaging`` approach).
 """
@@ -14,7 +14,6 @@ import numpy as np
 
 from medtransfer._suggest import did_you_mean
 from medtransfer.errors import ConfigError
-from medtransfer.io.dicom import apply_window
 
 # (center, width) in HU; common radiology reading windows.
 WINDOWS: dict[str, tuple[float, float]] = {
@@ -41,6 +40,33 @@ WINDOW_STACKS: dict[str, tuple[str, ...]] = {
 }
 
 WindowSpec = Union[str, tuple[float, float]]
+
+
+def apply_window(array: np.ndarray, center: float, width: float, *, invert: bool = False) -> np.ndarray:
+    """The DICOM linear VOI function (PS3.3 C.11.2.1.2.1) on ``[0, 1]``, as float32.
+
+    Values ≤ ``center - 0.5 - (width - 1) / 2`` give 0, values > ``center - 0.5 + (width - 1) / 2`` give 1,
+    linear in between; width 1, the narrowest legal window, is the step at ``center - 0.5`` (widths below
+    1 are taken as 1). ``invert`` returns ``1 - f`` (the MONOCHROME1 presentation), with the step's
+    boundary value on the same side. Computed in float64, so narrow windows on large values stay exact.
+    """
+    width = max(float(width), 1.0)
+    x = np.asarray(array)
+    if width == 1.0:
+        above = x > center - 0.5
+        return (~above if invert else above).astype(np.float32)
+    out = (x.astype(np.float64, copy=False) - (center - 0.5 - (width - 1) / 2)) / (width - 1)
+    if invert:
+        np.subtract(1.0, out, out=out)
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32)
+
+
+def percentile_window(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Scale ``array`` to ``[0, 1]`` between two percentiles (robust to outlier pixels)."""
+    a, b = np.percentile(array, [low, high])
+    if b <= a:
+        return np.zeros_like(array, dtype=np.float32)
+    return np.clip((array.astype(np.float32) - np.float32(a)) / np.float32(b - a), 0.0, 1.0)
 
 
 def window_by_name(name: str) -> tuple[float, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from medtransfer.metrics._utils import as_numpy, binary_labels, positive_scores
+from medtransfer.utils.atomic import atomic_path
 from medtransfer.metrics.calibration import _check_task, reliability_curve
 from medtransfer.metrics.stats import _group_codes, _resample_counts, binary_auc, roc_points
 
@@ -55,17 +55,9 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     logger.debug("wrote %s", path)
     return path
 

@@ -285,8 +285,10 @@ def write_segmentation_report(
     n_boot: int = 1000,
     seed: int = 0,
     extra_info: Mapping[str, Any] | None = None,
+    write_metrics: bool = True,
 ) -> dict[str, Any]:
-    """Score ``(case_id, pred, true, spacing)`` cases and write the segmentation report into ``out_dir``.
+    """Score ``(case_id, pred, true, spacing)`` cases and write the segmentation report into ``out_dir``
+    (``write_metrics=False``: ``metrics.json`` is left to the caller, e.g. the run directory).
 
     Writes ``segmentation_<split>.csv`` (one row per case, see
     :class:`~medtransfer.metrics.segmentation.SegmentationEvaluator`), ``metrics.json`` =
@@ -311,7 +313,8 @@ def write_segmentation_report(
             plots.append(str(p.relative_to(out)))
     names = list(ev.labels_.values())
     metrics = nan_to_none({"task": "segmentation", "label_names": names, split: summary, "plots": plots})
-    write_json_atomic(out / "metrics.json", metrics)
+    if write_metrics:
+        write_json_atomic(out / "metrics.json", metrics)
     write_model_card(out / "model_card.md", info={**(extra_info or {}), "task": "segmentation",
                                                   "label_names": names, "metrics": {**summary}})
     if math.isnan(float(summary.get("mean_dice") or float("nan"))):

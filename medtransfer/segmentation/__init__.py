@@ -1,24 +1,27 @@
 """Segmentation transfer: U-Net decoders on registered encoders (2D/2.5D/3D), Decathlon / folder /
-DICOM SEG data, Dice+CE training with sliding-window validation, prediction to NIfTI and DICOM SEG."""
-from medtransfer.segmentation.config import SegConfig, load_seg_config, seg_config_from_dict
-from medtransfer.segmentation.data import SegCase, discover_cases, split_cases
-from medtransfer.segmentation.inference import CHECKPOINT_FORMAT, load_run, predict_segmentation, segment_volume
-from medtransfer.segmentation.model import SegmentationNet, build_segmentation_model, encoder_features
-from medtransfer.segmentation.train import train_segmentation
+DICOM SEG data, Dice+CE training on the package's Trainer with sliding-window validation, prediction
+to NIfTI and DICOM SEG.
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "SegCase",
-    "SegConfig",
-    "SegmentationNet",
-    "build_segmentation_model",
-    "discover_cases",
-    "encoder_features",
-    "load_run",
-    "load_seg_config",
-    "predict_segmentation",
-    "seg_config_from_dict",
-    "segment_volume",
-    "split_cases",
-    "train_segmentation",
-]
+The names below are imported on first use, so that reading data or predicting does not import the
+training code (and the reverse)."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "SegConfig": "config", "load_seg_config": "config", "seg_config_from_dict": "config",
+    "SegCase": "data", "discover_cases": "data", "split_cases": "data",
+    "SegmentationNet": "model", "build_segmentation_model": "model", "encoder_features": "model",
+    "segment_volume": "sliding", "predict_probabilities": "sliding",
+    "load_run": "inference", "predict_segmentation": "inference",
+    "train_segmentation": "train",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'medtransfer.segmentation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"medtransfer.segmentation.{_WHERE[name]}"), name)

@@ -15,10 +15,11 @@ import yaml
 
 from medtransfer.config import _build, _deep_merge, parse_override, read_user_yaml
 from medtransfer.errors import ConfigError
+from medtransfer.options import AMP, BNPolicy
 
 MODALITIES = ("mri", "ct")
 NORMALIZE = ("zscore", "window", "none")
-BN_POLICIES = ("frozen", "eval-stats", "train")
+BN_POLICIES = tuple(p for p in BNPolicy.values() if p != BNPolicy.AUTO)
 
 
 def _choices(*options: str) -> dict[str, Any]:
@@ -88,6 +89,14 @@ class SegTrainConfig:
     """Cases drawn in the report's overlay figure (0 = no figure)."""
     num_threads: int = field(default=0, metadata={"min": 0})
     """torch threads (0 = leave torch's default)."""
+    patience: int = field(default=0, metadata={"min": 0})
+    """Early stopping after this many validations without a better mean Dice (0: off)."""
+    time_limit_minutes: float = field(default=0.0, metadata={"min": 0.0})
+    """Wall-clock limit for the run (0: none): no epoch starts that would not finish, with the final
+    evaluation, in time; metrics.json records what was cut."""
+    amp: str = field(default="auto", metadata={"choices": AMP.values()})
+    """Mixed precision on CUDA only ('auto': bf16 where supported, else fp16 with a GradScaler)."""
+    device: str = "auto"
     seed: int = 0
 
 
@@ -100,6 +109,9 @@ class SegConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 def preset_dict(modality: str) -> dict[str, Any]:

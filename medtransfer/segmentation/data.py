@@ -310,6 +310,22 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def _random_states(self) -> list[np.random.RandomState]:
+        return [self.crop.R, self.crop.cropper.R, self.crop_any.R, self.crop_any.cropper.R]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where every random generator of the sampler stands, so a resumed run draws the same patches."""
+        legacy = []
+        for r in self._random_states():
+            name, keys, pos, has_gauss, gauss = r.get_state()
+            legacy.append([name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss])
+        return {"rng": self.rng.bit_generator.state, "crops": legacy}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        for r, (name, keys, pos, has_gauss, gauss) in zip(self._random_states(), state["crops"]):
+            r.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         k = int(self.rng.integers(len(self.images)))
         img, lab = self.images[k], self.labels[k]

@@ -1,4 +1,4 @@
-"""Sliding-window inference and batch prediction from a segmentation run directory."""
+"""Batch prediction from a segmentation run directory: NIfTI masks, DICOM SEG, structure volumes."""
 from __future__ import annotations
 
 import logging
@@ -10,50 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtransfer.errors import ConfigError, DataError
-from medtransfer.io import Volume, is_nifti_path
+from medtransfer.errors import DataError
+from medtransfer.io import is_nifti_path
+from medtransfer.run.checkpoint import SEG_MODEL_FORMAT, read_checkpoint
+from medtransfer.segmentation.sliding import segment_volume
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "medtransfer-seg/1"
-
-
-@torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, image: np.ndarray, prep: dict[str, Any]) -> torch.Tensor:
-    """Class probabilities ``(K, X, Y, Z)`` for a preprocessed ``(X, Y, Z)`` image (MONAI
-    ``sliding_window_inference`` with Gaussian blending; 2D models run slice by slice)."""
-    from monai.inferers import sliding_window_inference
-
-    from medtransfer.segmentation.data import slice_stack
-
-    model.eval()
-    patch = tuple(prep["patch_size"])
-    kw = dict(roi_size=patch, sw_batch_size=prep.get("sw_batch_size", 32), predictor=model,
-              overlap=prep.get("overlap", 0.25), mode="gaussian")
-    if prep["dims"] == 3:
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-        return torch.softmax(sliding_window_inference(x, **kw), dim=1)[0]
-    axis = prep["slice_axis"]
-    stack = torch.from_numpy(np.ascontiguousarray(slice_stack(image, axis, prep["context"]), dtype=np.float32))
-    probs = torch.softmax(sliding_window_inference(stack, **kw), dim=1)  # (D, K, H, W)
-    return torch.movedim(probs, 0, axis + 1)  # (K, X, Y, Z) with D back on its axis
-
-
-def segment_volume(model: torch.nn.Module, vol: Volume, prep: dict[str, Any]) -> np.ndarray:
-    """Label map ``(X, Y, Z)`` of ``vol`` on its own grid (preprocess, infer, resample back)."""
-    from medtransfer.segmentation.data import normalize, resample
-
-    image, affine = resample(vol.array, vol.affine, prep.get("spacing"), label=False)
-    probs = predict_probabilities(model, normalize(image, prep), prep)
-    if probs.shape[1:] != vol.array.shape[:3] or not np.allclose(affine, vol.affine, atol=1e-4):
-        from monai.data import MetaTensor
-        from monai.transforms import SpatialResample
-
-        mt = MetaTensor(probs, affine=torch.as_tensor(affine, dtype=torch.float64))
-        probs = SpatialResample(mode="bilinear", padding_mode="border")(
-            mt, dst_affine=torch.as_tensor(vol.affine, dtype=torch.float64), spatial_size=vol.array.shape[:3])
-        probs = torch.as_tensor(probs)
-    return probs.argmax(0).numpy().astype(np.int16)
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -62,11 +24,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str
 
     path = Path(run_dir) / "model.pt"
     if not path.is_file():
-        raise ConfigError(f"'{run_dir}' is not a run directory: {path} not found. Train with 'medtransfer segment train'.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path} is not a segmentation checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else None!r}, "
-                          f"expected {CHECKPOINT_FORMAT!r}).")
+        raise DataError(f"'{run_dir}' is not a run directory: {path} not found. Train with 'medtransfer segment train'.")
+    ckpt = read_checkpoint(path, (SEG_MODEL_FORMAT,), f"the segmentation model of run '{run_dir}'")
     m = ckpt["model"]
     model, _ = build_segmentation_model(m["encoder"], dims=m["dims"], in_channels=m["in_channels"],
                                         num_classes=len(ckpt["label_names"]), weights="none",

@@ -18,42 +18,19 @@ from torch import nn
 
 from medtransfer.errors import ConfigError
 
-SUPPORTED_ENCODERS = "timm models, torchvision ResNet, MedicalNet ResNet, Models Genesis, tiny_cnn"
+SUPPORTED_ENCODERS = "timm models, torchvision ResNet, MedicalNet ResNet, Models Genesis, I3ResNet, tiny_cnn"
 
 
 def encoder_features(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Stage outputs of ``backbone`` for ``x``, shallow → deep (each at its own resolution)."""
-    inner = getattr(backbone, "model", None)
-    if inner is not None and hasattr(inner, "forward_intermediates"):  # timm
-        keep = getattr(backbone, "_keep", None)
-        indices = list(range(keep + 1)) if keep is not None else None
-        return list(inner.forward_intermediates(x, indices=indices, intermediates_only=True))
-    if hasattr(backbone, "conv_stem") and hasattr(backbone, "stages"):  # TinyCNN
-        x = torch.relu(backbone.bn1(backbone.conv_stem(x)))
-        feats = [x]
-        for stage in backbone.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
-    if hasattr(backbone, "conv1") and hasattr(backbone, "layer1"):  # torchvision / MedicalNet ResNet
-        x = backbone.relu(backbone.bn1(backbone.conv1(x)))
-        feats = [x]
-        x = backbone.maxpool(x)
-        for i in range(1, getattr(backbone, "_stages", 4) + 1):
-            x = getattr(backbone, f"layer{i}")(x)
-            feats.append(x)
-        return feats
-    if hasattr(backbone, "down_tr64"):  # Models Genesis
-        feats = []
-        for i, name in enumerate(n for n in backbone._names if hasattr(backbone, n)):
-            block = getattr(backbone, name)
-            x = block.ops(x if i == 0 else F.max_pool3d(x, 2))
-            feats.append(x)
-        return feats
-    raise ConfigError(
-        f"No skip-feature adapter for the backbone {type(backbone).__name__}; segmentation supports "
-        f"{SUPPORTED_ENCODERS}. Choose another encoder with --encoder (see 'medtransfer backbones')."
-    )
+    """Stage outputs of ``backbone`` for ``x``, shallow → deep (each at its own resolution): the
+    backbones' shared ``forward_stages`` interface (see :mod:`medtransfer.backbones.builders`)."""
+    forward_stages = getattr(backbone, "forward_stages", None)
+    if forward_stages is None:
+        raise ConfigError(
+            f"No skip-feature adapter for the backbone {type(backbone).__name__}; segmentation supports "
+            f"{SUPPORTED_ENCODERS}. Choose another encoder with --encoder (see 'medtransfer backbones')."
+        )
+    return list(forward_stages(x))
 
 
 def _interp_mode(dims: int) -> str:

@@ -58,7 +58,7 @@ def write_dicom_seg(path: str | os.PathLike[str], mask: np.ndarray, vol: Volume,
         from pydicom.sr.codedict import codes
     except ImportError as exc:  # pragma: no cover - highdicom is a dependency
         raise ImportError("Writing DICOM SEG needs highdicom: pip install highdicom") from exc
-    import medtransfer
+    from medtransfer._version import __version__
 
     files = vol.meta.get("files")
     if not files or len(files) != mask.shape[2]:
@@ -71,7 +71,7 @@ def write_dicom_seg(path: str | os.PathLike[str], mask: np.ndarray, vol: Volume,
             if keyword not in ds:
                 setattr(ds, keyword, "")
     frames = np.ascontiguousarray(np.transpose(mask, (2, 1, 0))).astype(np.uint8)  # (Z, rows=Y, cols=X)
-    algo = hd.AlgorithmIdentificationSequence(name="medtransfer", version=str(getattr(medtransfer, "__version__", "0")),
+    algo = hd.AlgorithmIdentificationSequence(name="medtransfer", version=__version__,
                                               family=codes.cid7162.ArtificialIntelligence)
     present = [k for k in range(1, len(label_names)) if (frames == k).any()]
     if not present:
@@ -87,7 +87,7 @@ def write_dicom_seg(path: str | os.PathLike[str], mask: np.ndarray, vol: Volume,
         source_images=sources, pixel_array=remap[frames], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medtransfer",
-        manufacturer_model_name="medtransfer segmentation", software_versions=str(getattr(medtransfer, "__version__", "0")),
+        manufacturer_model_name="medtransfer segmentation", software_versions=__version__,
         device_serial_number="0", series_description=series_description,
     )
     path = Path(path)

@@ -8,7 +8,6 @@ validates on fold ``i`` and trains on the others; every fold is a full run in ``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -18,8 +17,11 @@ from typing import Any
 import numpy as np
 
 from medtransfer.config import RunConfig
+from medtransfer.data.datasets import resolve_samples
 from medtransfer.data.samples import Sample, SampleTable, check_leakage, split_by_patient
 from medtransfer.errors import DataError
+from medtransfer.run import RunDirectory, default_run_dir
+from medtransfer.train.classifier import fit_classifier, prepare, resolve_auto
 
 
 def patient_folds(samples: list[Sample], k: int, seed: int = 0) -> dict[str, int]:
@@ -72,32 +74,34 @@ def finetune_folds(
     labels: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> FoldsResult:
     """Run ``k`` folds and write ``folds.json``: per-fold val/test AUC and their mean ± sd (ddof = 1)."""
-    from medtransfer.train.finetune import default_run_dir, finetune, resolve_samples
-
     if k < 2:
         raise DataError(f"--folds must be at least 2, got {k}.")
-    out = Path(out_dir) if out_dir else default_run_dir(cfg.modality)
-    table = resolve_samples(data, labels, cfg.data.classes)
+    out = RunDirectory(out_dir or default_run_dir(cfg.modality)).open_new(overwrite)
+    table = resolve_samples(data, labels, cfg.data.classes, cfg.data.outside_paths)
     if any(s.split is None for s in table.samples):
         split_by_patient(table, 0.0, cfg.data.test_fraction, cfg.train.seed)
     check_leakage(table.samples)
     folds = patient_folds([s for s in table.samples if s.split != "test"], k, cfg.train.seed)
-    per_fold = []
-    for i in range(k):
-        res = finetune(cfg, data=data, labels=labels, out_dir=out / f"fold{i}", progress=progress,
-                       samples=fold_table(table, folds, i))
-        per_fold.append({"fold": i, "val_auc": res.metrics["val"]["auc"],
-                         "test_auc": res.metrics.get("test", {}).get("auc"), "best_epoch": res.metrics["best_epoch"],
-                         "run_dir": str(res.run_dir)})
+    per_fold = [_fit_fold(cfg, data, labels, fold_table(table, folds, i), out / f"fold{i}", progress, i)
+                for i in range(k)]
     summary: dict[str, Any] = {"k": k, "folds": per_fold}
     for key in ("val_auc", "test_auc"):
         vals = np.array([f[key] for f in per_fold if f[key] is not None], dtype=float)
         if len(vals):
             summary[key] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".folds.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "folds.json")
-    return FoldsResult(out, summary)
+    out.write_json("folds.json", summary)
+    return FoldsResult(out.path, summary)
+
+
+def _fit_fold(cfg: RunConfig, data: Any, labels: Any, table: SampleTable, path: Path, progress: bool,
+              i: int) -> dict[str, Any]:
+    prep = prepare(cfg, data, labels, table)
+    prep = dataclasses.replace(prep, cfg=resolve_auto(prep.cfg))
+    run = RunDirectory(path).open_new()
+    run.write_config(prep.cfg.to_yaml())
+    res = fit_classifier(prep, run, progress=progress)
+    return {"fold": i, "val_auc": res.metrics["val"]["auc"], "test_auc": res.metrics.get("test", {}).get("auc"),
+            "best_epoch": res.metrics["best_epoch"], "run_dir": str(res.run_dir)}

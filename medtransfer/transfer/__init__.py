@@ -8,11 +8,9 @@ from medtransfer.transfer.model import (
     TransferModel,
     build_head,
     class_weights,
-    ordinal_targets,
-    resolve_task,
-    set_backbone_trainable,
     task_probabilities,
 )
+from medtransfer.transfer.tasks import TaskSpec, ordinal_targets, resolve_task, task_spec
 from medtransfer.transfer.plan import (
     BN_POLICIES,
     FREEZE_MODES,
@@ -25,5 +23,5 @@ from medtransfer.transfer.plan import (
 __all__ = [
     "BN_POLICIES", "FREEZE_MODES", "HEADS", "TASKS", "LayerGroup", "TaskLoss", "EnsembleModel", "TransferModel", "apply_plan",
     "build_head", "class_weights", "group_learning_rates", "layer_groups", "ordinal_targets", "resolve_task",
-    "set_backbone_trainable", "task_probabilities",
+    "task_probabilities", "TaskSpec", "task_spec",
 ]

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-BN_POLICIES = ("frozen", "eval-stats", "train")
-FREEZE_MODES = ("none", "backbone", "all_but_last", "pattern")
+from medtransfer.options import BNPolicy, FreezeMode, look_up_option
+
+BN_POLICIES = tuple(p for p in BNPolicy.values() if p != BNPolicy.AUTO)
+FREEZE_MODES = FreezeMode.values()
 _CONTAINERS = ("stages", "blocks", "features", "layers")
 
 
@@ -74,11 +76,40 @@ def _child_entries(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     return entries
 
 
+def _stage_groups(backbone: nn.Module, stages: tuple[str, ...]) -> list[LayerGroup]:
+    """Groups from the backbone's own stage interface (``stage_names``: module paths, shallow → deep):
+    what comes before the first stage is the ``stem``; what comes after the last one joins it. Names
+    that are not module paths (a feature map called ``stem``) mark no group of their own."""
+    modules_by_name = dict(backbone.named_modules())
+    stages = tuple(n for n in stages if n in modules_by_name)
+    groups = [LayerGroup(name="stem")] + [LayerGroup(name=n) for n in stages]
+
+    def owners(names: list[str]) -> list[int]:
+        out, current = [], 0
+        for name in names:
+            hits = [i for i, st in enumerate(stages, start=1) if name == st or name.startswith(st + ".")]
+            current = hits[0] if hits else current
+            out.append(current)
+        return out
+
+    modules = [(n, m) for n, m in backbone.named_modules() if isinstance(m, _NormBase)]
+    for (_, module), i in zip(modules, owners([n for n, _ in modules])):
+        groups[i].norms.append(module)
+    params = list(backbone.named_parameters())
+    for (name, p), i in zip(params, owners([n for n, _ in params])):
+        groups[i].params.append(p)
+        groups[i].param_names.append(name)
+    return [g for g in groups if g.params or g.norms]
+
+
 def layer_groups(backbone: nn.Module) -> list[LayerGroup]:
     """The backbone's layer groups, input → output (see the module docstring)."""
     inner = getattr(backbone, "model", None)
     if isinstance(inner, nn.Module) and hasattr(inner, "group_matcher"):
         return _timm_groups(inner, "model.")
+    stages = tuple(getattr(backbone, "stage_names", ()) or ())
+    if stages:
+        return _stage_groups(backbone, stages)
     groups: list[LayerGroup] = []
     for name, child in _child_entries(backbone):
         if not any(True for _ in child.parameters()) and not any(isinstance(m, _NormBase) for m in child.modules()):
@@ -109,27 +140,28 @@ def apply_plan(
     expression ``pattern`` stay frozen). ``unfrozen`` further limits training to the last
     ``unfrozen`` groups (gradual unfreezing). Returns which layer groups train.
     """
-    if freeze not in FREEZE_MODES:
-        raise ValueError(f"unknown freeze mode '{freeze}'; valid: {', '.join(FREEZE_MODES)}")
-    if bn_policy not in BN_POLICIES:
-        raise ValueError(f"unknown bn_policy '{bn_policy}'; valid: {', '.join(BN_POLICIES)}")
+    freeze = look_up_option(freeze, FreezeMode, "train.freeze")
+    bn_policy = look_up_option(bn_policy, BNPolicy, "train.bn_policy")
+    if bn_policy is BNPolicy.AUTO:
+        raise ValueError("resolve bn_policy 'auto' (frozen for pretrained weights, train otherwise) first")
     groups = layer_groups(model.backbone)
     n = len(groups)
-    allowed = {"none": n, "backbone": 0, "all_but_last": min(trainable_stages, n), "pattern": n}[freeze]
+    allowed = {FreezeMode.NONE: n, FreezeMode.BACKBONE: 0, FreezeMode.ALL_BUT_LAST: min(trainable_stages, n),
+               FreezeMode.PATTERN: n}[freeze]
     if unfrozen is not None:
         allowed = min(allowed, unfrozen)
-    regex = re.compile(pattern) if freeze == "pattern" and pattern else None
+    regex = re.compile(pattern) if freeze is FreezeMode.PATTERN and pattern else None
     trains = [i >= n - allowed for i in range(n)]
     for g, on in zip(groups, trains):
         norm_params = {id(p) for m in g.norms for p in m.parameters(recurse=False)}
         for name, p in zip(g.param_names, g.params):
             frozen = not on or (regex is not None and regex.search(name) is not None)
-            if id(p) in norm_params and bn_policy == "frozen":
+            if id(p) in norm_params and bn_policy is BNPolicy.FROZEN:
                 frozen = True
             p.requires_grad_(not frozen)
         for m in g.norms:
             affine_frozen = not any(p.requires_grad for p in m.parameters(recurse=False))
-            m._mt_bn_eval = (not on) or bn_policy in ("frozen", "eval-stats") or (
+            m._mt_bn_eval = (not on) or bn_policy in (BNPolicy.FROZEN, BNPolicy.EVAL_STATS) or (
                 regex is not None and affine_frozen and any(True for _ in m.parameters(recurse=False)))
     for p in model.head.parameters():
         p.requires_grad_(True)

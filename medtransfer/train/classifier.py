@@ -1,0 +1,422 @@
+"""One classification fit on the Trainer, top to bottom.
+
+1. :func:`prepare` — samples table (demo / folder + CSV / MedMNIST ``.npz``), the task resolved from
+   the labels, patient-grouped split, leakage check, training fraction, validation cap;
+2. :func:`build` — backbone + weights (load report), new head, preprocessing, datasets and loaders,
+   loss, and a real batch checked against the weights' input contract;
+3. :func:`plan_phases` — ``head`` epochs on the frozen backbone (on features computed once when
+   ``train.feature_cache`` allows), then ``finetune`` epochs with the backbone unfrozen (all at once
+   or gradually, by layer group) at ``lr × backbone_lr_mult`` (discriminative: ``× layer_lr_ratio``
+   for the first group);
+4. :func:`plan_callbacks` — the policies around the loop: unfreezing, cosine / one-cycle / plateau,
+   best model and early stopping on validation AUC, time limit, history, TensorBoard, ``last.pt``;
+5. :class:`~medtransfer.train.trainer.Trainer` runs them; then validation and test metrics,
+   predictions, plots and the model card, ``model.pt`` and ``metrics.json`` (:func:`finish`).
+
+One process, or one per device under ``torchrun`` (DDP: rank 0 writes, validation predictions are
+gathered from every rank). On CUDA: AMP, channels-last, pinned memory.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from medtransfer._version import __version__
+from medtransfer.backbones import LoadReport, WeightSpec, check_input_contract, get_weight_spec, load_backbone
+from medtransfer.config import RunConfig, check_weights_file
+from medtransfer.data.datasets import ImageSet, input_channels, resolve_samples
+from medtransfer.data.preprocess import Preprocessor, PreprocessSpec, preprocess_spec
+from medtransfer.data.samples import Sample, SampleTable, cap_val, check_leakage, split_by_patient, split_report
+from medtransfer.data.samples import subsample_train
+from medtransfer.errors import ConfigError, DataError
+from medtransfer.evaluation import labelled_results, predict_loader, write_evaluation
+from medtransfer.options import BNPolicy, FreezeMode, LRSchedule, PlateauMonitor, Switch, Task, UnfreezeSchedule
+from medtransfer.run import RunDirectory
+from medtransfer.run.checkpoint import model_payload
+from medtransfer.train import callbacks as cb
+from medtransfer.train.augment import augment_batch
+from medtransfer.train.trainer import Phase, Trainer
+from medtransfer.train.validation import Validation
+from medtransfer.transfer import TaskLoss, TransferModel, apply_plan, class_weights, group_learning_rates, layer_groups
+from medtransfer.transfer.tasks import resolve_task
+from medtransfer.utils.device import amp_dtype_for, autocast_for, compute_info, pick_device
+from medtransfer.utils.distributed import Distributed
+from medtransfer.utils.rng import seed_everything
+
+logger = logging.getLogger(__name__)
+
+REPORT_SECONDS = 15.0
+"""Reserved under a time limit for writing the report (bootstrap CIs, plots) after the final pass."""
+
+
+@dataclass
+class FinetuneResult:
+    """What a finished run produced (everything is also on disk in ``run_dir``)."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    load_report: LoadReport
+    split_report: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- 1. data --------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A split samples table and the config with the data's ``auto`` values resolved."""
+
+    cfg: RunConfig
+    table: SampleTable
+    splits: dict[str, Any]
+    data: str | None = None
+    labels: str | None = None
+    demo: bool = False
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """Images left out because they cannot be used (``data.skip_bad_images``), with the reason."""
+
+    def subset(self, split: str) -> list[Sample]:
+        return self.table.subset(split)
+
+
+def prepare(cfg: RunConfig, data: Any = None, labels: Any = None, samples: SampleTable | None = None) -> Prepared:
+    """Resolve the samples, the task, the split and the subsets of a run (see the module docstring)."""
+    cfg = copy.deepcopy(cfg)
+    check_weights_file(cfg.model.weights)
+    table = samples if samples is not None else resolve_samples(data, labels, cfg.data.classes,
+                                                                cfg.data.outside_paths)
+    if table.num_classes < 2:
+        raise DataError("The labels hold a single class; fine-tuning needs at least two.")
+    cfg.model.task = _resolved_task(cfg.model.task, table)
+    _split_and_subsample(table, cfg)
+    splits = split_report(table)
+    if not table.subset("train") or not table.subset("val"):
+        raise DataError(f"Need training and validation samples; the split gave {splits}.")
+    return Prepared(cfg, table, splits, None if data is None else str(data), None if labels is None else str(labels),
+                    demo=data is None and samples is None)
+
+
+def _resolved_task(task: str, table: SampleTable) -> str:
+    """The task the labels allow (recorded in config.yaml instead of ``auto``)."""
+    if task == Task.REGRESSION:
+        raise ConfigError("model.task = regression needs real-valued labels; the samples table holds class "
+                          "indices. Use auto, binary, multiclass, ordinal or multilabel.")
+    if table.task == Task.MULTILABEL:
+        if task not in (Task.AUTO, Task.MULTILABEL):
+            raise ConfigError(f"The labels are 0/1 vectors (multi-label); model.task = {task} needs one class per "
+                              "image. Use auto or multilabel.")
+        return Task.MULTILABEL.value
+    if task == Task.MULTILABEL:
+        raise ConfigError("model.task = multilabel needs 0/1 label vectors (e.g. a .npz with (N, K) labels).")
+    return resolve_task(task, table.num_classes).value
+
+
+def _split_and_subsample(table: SampleTable, cfg: RunConfig) -> None:
+    """Patient-grouped split where the table has none (``train.seed``), the leakage check (also for
+    user-supplied splits), then the stratified ``data.train_fraction`` of the training patients and
+    at most ``data.val_max`` validation images."""
+    if any(s.split is None for s in table.samples):
+        split_by_patient(table, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed)
+    check_leakage(table.samples)
+    subsample_train(table, cfg.data.train_fraction, cfg.train.seed)
+    n_val = len(table.subset("val"))
+    kept = len(cap_val(table, cfg.data.val_max, cfg.train.seed).subset("val"))
+    if kept < n_val:
+        logger.info("model selection on %d of %d validation images (data.val_max=%d)", kept, n_val, cfg.data.val_max)
+
+
+def drop_unusable(prep: Prepared, pre: Preprocessor) -> list[dict[str, str]]:
+    """Decode every sample once; leave out those that cannot be used (unreadable, NaN / infinite values),
+    each logged with its reason; the split report is recounted."""
+    table = prep.table
+    probe = ImageSet(table, table.samples, pre, cache=False)
+    bad: list[dict[str, str]] = []
+    for i, s in enumerate(table.samples):
+        try:
+            probe.load(i)
+        except DataError as exc:
+            bad.append({"path": probe.describe(i), "patient_id": s.patient_id, "split": str(s.split), "reason": str(exc)})
+    if bad:
+        dropped = {b["path"] for b in bad}
+        table.samples = [s for i, s in enumerate(table.samples) if probe.describe(i) not in dropped]
+        prep.splits.update(split_report(table))
+        for b in bad:
+            logger.warning("left out (data.skip_bad_images): %s", b["reason"])
+        if not table.subset("train") or not table.subset("val"):
+            raise DataError(f"After leaving out {len(bad)} unusable image(s) no training or validation images remain.")
+    return bad
+
+
+def resolve_auto(cfg: RunConfig) -> RunConfig:
+    """The run's remaining ``auto`` switches made explicit: the BatchNorm policy (frozen for pretrained
+    weights, trained for random ones) and the feature cache (on when the head phase does not augment)."""
+    cfg = copy.deepcopy(cfg)
+    if cfg.train.bn_policy == BNPolicy.AUTO:
+        cfg.train.bn_policy = (BNPolicy.TRAIN if cfg.model.weights == "none" else BNPolicy.FROZEN).value
+    if cfg.train.feature_cache == Switch.AUTO:
+        cfg.train.feature_cache = (Switch.OFF if cfg.train.head_augment else Switch.ON).value
+    return cfg
+
+
+# ---- 2. model, data loaders, loss ---------------------------------------------------------------------
+@dataclass
+class Setup:
+    """Everything one fit trains and evaluates with."""
+
+    model: TransferModel
+    report: LoadReport
+    wspec: WeightSpec
+    pre: Preprocessor
+    device: torch.device
+    dist: Distributed
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    train_loader: DataLoader
+    eval_loaders: dict[str, DataLoader]
+    loss_fn: nn.Module
+    generator: torch.Generator
+    samplers: list[DistributedSampler]
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.pre.spec
+
+    @property
+    def autocast(self) -> Any:
+        return autocast_for(self.device, self.amp_dtype)
+
+
+def build(prep: Prepared, device: torch.device, dist: Distributed, gen: torch.Generator) -> Setup:
+    """Backbone + head, preprocessing, loaders and loss of a prepared run; checks a real batch against
+    the weights' input contract (channels, dims, value range) before any training."""
+    cfg, table = prep.cfg, prep.table
+    wspec = get_weight_spec(cfg.model.backbone)
+    channels = input_channels(table) if wspec.dims == 2 else 1  # a 3D backbone takes whole volumes
+    backbone, report = load_backbone(wspec, channels, cfg.model.weights)
+    model = TransferModel(backbone, table.num_classes, cfg.model.head, cfg.model.dropout, cfg.model.task).to(device)
+    pre = Preprocessor(preprocess_spec(cfg.data, channels, wspec.mean, wspec.std, wspec.dims, wspec.ct))
+    if cfg.data.skip_bad_images and not prep.skipped:
+        prep.skipped = drop_unusable(prep, pre)
+    amp_dtype = amp_dtype_for(cfg.train.amp, device)
+    channels_last = device.type == "cuda" and cfg.train.channels_last and wspec.dims == 2
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_loader, samplers, eval_loaders = _loaders(prep, pre, device, dist, gen)
+    weight = class_weights(model.task, [s.label for s in prep.subset("train")], model.num_classes) \
+        if cfg.train.class_weighting else None
+    loss_fn = TaskLoss(model.task, model.num_classes, weight).to(device)
+    first = torch.stack([train_loader.dataset[i][0] for i in range(min(len(train_loader.dataset), cfg.train.batch_size))])
+    check_input_contract(pre.normalize(first), wspec, channels=channels, dims=wspec.dims)
+    return Setup(model, report, wspec, pre, device, dist, amp_dtype, channels_last, train_loader, eval_loaders,
+                 loss_fn, gen, samplers)
+
+
+def _loaders(prep: Prepared, pre: Preprocessor, device: torch.device, dist: Distributed,
+             gen: torch.Generator) -> tuple[DataLoader, list[DistributedSampler], dict[str, DataLoader]]:
+    cfg, table = prep.cfg, prep.table
+    kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    train_set = ImageSet(table, prep.subset("train"), pre, cfg.data.cache)
+    drop_last = len(train_set) > cfg.train.batch_size * dist.world
+    sampler = DistributedSampler(train_set, seed=cfg.train.seed, drop_last=drop_last) if dist.world > 1 else None
+    train = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, generator=gen, drop_last=drop_last, **kw)
+    evals = {}
+    for name in ("val", "test"):
+        if prep.subset(name):
+            ds = ImageSet(table, prep.subset(name), pre, cfg.data.cache)
+            es = DistributedSampler(ds, shuffle=False) if dist.world > 1 else None
+            evals[name] = DataLoader(ds, shuffle=False, sampler=es, **kw)
+    return train, [sampler] if sampler is not None else [], evals
+
+
+# ---- 3. phases -----------------------------------------------------------------------------------
+def plan_phases(cfg: RunConfig, setup: Setup, validation: Validation) -> list[Phase]:
+    """``head`` (frozen backbone; on cached features when ``train.feature_cache`` is on and this is a
+    single process), then ``finetune`` (the network, augmented)."""
+    model, pre = setup.model, setup.pre
+    cached = cfg.train.feature_cache == Switch.ON and setup.dist.world == 1
+    if cfg.train.feature_cache == Switch.ON and not cached:
+        logger.info("feature cache off under DDP (each rank would cache a different shard)")
+
+    def images(augment: bool) -> Any:
+        def prepare_batch(x: torch.Tensor) -> torch.Tensor:
+            x = pre.normalize(augment_batch(x, cfg.augment, setup.generator) if augment else x)
+            return x.contiguous(memory_format=torch.channels_last) if setup.channels_last else x
+        return prepare_batch
+
+    head = Phase("head", cfg.train.head_epochs, lambda: setup.train_loader, validation.images,
+                 prepare=images(cfg.train.head_augment))
+    if cached:
+        head = Phase("head", cfg.train.head_epochs, lambda: validation.feature_loaders()["train"],
+                     validation.features, forward=model.head)
+    finetune = Phase("finetune", cfg.train.finetune_epochs, lambda: setup.train_loader, validation.images,
+                     prepare=images(True))
+    return [head, finetune]
+
+
+def unfreeze_plan(cfg: RunConfig) -> Any:
+    """Epoch → the :func:`apply_plan` arguments: the backbone frozen for the head epochs, then the freeze
+    mode, with one more layer group from the top every ``unfreeze_every`` epochs when gradual."""
+    t = cfg.train
+
+    def plan_for(epoch: int) -> tuple[Any, ...]:
+        if epoch <= t.head_epochs:
+            return (FreezeMode.BACKBONE.value, t.bn_policy, t.trainable_stages, t.freeze_pattern, 0)
+        stage = None
+        if t.schedule == UnfreezeSchedule.GRADUAL:
+            stage = 1 + (epoch - t.head_epochs - 1) // t.unfreeze_every
+        return (t.freeze, t.bn_policy, t.trainable_stages, t.freeze_pattern, stage)
+
+    return plan_for
+
+
+# ---- 4. callbacks --------------------------------------------------------------------------------
+def plan_callbacks(cfg: RunConfig, setup: Setup, optimizer: torch.optim.Optimizer, run: RunDirectory,
+                   validation: Validation, deadline: float | None, progress: bool,
+                   extra: dict[str, Any]) -> list[cb.Callback]:
+    """The policies of the recipe around the loop (see :mod:`medtransfer.train.callbacks`)."""
+    t = cfg.train
+    steps = -(-len(setup.train_loader) // t.grad_accum) * t.finetune_epochs
+    callbacks: list[cb.Callback] = [
+        cb.Unfreeze(unfreeze_plan(cfg), apply_plan),
+        cb.BestModel("val_auc", "max", tiebreak="val_loss"),
+        cb.History(run, lambda r: f"train loss {r['train_loss']:.4f}, val loss {r['val_loss']:.4f}, "
+                                  f"val AUC {r['val_auc']:.4f}"),
+        cb.LastCheckpoint(run, extra),
+        cb.ProgressBar(len(setup.train_loader), progress and setup.dist.main,
+                       lambda r: f"val AUC {r['val_auc']:.3f}"),
+    ]
+    if t.lr_schedule in (LRSchedule.COSINE, LRSchedule.ONECYCLE):
+        factor = cb.cosine_factor if t.lr_schedule == LRSchedule.COSINE else cb.onecycle_factor
+        callbacks.append(cb.LRSchedule(factor, steps, phases=("finetune",)))
+    if t.lr_schedule == LRSchedule.PLATEAU:
+        mode = "min" if t.plateau_monitor == PlateauMonitor.VAL_LOSS else "max"
+        callbacks.append(cb.Plateau(optimizer, t.plateau_monitor, mode, t.plateau_factor,
+                                    t.plateau_patience, t.min_lr))
+    if t.patience:
+        callbacks.append(cb.EarlyStopping("val_auc", t.patience, "max", tiebreak="val_loss"))
+    if deadline is not None:
+        callbacks.append(cb.TimeLimit(deadline, validation.final_pass_estimate(REPORT_SECONDS)))
+    if t.tensorboard and setup.dist.main:
+        callbacks += _tensorboard(run)
+    return callbacks
+
+
+def _tensorboard(run: RunDirectory) -> list[cb.Callback]:
+    try:
+        return [cb.TensorBoard(str(run / "tensorboard"), ("train_loss", "val_loss", "val_auc", "lr"))]
+    except ImportError:
+        logger.warning("train.tensorboard is on but tensorboard is not installed (pip install tensorboard); "
+                       "logging to history.csv only.")
+        return []
+
+
+def build_optimizer(model: TransferModel, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW with one param group per backbone layer group (input → output, discriminative LRs) and
+    the head last. Frozen parameters stay in their group: with no gradient they are not stepped, so
+    unfreezing and resuming never rebuild or reorder the groups."""
+    groups = layer_groups(model.backbone)
+    lrs = group_learning_rates(len(groups), cfg.train.lr * cfg.train.backbone_lr_mult, cfg.train.layer_lr_ratio)
+    return torch.optim.AdamW(
+        [{"params": g.params, "lr": lr, "name": g.name} for g, lr in zip(groups, lrs)]
+        + [{"params": list(model.head.parameters()), "lr": cfg.train.lr, "name": "head"}],
+        weight_decay=cfg.train.weight_decay,
+    )
+
+
+# ---- 5. one fit, start to finish -----------------------------------------------------------------
+def fit_classifier(prep: Prepared, run: RunDirectory, *, progress: bool = False, deadline: float | None = None,
+                   resume_state: dict[str, Any] | None = None, callbacks: tuple[cb.Callback, ...] = (),
+                   device: torch.device | None = None, dist: Distributed = Distributed()) -> FinetuneResult:
+    """Build, train and report one classification model into ``run`` (see the module docstring)."""
+    t_start = time.perf_counter()
+    cfg = prep.cfg
+    gen = seed_everything(cfg.train.seed)
+    setup = build(prep, device or pick_device(cfg.train.device), dist, gen)
+    run.write_json("split_report.json", prep.splits)
+    run.write_json("load_report.json", setup.report.to_dict())
+    validation = Validation(setup, prep, run / ".feature_cache", progress and dist.main)
+    optimizer = build_optimizer(setup.model, cfg)
+    extra = {"config": cfg.to_dict(), "data": prep.data, "labels": prep.labels}
+    trainer = Trainer(setup.model, optimizer, setup.loss_fn, device=setup.device, autocast=setup.autocast,
+                      scaler=torch.amp.GradScaler("cuda", enabled=setup.amp_dtype is torch.float16),
+                      grad_accum=cfg.train.grad_accum, dist=dist, generator=gen, samplers=setup.samplers,
+                      callbacks=[*plan_callbacks(cfg, setup, optimizer, run, validation, deadline, progress, extra),
+                                 *callbacks])
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+        logger.info("resuming %s after epoch %d", run.path, trainer.state.epoch)
+    try:
+        state = trainer.fit(plan_phases(cfg, setup, validation))
+    finally:
+        shutil.rmtree(validation.cache_dir, ignore_errors=True)
+    best = next(c for c in trainer.callbacks if isinstance(c, cb.BestModel))
+    return finish(prep, setup, run, state, best.epoch, t_start, deadline, validation.feature_seconds)
+
+
+def finish(prep: Prepared, setup: Setup, run: RunDirectory, state: Any, best_epoch: int, t_start: float,
+           deadline: float | None, feature_seconds: float | None = None) -> FinetuneResult:
+    """The best model over the whole validation and test splits: report, ``model.pt``, ``metrics.json``."""
+    t_eval = time.perf_counter()
+    results = {name: labelled_results(loader.dataset.samples,
+                                      predict_loader(setup.model, loader, setup.pre, setup.device, None,
+                                                     setup.autocast)[0])
+               for name, loader in setup.eval_loaders.items()}
+    eval_s = time.perf_counter() - t_eval
+    if not setup.dist.main:
+        return FinetuneResult(run.path, {}, state.history, setup.report, prep.splits)
+    info = model_info(prep, setup.spec, setup.wspec, setup.report, best_epoch, setup.dist.world)
+    metrics = write_evaluation(run.path, results, prep.table.label_names, state.history, info,
+                               prep.cfg.model.task == Task.ORDINAL)
+    setup.model.cpu()
+    run.save_model(model_payload(setup.model, prep.cfg.to_dict(), setup.spec.to_dict(), prep.table.label_names,
+                                 prep.cfg.model.backbone, epoch=best_epoch, load_report=setup.report.to_dict(),
+                                 operating_point=metrics.get("operating_point")))
+    metrics.update(best_epoch=best_epoch, minutes=(time.perf_counter() - t_start) / 60, eval_seconds=eval_s,
+                   compute=compute_info(setup.device, setup.amp_dtype, setup.channels_last, setup.dist.world),
+                   split=prep.splits)
+    if prep.skipped:
+        metrics["skipped_images"] = prep.skipped
+    if feature_seconds is not None:
+        metrics["feature_cache_seconds"] = feature_seconds  # the frozen backbone's pass over train + val
+    if deadline is not None:
+        metrics["time_limit"] = {"epochs_run": len(state.history), "epochs_planned": state.epochs_planned,
+                                 "stopped": state.stop_reason == "time limit"}
+    run.write_metrics(metrics)
+    return FinetuneResult(run.path, metrics, state.history, setup.report, prep.splits)
+
+
+def model_info(prep: Prepared, spec: PreprocessSpec, wspec: WeightSpec, report: LoadReport,
+               best_epoch: int | None, world: int) -> dict[str, Any]:
+    """The model card's description of a run (data, preprocessing, weights, training)."""
+    cfg = prep.cfg
+    t = cfg.train
+    return {
+        "model_name": f"{cfg.model.backbone} fine-tuned ({cfg.modality})"
+        + (f", ensemble of {t.ensemble}" if t.ensemble > 1 else ""),
+        "modality": cfg.modality,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "medtransfer_version": __version__,
+        "label_names": prep.table.label_names,
+        "data": {
+            "source": "built-in SYNTHETIC demo data (not patient data)" if prep.demo else str(prep.data),
+            "splits": {k: {"n_patients": v["patients"], "n_images": v["images"]} for k, v in prep.splits.items()},
+        },
+        "preprocessing": spec.to_dict(),
+        "weights": {"architecture": wspec.architecture, "name": report.weights, "source": report.source,
+                    "licence": wspec.license if cfg.model.weights == "pretrained" else "n/a",
+                    "sha256": report.sha256},
+        "training": {"head_epochs": t.head_epochs, "finetune_epochs": t.finetune_epochs, "best_epoch": best_epoch,
+                     "lr": t.lr, "backbone_lr_mult": t.backbone_lr_mult, "bn_policy": t.bn_policy,
+                     "freeze": t.freeze, "schedule": t.schedule, "lr_schedule": t.lr_schedule,
+                     "feature_cache": t.feature_cache, "world_size": world, "ensemble": t.ensemble},
+    }
