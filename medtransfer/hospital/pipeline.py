@@ -180,7 +180,7 @@ def predict_classification(run, pacs, out_csv: str | os.PathLike[str], sink: Res
     fields = classification_fields(run.label_names, opts.patient_fields, per_series)
     book = ReportBook(sink, model_identity(run), per_series, units,
                       lambda unit: fetch_identity(pacs, unit, opts.spool_dir))
-    with RowLog(out_csv, fields, opts.resume) as table:
+    with RowLog(out_csv, fields, opts.resume, [u.key for u in units]) as table:
         book.add(table.previous)
         todo = [u for u in units if u.key not in table.done]
         if opts.resume:

@@ -1,23 +1,21 @@
-"""The output table of a PACS job, written as :mod:`medtransfer.inference.batch` writes a folder's:
-rows appended to ``OUT.partial`` and flushed chunk by chunk, moved into place at the end; on
-``--resume`` the complete rows already written are kept and their inputs not done again."""
+"""The output table of a PACS job: the folder job's table (:class:`~medtransfer.inference.batch.PredictionTable`
+under its lock), written chunk by chunk; on ``--resume`` the complete rows already written are kept and
+their inputs not done again."""
 from __future__ import annotations
 
-import csv
+import contextlib
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from medtransfer.hospital.selection import Unit
-from medtransfer.inference.batch import BASE_FIELDS, PATIENT_FIELDS, _complete_rows
+from medtransfer.inference.batch import BASE_FIELDS, PredictionTable, output_fields, output_lock
 
 
 def classification_fields(label_names: Iterable[str], patient_fields: bool, per_series: bool) -> list[str]:
     """The columns of ``predict`` (the same as for a folder)."""
-    return (BASE_FIELDS + (PATIENT_FIELDS if patient_fields else []) + (["files"] if per_series else [])
-            + [f"prob_{n}" for n in label_names] + ["predicted"])
+    return output_fields(list(label_names), 3 if per_series else 2, patient_fields)
 
 
 def segmentation_fields(label_names: Iterable[str]) -> list[str]:
@@ -34,40 +32,42 @@ def unit_row(unit: Unit, status: str, reason: str, with_files: bool) -> dict[str
 
 
 class RowLog:
-    """``OUT.partial`` while the job runs (previous rows first on resume), ``OUT`` when it ends."""
+    """``OUT.partial`` while the job runs (the kept rows first on resume), ``OUT`` when it ends; a
+    second job on the same ``OUT`` is refused while this one holds it."""
 
-    def __init__(self, out_csv: str | os.PathLike[str], fields: list[str], resume: bool):
-        self.out = Path(out_csv)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.out.with_name(self.out.name + ".partial")
-        self.fields = fields
-        rows = (_complete_rows(self.out, fields) + _complete_rows(self.partial, fields)) if resume else []
+    def __init__(self, out_csv: str | os.PathLike[str], fields: list[str], resume: bool, keys: Iterable[str]):
+        self.table = PredictionTable(out_csv, fields)
+        self.out = self.table.path
+        self._keys = list(keys)
+        self._resume = resume
         self.previous: list[dict[str, str]] = []
         self.done: set[str] = set()
-        for row in rows:  # each input once, also when a finished and an interrupted output both exist
-            if row["path"] not in self.done:
-                self.done.add(row["path"])
-                self.previous.append(row)
-        self.counts: Counter = Counter(r["status"] for r in self.previous)
-        self._fh = None
-        self._writer: csv.DictWriter | None = None
+        self.counts: Counter = Counter()
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> RowLog:
-        self._fh = open(self.partial, "w", newline="")
-        self._writer = csv.DictWriter(self._fh, fieldnames=self.fields, restval="", extrasaction="ignore")
-        self._writer.writeheader()
-        self._writer.writerows(self.previous)
-        self._fh.flush()
+        self._stack.enter_context(output_lock(self.out))
+        try:
+            if self._resume:
+                self.previous = self.table.completed_rows(self._keys)
+            self.done = {r["path"] for r in self.previous}
+            self.counts.update(r["status"] for r in self.previous)
+            self.table.__enter__()
+            self.table.write(self.previous)
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
         rows = list(rows)
-        self._writer.writerows(rows)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self.table.write([{k: r.get(k, "") for k in self.table.fields} for r in rows])
         self.counts.update(r["status"] for r in rows)
 
-    def __exit__(self, exc_type, *_) -> None:
-        self._fh.close()
-        if exc_type is None:
-            os.replace(self.partial, self.out)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.table.__exit__(exc_type, exc, tb)
+            if exc_type is None:
+                self.table.commit()
+        finally:
+            self._stack.close()

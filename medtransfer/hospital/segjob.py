@@ -83,7 +83,7 @@ def predict_segmentation_pacs(run_dir: str | os.PathLike[str], pacs, out_csv: st
     run_dir = Path(run_dir)
     sha = file_sha256(run_dir / "model.pt")
     units, series_sizes = query_units(pacs, opts, per_series=True)
-    with RowLog(out_csv, segmentation_fields(ckpt["label_names"]), opts.resume) as table:
+    with RowLog(out_csv, segmentation_fields(ckpt["label_names"]), opts.resume, [u.key for u in units]) as table:
         todo = [u for u in units if u.key not in table.done]
         bar, task = progress_bar(opts.progress, len(todo))
         with bar, Prefetcher(pacs, make_chunks(todo, opts.chunk_size), series_sizes, opts.spool_dir) as chunks:
