@@ -294,12 +294,12 @@ def test_segmentation_over_dicomweb_sends_a_seg_found_by_qido_and_cfind(pacs, se
     assert seg.get_segment_description(1).SegmentLabel == "liver"
 
 
-def test_killed_job_resumes_with_each_instance_exactly_once(pacs, pacs_runs, cls_run, tmp_path):
-    """SIGKILL mid-job (the PACS frozen so that the kill lands before the end), then --resume."""
+def test_killed_job_resumes_with_each_instance_exactly_once(pacs, folder_rows, cls_run, tmp_path):
+    """SIGKILL mid-job (the PACS frozen at the first rows: at most three of the seven series are
+    retrieved by then, so the kill lands before the end), then --resume."""
     out = tmp_path / "killed.csv"
     partial = tmp_path / "killed.csv.partial"
-    args = [cls_run, pacs.dicomweb + "?Modality=MR", "--out", out, "--series-description", "HippoCrop",
-            "--pacs-set", "chunk_size=8", "-q"]
+    args = [cls_run, pacs.dicomweb + "?Modality=MR", "--out", out, "--pacs-set", "chunk_size=8", "-q"]
     proc = subprocess.Popen([sys.executable, "-m", "medtransfer", "predict", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -320,7 +320,9 @@ def test_killed_job_resumes_with_each_instance_exactly_once(pacs, pacs_runs, cls
     rows = _csv(out)
     assert len(rows) == 195 and len({r["sop_instance_uid"] for r in rows}) == 195
     assert rows[:len(before)] == before  # what was written before the kill is kept, not redone
-    assert out.read_text() == (pacs_runs / "web.csv").read_text()  # the uninterrupted run's table
+    folder = _by_sop(folder_rows[0])
+    assert all(_content(r) == _content(folder[r["sop_instance_uid"]]) for r in rows)  # as if never interrupted
+    assert [r["path"] for r in rows] == sorted((r["path"] for r in rows), key=lambda p: p.split("/")[1])
     assert len(list((tmp_path / "killed-results").glob("*.sr.dcm"))) == 3
 
 
@@ -381,10 +383,13 @@ def test_pacs_gone_before_any_retrieval_exits_1(small_pacs, cls_run, tmp_path, m
     assert all(r["reason"].startswith("not retrievable: cannot reach") for r in rows), rows[0]["reason"]
 
 
-def test_hanging_pacs_times_out_instead_of_hanging(small_pacs, cls_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
+def test_hanging_pacs_times_out_instead_of_hanging(small_pacs, cls_run, tmp_path, monkeypatch, protocol):
+    from medtransfer.hospital.dicomweb import DicomWebPacs
     from medtransfer.hospital.dimse import DimsePacs
 
-    real = DimsePacs.query
+    cls = DimsePacs if protocol == "dimse" else DicomWebPacs
+    real = cls.query
 
     def query_then_freeze(self, *a, **k):
         short, self.settings.timeout = self.settings.timeout, 30.0  # the query is answered, however busy the CPU
@@ -393,10 +398,10 @@ def test_hanging_pacs_times_out_instead_of_hanging(small_pacs, cls_run, tmp_path
         small_pacs.pause()  # then it accepts TCP connections and answers nothing
         return records
 
-    monkeypatch.setattr(DimsePacs, "query", query_then_freeze)
+    monkeypatch.setattr(cls, "query", query_then_freeze)
     start = time.monotonic()
     try:
-        res = _predict_cli(cls_run, small_pacs.dimse, "--out", tmp_path / "p.csv", *FAST_FAIL,
+        res = _predict_cli(cls_run, getattr(small_pacs, protocol), "--out", tmp_path / "p.csv", *FAST_FAIL,
                            "--pacs-set", "timeout=1.5")
     finally:
         small_pacs.resume()
@@ -405,7 +410,7 @@ def test_hanging_pacs_times_out_instead_of_hanging(small_pacs, cls_run, tmp_path
     rows = _csv(tmp_path / "p.csv")
     assert len(rows) == 67 and {r["status"] for r in rows} == {"error"}
     assert all(r["reason"].startswith("timed out: ") for r in rows), rows[0]["reason"]
-    assert elapsed < 20  # two association attempts of 1.5 s, then the PACS is marked down
+    assert elapsed < 20  # two attempts of 1.5 s, then the PACS is marked down for the rest of the job
 
 
 def test_basic_auth_works_and_the_password_is_never_printed(tmp_path, brain, cls_run, monkeypatch):

@@ -55,6 +55,9 @@ def http_session(settings: ConnectionSettings):
             return merged
 
     session = Session()
+    adapter = requests.adapters.HTTPAdapter(max_retries=_retry_policy(settings))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     token = settings.secret("token")
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
@@ -64,6 +67,17 @@ def http_session(settings: ConnectionSettings):
     if settings.client_cert:
         session.cert = (settings.client_cert, settings.client_key) if settings.client_key else settings.client_cert
     return session
+
+
+def _retry_policy(settings: ConnectionSettings):
+    """urllib3 retries: refused / reset connections, read timeouts and 429 / 5xx answers, ``retries``
+    times with ``backoff`` seconds doubled each time; a TLS or authentication failure is not retried."""
+    from urllib3.util.retry import Retry
+
+    return Retry(total=settings.retries, connect=settings.retries, read=settings.retries,
+                 status=settings.retries, other=0, backoff_factor=settings.backoff,
+                 status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None, raise_on_status=False,
+                 respect_retry_after_header=True)
 
 
 def _tag(keyword: str) -> str:
@@ -103,11 +117,10 @@ class DicomWebPacs:
         self.session = http_session(settings)
         self.client = dicomweb_client.DICOMwebClient(
             url=endpoint.base_url, session=self.session, timeout=(settings.timeout, settings.timeout))
-        # dicomweb-client retries failed requests (exceptions and 408/429/503/504) with exponential backoff.
-        self.client.set_http_retry_params(retry=True, max_attempts=settings.retries + 1,
-                                          wait_exponential_multiplier=max(1, int(settings.backoff * 1000)))
+        self.client.set_http_retry_params(retry=False)  # the session's urllib3 policy retries (by kind of failure)
         self.down: str | None = None
-        """Set once the PACS could not be reached at all: later requests fail at once with this reason."""
+        """Set once the PACS could not be reached or stopped answering (after the retries): later
+        requests fail at once with this reason instead of each waiting for its timeout."""
 
     def describe(self) -> str:
         return self.endpoint.describe()
@@ -126,7 +139,9 @@ class DicomWebPacs:
             return not_retrievable(f"{what}: HTTP {code} {exc.response.reason} from {where}")
         text = str(exc)
         if isinstance(exc, requests.exceptions.Timeout) or "timed out" in text.lower():
-            return timed_out(f"{what}: no answer from {where} within {self.settings.timeout:g} s")
+            error = timed_out(f"{what}: no answer from {where} within {self.settings.timeout:g} s")
+            self.down = error.reason  # retried already: a PACS that hangs is not asked again in this job
+            return error
         if isinstance(exc, requests.exceptions.SSLError):
             return rejected(f"{what}: TLS handshake with {where} failed ({type(exc).__name__}); check ca_cert / "
                             "client_cert")

@@ -177,9 +177,21 @@ def predict_classification(run, pacs, out_csv: str | os.PathLike[str], sink: Res
     """Predict every instance (series for 3D models) a PACS query finds with a loaded run."""
     per_series = run.pre.spec.dims == 3
     units, series_sizes = query_units(pacs, opts, per_series)
-    fields = classification_fields(run.label_names, opts.patient_fields, per_series)
     book = ReportBook(sink, model_identity(run), per_series, units,
-                      lambda unit: fetch_identity(pacs, unit, opts.spool_dir))
+                      lambda unit: fetch_identity(pacs, unit, opts.spool_dir), background=True)
+    try:
+        table = _predict_rows(run, pacs, out_csv, opts, units, series_sizes, book)
+    finally:
+        book.close()
+    logger.info("%d inputs: %s -> %s", sum(table.counts.values()), dict(table.counts), table.out)
+    return PacsSummary(table.out, table.counts, sink.folder, sink.counts, sink.failures)
+
+
+def _predict_rows(run, pacs, out_csv, opts: PacsJobOptions, units: list[Unit], series_sizes: Counter,
+                  book: ReportBook) -> RowLog:
+    """Retrieve, predict and write the rows of the units not done yet; hand the rows to ``book``."""
+    per_series = run.pre.spec.dims == 3
+    fields = classification_fields(run.label_names, opts.patient_fields, per_series)
     with RowLog(out_csv, fields, opts.resume, [u.key for u in units]) as table:
         book.add(table.previous)
         todo = [u for u in units if u.key not in table.done]
@@ -192,5 +204,4 @@ def predict_classification(run, pacs, out_csv: str | os.PathLike[str], sink: Res
                 table.write(rows)
                 book.add(rows)
                 bar.advance(task, len(chunk.units))
-    logger.info("%d inputs: %s -> %s", sum(table.counts.values()), dict(table.counts), table.out)
-    return PacsSummary(table.out, table.counts, sink.folder, sink.counts, sink.failures)
+    return table

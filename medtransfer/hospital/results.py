@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class ResultSink:
         self.counts: Counter = Counter()
         self.failures: list[str] = []
         self._sent = self._read_sent()
+        self._lock = threading.Lock()  # reports may be delivered from a writer thread
 
     @property
     def target(self) -> str:
@@ -45,6 +47,10 @@ class ResultSink:
 
     def deliver(self, name: str, dataset=None) -> Path:
         """Write ``dataset`` as ``folder/name`` (unless ``None``: the file is there already) and send it."""
+        with self._lock:
+            return self._deliver(name, dataset)
+
+    def _deliver(self, name: str, dataset) -> Path:
         path = self.folder / name
         if dataset is not None:
             tmp = path.with_name(f".{name}.tmp{os.getpid()}")
