@@ -246,8 +246,8 @@ def predict(
         return pacs.predict_pacs(
             run_dir, input_dir, out=out, batch_size=batch_size, workers=workers, resume=resume, shard=shard,
             modality=modality, series_description=series_description, min_slices=min_slices, where=where,
-            patient_fields=patient_fields, study_json=study_json, device=device, quiet=quiet, send_to=send_to,
-            results_dir=results_dir, pacs_config=pacs_config, pacs_set=pacs_set)
+            patient_fields=patient_fields, study_json=study_json, parquet=parquet, device=device, quiet=quiet,
+            send_to=send_to, results_dir=results_dir, pacs_config=pacs_config, pacs_set=pacs_set)
     _setup_logging(quiet)
     if where or send_to or results_dir or pacs_config or pacs_set:
         raise UsageError("--where, --send-to, --results-dir, --pacs-config and --pacs-set apply to PACS sources "

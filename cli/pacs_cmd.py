@@ -45,8 +45,8 @@ def selection_from_options(modality: list[str], series_description: Optional[str
 
 def predict_pacs(run_dir: Path, source: str, *, out: Path, batch_size: int, workers: int, resume: bool,
                  shard: Optional[str], modality: list[str], series_description: Optional[str], min_slices: int,
-                 where: list[str], patient_fields: bool, study_json: Optional[Path], device: str, quiet: bool,
-                 send_to: Optional[str], results_dir: Optional[Path], pacs_config: Optional[Path],
+                 where: list[str], patient_fields: bool, study_json: Optional[Path], parquet: bool, device: str,
+                 quiet: bool, send_to: Optional[str], results_dir: Optional[Path], pacs_config: Optional[Path],
                  pacs_set: list[str]) -> None:
     """Run ``predict`` over what a PACS query finds; print the counts; exit as documented above."""
     from medtransfer.hospital import PacsJobOptions, parse_pacs_url, predict_from_pacs
@@ -64,16 +64,26 @@ def predict_pacs(run_dir: Path, source: str, *, out: Path, batch_size: int, work
                                  chunk_size=settings.chunk_size, progress=not quiet)
     except MedTransferError as exc:  # found before any work: bad usage
         raise UsageError(str(exc)) from None
-    summary = predict_from_pacs(run_dir, source, out, settings, options, send_to=send_to, results_dir=results_dir,
-                                device=device)
     from medtransfer.run import is_segmentation_run
 
-    if study_json is not None and not is_segmentation_run(run_dir):
-        from medtransfer.inference import load_run
-        from medtransfer.inference.batch import write_study_jsons
-
-        write_study_jsons(summary.out_csv, study_json, load_run(run_dir, "cpu"), options.shard)
+    if study_json is not None and is_segmentation_run(run_dir):
+        raise UsageError("--study-json summarises classification rows; a segmentation run writes SEG objects.")
+    summary = predict_from_pacs(run_dir, source, out, settings, options, send_to=send_to, results_dir=results_dir,
+                                device=device)
+    _finish_outputs(run_dir, summary.out_csv, parquet, study_json, options.shard)
     _report(summary, send_to)
+
+
+def _finish_outputs(run_dir: Path, out_csv: Path, parquet: bool, study_json: Optional[Path], shard) -> None:
+    """``--parquet`` and ``--study-json`` as for a folder (study JSON files for classification runs)."""
+    from medtransfer.inference.batch import finish_outputs
+
+    run = None
+    if study_json is not None:
+        from medtransfer.inference import load_run
+
+        run = load_run(run_dir, "cpu")
+    finish_outputs(out_csv, run, parquet=parquet, study_json_dir=study_json, shard=shard)
 
 
 def _report(summary, send_to: Optional[str]) -> None:

@@ -95,7 +95,8 @@ def pacs_runs(pacs, cls_run, tmp_path_factory):
     """The same selection over DICOMweb (results by STOW-RS) and DIMSE C-GET (results by C-STORE)."""
     out = tmp_path_factory.mktemp("pacs_runs")
     web = _predict_cli(cls_run, pacs.dicomweb + "?Modality=MR", "--out", out / "web.csv", "--series-description",
-                       "HippoCrop", "--send-to", pacs.dicomweb, "--pacs-set", "chunk_size=16", "-q")
+                       "HippoCrop", "--send-to", pacs.dicomweb, "--pacs-set", "chunk_size=16", "--study-json",
+                       out / "studies", "--parquet", "-q")
     dimse = _predict_cli(cls_run, pacs.dimse + "?Modality=MR", "--out", out / "dimse.csv", "--series-description",
                          "HippoCrop", "--send-to", pacs.dimse, "--pacs-set", "chunk_size=16", "--results-dir",
                          out / "dimse-results", "-q")
@@ -117,6 +118,7 @@ def test_dicomweb_and_dimse_rows_equal_folder_rows(pacs_runs, folder_rows):
                                f"/instances/{sop}")
     text = (pacs_runs / "web.csv").read_text()
     assert "PGBM" not in text and "^" not in text  # no patient IDs or names in the table
+    assert len(list((pacs_runs / "studies").glob("*.json"))) == 3 and (pacs_runs / "web.parquet").is_file()
 
 
 def _sr_instances(pacs):
