@@ -41,9 +41,19 @@ def _by_sop(rows):
     return {r["sop_instance_uid"]: r for r in rows}
 
 
-def _content(row):
-    """What must agree between a folder run and a PACS run of the same instance."""
-    return {k: v for k, v in row.items() if k not in ("path",)}
+def _agree(pacs_row, folder_row) -> bool:
+    """A PACS row says what the folder row says about the same instance: everything but the path,
+    probabilities to 1e-6 (chunks batch the images differently: the last printed digit may move)."""
+    if set(pacs_row) != set(folder_row):
+        return False
+    for key, value in pacs_row.items():
+        other = folder_row[key]
+        if key.startswith("prob_") and value and other:
+            if abs(float(value) - float(other)) > 1.5e-6:
+                return False
+        elif key != "path" and value != other:
+            return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +123,7 @@ def test_dicomweb_and_dimse_rows_equal_folder_rows(pacs_runs, folder_rows):
     folder = _by_sop(hippo)
     assert set(_by_sop(web)) == set(folder)
     for sop, row in _by_sop(web).items():
-        assert _content(row) == _content(folder[sop]), sop  # probabilities to the 6th digit, reasons, UIDs
+        assert _agree(row, folder[sop]), (row, folder[sop])  # probabilities to the 6th digit, reasons, UIDs
         assert row["path"] == (f"studies/{row['study_instance_uid']}/series/{row['series_instance_uid']}"
                                f"/instances/{sop}")
     text = (pacs_runs / "web.csv").read_text()
@@ -200,7 +210,7 @@ def test_dimse_c_move_with_a_slice_thickness_range(pacs, cls_run, folder_rows, t
     assert Counter(r["status"] for r in rows.values()) == {"ok": 88, "skipped": 107}
     for sop, row in rows.items():
         if row["status"] == "ok":
-            assert _content(row) == _content(folder[sop])
+            assert _agree(row, folder[sop]), (row, folder[sop])
         else:
             assert row["reason"] == "SliceThickness 1 outside the selection SliceThickness 4–6"
             assert row["sop_instance_uid"] == sop and not row["prob_0"]
@@ -323,7 +333,7 @@ def test_killed_job_resumes_with_each_instance_exactly_once(pacs, folder_rows, c
     assert len(rows) == 195 and len({r["sop_instance_uid"] for r in rows}) == 195
     assert rows[:len(before)] == before  # what was written before the kill is kept, not redone
     folder = _by_sop(folder_rows[0])
-    assert all(_content(r) == _content(folder[r["sop_instance_uid"]]) for r in rows)  # as if never interrupted
+    assert all(_agree(r, folder[r["sop_instance_uid"]]) for r in rows)  # as if never interrupted
     assert [r["path"] for r in rows] == sorted((r["path"] for r in rows), key=lambda p: p.split("/")[1])
     assert len(list((tmp_path / "killed-results").glob("*.sr.dcm"))) == 3
 
