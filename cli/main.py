@@ -224,7 +224,7 @@ def predict(
       medtransfer predict runs/demo /data/inbox --out preds.csv --saliency maps/   # + Grad-CAM overlays
     """
     from medtransfer.inference import predict_folder
-    from medtransfer.inference.batch import SeriesFilter, parse_shard
+    from medtransfer.inference.batch import PredictOptions, SeriesFilter, parse_shard
 
     from medtransfer.run import is_segmentation_run
 
@@ -240,22 +240,23 @@ def predict(
         n_ok = sum(r.get("status") == "ok" for r in rows)
         console.print(f"segmentation: {n_ok} of {len(rows)} inputs ok -> {out_dir} (masks, volumes.csv)")
         raise typer.Exit(0 if n_ok else 1)
-    job = dict(batch_size=batch_size, device=device, progress=not quiet, resume=resume, shard=parse_shard(shard),
-               parquet=parquet, study_json_dir=study_json, patient_fields=patient_fields,
-               series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
+    options = PredictOptions(
+        batch_size=batch_size, workers=workers, resume=resume, shard=parse_shard(shard), parquet=parquet,
+        study_json_dir=study_json, patient_fields=patient_fields, progress=not quiet,
+        series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
     if engine is Engine.ray:
         from medtransfer.inference.ray_engine import RayOptions, run_batch_ray
 
         if saliency is not None:
             raise UsageError("--saliency runs with --engine local (the maps are written beside the model).")
-        options = RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor)
-        summary = run_batch_ray(run_dir, input_dir, out, options=options, **job)
+        summary = run_batch_ray(run_dir, input_dir, out, options, device=device,
+                                ray_options=RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor))
     elif saliency is not None:
         from medtransfer.inference.saliency import predict_with_saliency
 
-        summary = predict_with_saliency(run_dir, input_dir, out, saliency, saliency_method, workers=workers, **job)
+        summary = predict_with_saliency(run_dir, input_dir, out, saliency, saliency_method, device, options)
     else:
-        summary = predict_folder(run_dir, input_dir, out, workers=workers, **job)
+        summary = predict_folder(run_dir, input_dir, out, options, device=device)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     console.print(f"{sum(summary.counts.values())} inputs: {counts} -> {summary.out_csv}")
     if engine is Engine.ray:
