@@ -136,13 +136,14 @@ def time_pacs(run_dir: Path, url: str, out: Path, batch_size: int, chunk: int,
     """``(seconds to the complete table, seconds of SR reports written beside it, seconds of the whole
     job)`` of one PACS job."""
     from medtransfer.hospital import PacsJobOptions, load_settings, predict_from_pacs
+    from medtransfer.inference.batch import PredictOptions
 
     settings = load_settings(None, [f"chunk_size={chunk}", *extra])
     REPORT_SECONDS.clear()
     ROWS_DONE.clear()
     start = time.perf_counter()
-    summary = predict_from_pacs(run_dir, url, out, settings, PacsJobOptions(batch_size=batch_size, chunk_size=chunk),
-                                device="cpu")
+    options = PacsJobOptions(PredictOptions(batch_size=batch_size), chunk_size=chunk)
+    summary = predict_from_pacs(run_dir, url, out, settings, options, device="cpu")
     total = time.perf_counter() - start
     assert summary.counts.get("error", 0) == 0, summary.counts
     return ROWS_DONE[-1] - start, sum(REPORT_SECONDS), total

@@ -196,6 +196,8 @@ def predict(
     actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Ray engine: model actors (default: one per GPU with --num-gpus-per-actor, else 1)."),
     num_gpus_per_actor: float = typer.Option(0.0, "--num-gpus-per-actor", min=0, help="Ray engine: GPUs each model actor reserves, e.g. 1 (0: CPU actors)."),
     cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.01, help="Ray engine: CPU cores each model actor reserves (on CPU actors also its torch threads)."),
+    saliency: Optional[Path] = typer.Option(None, "--saliency", help="Also write a saliency map per predicted input into this folder: an overlay PNG (the image as the model saw it, the map, class and probability) and, for 3D models, a NIfTI map on the input's grid (its shape and affine)."),
+    saliency_method: str = typer.Option("gradcam", "--saliency-method", help="gradcam, gradcampp (Grad-CAM++; both on the backbone's registered layer) or occlusion (model-agnostic, ~50x slower)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     where: list[str] = typer.Option([], "--where", help=pacs.WHERE_HELP),
     send_to: Optional[str] = typer.Option(None, "--send-to", help=pacs.SEND_TO_HELP),
@@ -230,19 +232,21 @@ def predict(
 
       medtransfer predict runs/demo /shared/inbox --out preds.csv --engine ray --address auto --num-gpus-per-actor 1
 
+      medtransfer predict runs/demo /data/inbox --out preds.csv --saliency maps/   # + Grad-CAM overlays
+
       medtransfer predict runs/cxr "dicomweb://pacs:8042/dicom-web?StudyDate=20240101-20240131&Modality=CR" --send-to dicomweb://pacs:8042/dicom-web
 
       medtransfer predict runs/ct3d "dimse://PACS@pacs:11112?Modality=CT" --where SliceThickness=2.5:5 --pacs-set retrieve=move
     """
     from medtransfer.hospital import is_pacs_url
     from medtransfer.inference import predict_folder
-    from medtransfer.inference.batch import SeriesFilter, parse_shard
-
+    from medtransfer.inference.batch import PredictOptions, SeriesFilter, parse_shard
     from medtransfer.run import is_segmentation_run
 
     if is_pacs_url(input_dir):
-        if engine is Engine.ray:
-            raise UsageError("A PACS source runs on the local engine (--engine local); --engine ray reads folders.")
+        if engine is Engine.ray or saliency is not None:
+            raise UsageError("A PACS source runs on the local engine without --saliency (--engine ray and "
+                             "--saliency read folders).")
         return pacs.predict_pacs(
             run_dir, input_dir, out=out, batch_size=batch_size, workers=workers, resume=resume, shard=shard,
             modality=modality, series_description=series_description, min_slices=min_slices, where=where,
@@ -264,16 +268,23 @@ def predict(
         n_ok = sum(r.get("status") == "ok" for r in rows)
         console.print(f"segmentation: {n_ok} of {len(rows)} inputs ok -> {out_dir} (masks, volumes.csv)")
         raise typer.Exit(0 if n_ok else 1)
-    job = dict(batch_size=batch_size, device=device, progress=not quiet, resume=resume, shard=parse_shard(shard),
-               parquet=parquet, study_json_dir=study_json, patient_fields=patient_fields,
-               series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
+    options = PredictOptions(
+        batch_size=batch_size, workers=workers, resume=resume, shard=parse_shard(shard), parquet=parquet,
+        study_json_dir=study_json, patient_fields=patient_fields, progress=not quiet,
+        series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
     if engine is Engine.ray:
         from medtransfer.inference.ray_engine import RayOptions, run_batch_ray
 
-        options = RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor)
-        summary = run_batch_ray(run_dir, input_dir, out, options=options, **job)
+        if saliency is not None:
+            raise UsageError("--saliency runs with --engine local (the maps are written beside the model).")
+        summary = run_batch_ray(run_dir, input_dir, out, options, device=device,
+                                ray_options=RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor))
+    elif saliency is not None:
+        from medtransfer.inference.saliency import predict_with_saliency
+
+        summary = predict_with_saliency(run_dir, input_dir, out, saliency, saliency_method, device, options)
     else:
-        summary = predict_folder(run_dir, input_dir, out, workers=workers, **job)
+        summary = predict_folder(run_dir, input_dir, out, options, device=device)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     console.print(f"{sum(summary.counts.values())} inputs: {counts} -> {summary.out_csv}")
     if engine is Engine.ray:
@@ -292,19 +303,25 @@ def evaluate(
     split: Optional[str] = typer.Option(None, "--split", help="Evaluate only this split (train/val/test/all). Default: test for .npz and the demo, all rows for a CSV."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/evaluation)."),
     device: str = typer.Option("auto", "--device"),
+    no_gallery: bool = typer.Option(False, "--no-gallery", help="Leave the saliency gallery out of the report (binary runs get one by default)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Evaluate a trained run on a labelled set, with the operating point it chose on validation.
 
     Writes metrics.json (AUC with a 95% CI by bootstrap over patients, sensitivity, specificity,
-    PPV, NPV at the operating point, calibration), predictions_test.csv, plots/ and model_card.md.
+    PPV, NPV at the operating point, calibration), predictions_test.csv, plots/ (with a saliency
+    gallery of the most confident true positives, false positives and false negatives), model_card.md
+    and report.html (everything on one self-contained page).
+
+    Example: medtransfer evaluate runs/demo --data dicoms/ --labels labels.csv --out runs/demo/site2
     """
     from medtransfer.inference.evaluate import evaluate_run
 
     _setup_logging(quiet)
-    metrics = evaluate_run(run_dir, data, labels, split, out, device)
+    report_dir = out or Path(run_dir) / "evaluation"
+    metrics = evaluate_run(run_dir, data, labels, split, out, device, gallery=not no_gallery)
     _print_test_summary(metrics)
-    typer.echo(str(out or Path(run_dir) / "evaluation"))
+    typer.echo(str(report_dir))
 
 
 @app.command()
@@ -388,12 +405,14 @@ def demo_data(
     typer.echo(str(path))
 
 
+from medtransfer.cli.export_cmd import export_command  # noqa: E402
 from medtransfer.cli.inspect_cmd import inspect_command  # noqa: E402
 from medtransfer.cli.serve_cmd import serve_command  # noqa: E402
 from medtransfer.cli.segment_cmd import segment_app  # noqa: E402
 from medtransfer.cli.weights_cmd import weights_app  # noqa: E402
 
 app.command("inspect")(inspect_command)
+app.command("export")(export_command)
 app.command("serve")(serve_command)
 app.add_typer(weights_app, name="weights")
 app.add_typer(segment_app, name="segment")

@@ -43,13 +43,22 @@ def selection_from_options(modality: list[str], series_description: Optional[str
                      tuple(parse_range(w) for w in where))
 
 
+def job_options(selection, settings, **predict) -> "PacsJobOptions":  # noqa: F821
+    """The job's options: the batch options shared with the folder engines, the ranges, the chunk size."""
+    from medtransfer.hospital import PacsJobOptions
+    from medtransfer.inference.batch import PredictOptions
+
+    return PacsJobOptions(PredictOptions(series_filter=selection.series_filter, **predict), selection.ranges,
+                          settings.chunk_size)
+
+
 def predict_pacs(run_dir: Path, source: str, *, out: Path, batch_size: int, workers: int, resume: bool,
                  shard: Optional[str], modality: list[str], series_description: Optional[str], min_slices: int,
                  where: list[str], patient_fields: bool, study_json: Optional[Path], parquet: bool, device: str,
                  quiet: bool, send_to: Optional[str], results_dir: Optional[Path], pacs_config: Optional[Path],
                  pacs_set: list[str]) -> None:
     """Run ``predict`` over what a PACS query finds; print the counts; exit as documented above."""
-    from medtransfer.hospital import PacsJobOptions, parse_pacs_url, predict_from_pacs
+    from medtransfer.hospital import parse_pacs_url, predict_from_pacs
     from medtransfer.inference.batch import parse_shard
 
     setup_logging(quiet)
@@ -59,9 +68,9 @@ def predict_pacs(run_dir: Path, source: str, *, out: Path, batch_size: int, work
         if send_to:
             parse_pacs_url(send_to)
         selection = selection_from_options(modality, series_description, min_slices, where)
-        options = PacsJobOptions(selection=selection, batch_size=batch_size, workers=workers, resume=resume,
-                                 shard=parse_shard(shard), patient_fields=patient_fields,
-                                 chunk_size=settings.chunk_size, progress=not quiet)
+        options = job_options(selection, settings, batch_size=batch_size, workers=workers, resume=resume,
+                              shard=parse_shard(shard), patient_fields=patient_fields, parquet=parquet,
+                              study_json_dir=study_json, progress=not quiet)
     except MedTransferError as exc:  # found before any work: bad usage
         raise UsageError(str(exc)) from None
     from medtransfer.run import is_segmentation_run
@@ -70,20 +79,7 @@ def predict_pacs(run_dir: Path, source: str, *, out: Path, batch_size: int, work
         raise UsageError("--study-json summarises classification rows; a segmentation run writes SEG objects.")
     summary = predict_from_pacs(run_dir, source, out, settings, options, send_to=send_to, results_dir=results_dir,
                                 device=device)
-    _finish_outputs(run_dir, summary.out_csv, parquet, study_json, options.shard)
     _report(summary, send_to)
-
-
-def _finish_outputs(run_dir: Path, out_csv: Path, parquet: bool, study_json: Optional[Path], shard) -> None:
-    """``--parquet`` and ``--study-json`` as for a folder (study JSON files for classification runs)."""
-    from medtransfer.inference.batch import finish_outputs
-
-    run = None
-    if study_json is not None:
-        from medtransfer.inference import load_run
-
-        run = load_run(run_dir, "cpu")
-    finish_outputs(out_csv, run, parquet=parquet, study_json_dir=study_json, shard=shard)
 
 
 def _report(summary, send_to: Optional[str]) -> None:

@@ -13,7 +13,14 @@ from typing import Optional
 import typer
 
 from medtransfer.cli._console import console, setup_logging
-from medtransfer.cli.pacs_cmd import PACS_CONFIG_HELP, PACS_SET_HELP, WHERE_HELP, selection_from_options, settings_from_options
+from medtransfer.cli.pacs_cmd import (
+    PACS_CONFIG_HELP,
+    PACS_SET_HELP,
+    WHERE_HELP,
+    job_options,
+    selection_from_options,
+    settings_from_options,
+)
 from medtransfer.errors import MedTransferError, UsageError
 
 
@@ -54,7 +61,7 @@ def serve_command(
 
       medtransfer serve runs/cxr --send-to dicomweb://pacs:8042/dicom-web --pacs-set token_env=PACS_TOKEN --quiet-period 30
     """
-    from medtransfer.hospital import PacsJobOptions, parse_pacs_url
+    from medtransfer.hospital import parse_pacs_url
     from medtransfer.hospital.serve import ServeOptions
 
     setup_logging(quiet)
@@ -68,7 +75,7 @@ def serve_command(
     options = ServeOptions(state_dir=state_dir, port=dimse_port, ae_title=ae_title, bind=bind, quiet_period=quiet_period,
                            send_to=send_to, results_dir=results_dir, allow_aets=tuple(allow_aet),
                            max_associations=max_associations, keep_images=keep_images,
-                           job=PacsJobOptions(selection=selection, batch_size=batch_size))
+                           job=job_options(selection, settings, batch_size=batch_size))
     _run_until_signalled(run_dir, options, settings, device)
 
 

@@ -144,3 +144,20 @@ def messy_folder(small_demo, tmp_path):
     ds.save_as(folder / "short_pixels.dcm")
     sr_uid = _write_sr(folder / "report.dcm")
     return folder, sr_uid
+
+
+@pytest.fixture(scope="session")
+def lite0_demo_run(tmp_path_factory):
+    """EfficientNet-Lite0 (real ImageNet weights from the pip package) fine-tuned briefly at 128 px on a
+    72-patient demo set (seed 7): ``(demo_dir, run_dir)``. Test AUC about 0.98 when measured; used where a
+    test needs a model that has learnt the finding (saliency sanity checks, export parity)."""
+    from medtransfer.config import load_config
+    from medtransfer.data.demo import generate_demo_dataset
+    from medtransfer.train.finetune import finetune
+
+    demo = generate_demo_dataset(tmp_path_factory.mktemp("demo72"), n_patients=72, seed=7)
+    cfg = load_config("xray", overrides=["data.size=128", "train.head_epochs=1", "train.finetune_epochs=4",
+                                         "train.batch_size=16"])
+    out = tmp_path_factory.mktemp("lite0_run")
+    finetune(cfg, data=demo, labels=demo / "labels.csv", out_dir=out)
+    return demo, out

@@ -24,7 +24,7 @@ if find_orthanc()[0] is None:
     pytest.skip(find_orthanc()[2], allow_module_level=True)
 
 from medtransfer.cli.main import app  # noqa: E402
-from medtransfer.hospital import ConnectionSettings, PacsJobOptions, Selection, predict_from_pacs  # noqa: E402
+from medtransfer.hospital import ConnectionSettings  # noqa: E402
 from medtransfer.inference import predict_folder  # noqa: E402
 from medtransfer.inference.batch import SeriesFilter  # noqa: E402
 

@@ -32,7 +32,8 @@ def _read_csv(path):
 def test_run_directory_is_self_describing(lite0_run):
     run = lite0_run.run_dir
     for name in ("model.pt", "config.yaml", "metrics.json", "history.csv", "load_report.json",
-                 "split_report.json", "predictions_val.csv", "predictions_test.csv"):
+                 "split_report.json", "predictions_val.csv", "predictions_test.csv", "report.html",
+                 "model_card.md"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["val"]["auc"] <= 1.0

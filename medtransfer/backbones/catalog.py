@@ -23,6 +23,12 @@ from medtransfer.backbones.sources import (
 from medtransfer.data.ct import CTPreprocessing
 
 IMAGENET = "ImageNet mean/std on [0, 1]"
+# cam_layer (Grad-CAM's target): the deepest feature map at stride 16 for the 2D ImageNet-style trunks
+# (ResNet layer3, DenseNet denseblock3, EfficientNet blocks.4, ConvNeXt stages.2), the last stage of the
+# 3D ones (stride 8: MedicalNet dilates layer3/4, Models Genesis pools three times). At stride 32 a
+# 128 px input gives a 4x4 map, coarser than the lesions it should point at: on the demo data the
+# Grad-CAM peak fell inside the opacity for 13 of 18 true positives at EfficientNet-Lite0's blocks.4,
+# 0 of 18 at its final bn2 (benchmarks/explain_export_bench.py).
 _TORCH_HUB = "~/.cache/torch/hub/checkpoints"
 
 # --- 2D ImageNet: torchvision -------------------------------------------------------------------
@@ -34,6 +40,7 @@ for _depth, _file in ((18, "resnet18-f37072fd.pth"), (34, "resnet34-b627a593.pth
             builder=resnet_builder(_depth),
             first_conv="conv1",
             classifier="fc",
+            cam_layer="layer3",
             license=_TV_LICENCE,
             sha256=_file.split("-")[1].split(".")[0],
             sources=(FileSource(f"{_TORCH_HUB}/{_file}"), UrlSource(f"https://download.pytorch.org/models/{_file}")),
@@ -48,6 +55,7 @@ register(
         builder=densenet_builder(121),
         first_conv="features.conv0",
         classifier="classifier",
+        cam_layer="features.denseblock3",
         license=_TV_LICENCE,
         sha256="a639ec97",
         sources=(
@@ -62,9 +70,9 @@ register(
 )
 
 # --- 2D ImageNet: timm (Hugging Face Hub) --------------------------------------------------------
-for _arch, _tag, _conv, _cls, _lic in (
-    ("efficientnet_b0", "ra_in1k", "model.conv_stem", "model.classifier", "Apache-2.0 (timm)"),
-    ("convnext_tiny", "fb_in1k", "model.stem.0", "model.head.fc", "MIT (facebookresearch/ConvNeXt)"),
+for _arch, _tag, _conv, _cls, _lic, _cam in (
+    ("efficientnet_b0", "ra_in1k", "model.conv_stem", "model.classifier", "Apache-2.0 (timm)", "model.blocks.4"),
+    ("convnext_tiny", "fb_in1k", "model.stem.0", "model.head.fc", "MIT (facebookresearch/ConvNeXt)", "model.stages.2"),
 ):
     register(
         WeightSpec(
@@ -72,6 +80,7 @@ for _arch, _tag, _conv, _cls, _lic in (
             builder=timm_builder(_arch),
             first_conv=_conv,
             classifier=_cls,
+            cam_layer=_cam,
             license=_lic,
             sources=(HubSource(f"timm/{_arch}.{_tag}", "model.safetensors"),),
             key_layout="timm",
@@ -95,6 +104,7 @@ for _i, _sha in ((0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49ca
             input_size=(224, 240, 260)[_i],
             first_conv="model.conv_stem",
             classifier="model.classifier",
+            cam_layer="model.blocks.4",
             license=_LITE_LICENCE,
             sha256=_sha,
             sources=(
@@ -145,6 +155,7 @@ for _tag, (_prefix, _mask, _data) in _XRV.items():
             intensity="[-1024, 1024] (torchxrayvision: (2 * x - 1) * 1024 for x in [0, 1])",
             first_conv="features.conv0",
             classifier="classifier",
+            cam_layer="features.denseblock3",
             label_names=_xrv_labels(_mask),
             license="Apache-2.0 (mlmed/torchxrayvision)",
             sources=(
@@ -162,9 +173,10 @@ _RADIMAGENET_HOW = (
     "RadImageNet weights are shared on request from https://www.radimagenet.com (PyTorch folder "
     "'RadImageNet_pytorch' of the Google Drive linked from github.com/BMEII-AI/RadImageNet); download '{f}'."
 )
-for _arch, _file, _builder, _layout, _conv, _cls in (
-    ("resnet50", "ResNet50.pt", resnet_builder(50), "radimagenet_resnet", "conv1", "fc"),
-    ("densenet121", "DenseNet121.pt", densenet_builder(121), "radimagenet_densenet", "features.conv0", "classifier"),
+for _arch, _file, _builder, _layout, _conv, _cls, _cam in (
+    ("resnet50", "ResNet50.pt", resnet_builder(50), "radimagenet_resnet", "conv1", "fc", "layer3"),
+    ("densenet121", "DenseNet121.pt", densenet_builder(121), "radimagenet_densenet", "features.conv0", "classifier",
+     "features.denseblock3"),
 ):
     register(
         WeightSpec(
@@ -172,6 +184,7 @@ for _arch, _file, _builder, _layout, _conv, _cls in (
             builder=_builder,
             first_conv=_conv,
             classifier=_cls,
+            cam_layer=_cam,
             license="RadImageNet licence (non-commercial research use; see https://www.radimagenet.com)",
             sources=(ManualSource(_file, _RADIMAGENET_HOW.format(f=_file)),),
             key_layout=_layout,
@@ -197,6 +210,7 @@ for _depth in (10, 18, 34, 50):
             input_size=(56, 448, 448),
             first_conv="conv1",
             classifier="conv_seg",
+            cam_layer="layer4",
             license="MIT (Tencent/MedicalNet)",
             sources=(HubSource(f"TencentMedicalNet/MedicalNet-Resnet{_depth}", _file),),
             upstream_file=_file,
@@ -220,6 +234,7 @@ register(
         input_size=(32, 64, 64),
         first_conv="down_tr64.ops.0.conv1",
         classifier="out_tr",
+        cam_layer="down_tr512",
         license="see upstream LICENSE (MrGiovanni/ModelsGenesis)",
         sources=(
             ManualSource(
@@ -262,6 +277,7 @@ register(
         input_size=(224, 224, 160),
         first_conv="conv1",
         classifier="classifier",
+        cam_layer="layer3",  # stride (8, 16, 16): the deepest map with room for a lesion
         license="MIT (Merlin, Copyright (c) 2025 Stanford MIMI Lab; Astra_CTRG weights: MIT per its model card)",
         attribution=(
             "Image encoder of Merlin (Blankemeier et al., 'Merlin: a computed tomography vision-language foundation "
@@ -311,6 +327,7 @@ for _dims, _name, _size in ((2, "tiny_cnn.random", 64), (3, "tiny_cnn3d.random",
             input_size=_size,
             first_conv="conv_stem",
             classifier="classifier",
+            cam_layer="stages",
             license="Apache-2.0",
             description=f"tiny {_dims}D CNN for tests and smoke runs (random initialisation only)",
         )

@@ -89,6 +89,10 @@ class WeightSpec:
     """Stage names, channels and reductions, stem first (what ``forward_stages`` returns)."""
     attribution: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    cam_layer: str | None = None
+    """Module name (in the built backbone) whose output is the target layer of Grad-CAM / Grad-CAM++
+    (``medtransfer.evaluation.saliency``): the deepest feature map at stride 16 for 2D trunks (see
+    ``catalog.py`` for why not stride 32), the last stage for 3D ones."""
 
     @property
     def architecture(self) -> str:
@@ -112,7 +116,7 @@ class WeightSpec:
             "license": self.license, "sha256": self.sha256, "sources": [s.describe() for s in self.sources],
             "description": self.description, "tensors_sha256": self.tensors_sha256,
             "ct": self.ct.to_dict() if self.ct else None, "stages": [st.to_dict() for st in self.stages],
-            "attribution": self.attribution,
+            "attribution": self.attribution, "cam_layer": self.cam_layer,
         }
 
 

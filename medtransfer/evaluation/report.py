@@ -24,5 +24,5 @@ def write_evaluation(run_dir: Path, results: dict[str, dict[str, Any]], label_na
     task = report_task(results, label_names)
     return write_classification_report(
         run_dir, val=results["val"], test=results.get("test"), label_names=label_names, task=task,
-        history=history, extra_info=info, ordinal=ordinal and task == "multiclass",
+        history=history, extra_info=info, ordinal=ordinal and task == "multiclass", write_metrics=False,
     )

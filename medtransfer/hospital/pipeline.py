@@ -15,33 +15,51 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from medtransfer.hospital.reports import ReportBook, fetch_identity
 from medtransfer.hospital.results import ResultSink
 from medtransfer.hospital.rows import RowLog, classification_fields, unit_row
-from medtransfer.hospital.selection import Selection, Unit, plan_units, shard_by_study
+from medtransfer.hospital.selection import HeaderRange, Selection, Unit, plan_units, shard_by_study
 from medtransfer.hospital.spool import Chunk, Prefetcher, make_chunks
 from medtransfer.hospital.sr import model_identity
+from medtransfer.inference.batch import PredictOptions, finish_outputs
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class PacsJobOptions:
-    """How a PACS job runs (the ``predict`` options that apply to it)."""
+    """How a PACS job runs: the batch options every engine shares (:class:`PredictOptions`: batch size,
+    workers, resume, shard, the selection filters, patient fields, parquet, study JSON, progress), the
+    numeric ranges on header attributes, and the retrieval chunk."""
 
-    selection: Selection = field(default_factory=Selection)
-    batch_size: int = 32
-    workers: int = 0
-    resume: bool = False
-    shard: tuple[int, int] | None = None
-    patient_fields: bool = False
+    predict: PredictOptions = field(default_factory=PredictOptions)
+    ranges: tuple[HeaderRange, ...] = ()
     chunk_size: int = 64
     spool_dir: str | None = None
-    progress: bool = False
+
+    @property
+    def selection(self) -> Selection:
+        return Selection(self.predict.series_filter, self.ranges)
+
+    @property
+    def resume(self) -> bool:
+        return self.predict.resume
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        return self.predict.shard
+
+    @property
+    def progress(self) -> bool:
+        return self.predict.progress
+
+    @property
+    def patient_fields(self) -> bool:
+        return self.predict.patient_fields
 
 
 @dataclass
@@ -107,10 +125,10 @@ def _batch_rows(run, chunk: Chunk, opts: PacsJobOptions) -> dict[str, dict[str, 
     """Rows of :func:`run_batch` over the chunk's folder, by the spool path they name."""
     from medtransfer.inference.batch import run_batch
 
+    chunk_options = replace(opts.predict, resume=False, shard=None, parquet=False, study_json_dir=None,
+                            progress=False)  # those apply to the job's table, not to a chunk's
     with quiet_logger("medtransfer.inference.batch"):
-        summary = run_batch(run, chunk.folder, chunk.folder.with_suffix(".csv"), batch_size=opts.batch_size,
-                            workers=opts.workers, series_filter=opts.selection.series_filter,
-                            patient_fields=opts.patient_fields, keep_rows=True)
+        summary = run_batch(run, chunk.folder, chunk.folder.with_suffix(".csv"), chunk_options, keep_rows=True)
     return {row["path"]: row for row in summary.rows or []}
 
 
@@ -183,6 +201,7 @@ def predict_classification(run, pacs, out_csv: str | os.PathLike[str], sink: Res
         table = _predict_rows(run, pacs, out_csv, opts, units, series_sizes, book)
     finally:
         book.close()
+    finish_outputs(table.out, run, opts.predict)
     logger.info("%d inputs: %s -> %s", sum(table.counts.values()), dict(table.counts), table.out)
     return PacsSummary(table.out, table.counts, sink.folder, sink.counts, sink.failures)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from medtransfer.hospital.rows import RowLog, segmentation_fields, unit_row
 from medtransfer.hospital.selection import Unit
 from medtransfer.hospital.spool import Chunk, Prefetcher, make_chunks
 from medtransfer.hospital.sr import file_sha256, stable_uid
+from medtransfer.inference.batch import finish_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -90,5 +92,7 @@ def predict_segmentation_pacs(run_dir: str | os.PathLike[str], pacs, out_csv: st
             for chunk in chunks:
                 table.write(segment_chunk(run_dir, chunk, opts, sink, sha))
                 bar.advance(task, len(chunk.units))
+    if opts.predict.parquet:
+        finish_outputs(table.out, None, replace(opts.predict, study_json_dir=None))
     logger.info("%d series: %s -> %s", sum(table.counts.values()), dict(table.counts), table.out)
     return PacsSummary(table.out, table.counts, sink.folder, sink.counts, sink.failures)

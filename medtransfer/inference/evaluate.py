@@ -15,6 +15,7 @@ from medtransfer.errors import DataError
 from medtransfer.evaluation import labelled_results, predict_loader
 from medtransfer.metrics import delong_test, paired_bootstrap_auc_diff, write_classification_report
 from medtransfer.run import LoadedRun, load_run
+from medtransfer.run.report import finish_report
 from medtransfer.utils.atomic import json_safe, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -80,11 +81,13 @@ def predict_samples(run: LoadedRun, table: SampleTable, samples: list, batch_siz
 
 def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str] | None = None,
                  labels: str | os.PathLike[str] | None = None, split: str | None = None,
-                 out_dir: str | os.PathLike[str] | None = None, device: str = "auto") -> dict[str, Any]:
+                 out_dir: str | os.PathLike[str] | None = None, device: str = "auto",
+                 gallery: bool = True) -> dict[str, Any]:
     """Evaluate ``run_dir`` on a labelled set with the operating point chosen during training.
 
-    Writes ``metrics.json`` (the evaluated set under ``test``), ``predictions_test.csv``, plots and a
-    model card into ``out_dir`` (default ``RUN_DIR/evaluation``). Returns the metrics.
+    Writes ``metrics.json`` (the evaluated set under ``test``), ``predictions_test.csv``, plots, a
+    model card, the saliency gallery (binary runs, unless ``gallery=False``) and ``report.html`` into
+    ``out_dir`` (default ``RUN_DIR/evaluation``). Returns the metrics.
     """
     run = load_run(run_dir, device)
     table, samples = select_samples(run, data, labels, split)
@@ -104,6 +107,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str] |
         extra_info={"model_name": f"{run.config.model.backbone} ({run.config.modality})",
                     "data": {"source": "built-in SYNTHETIC demo data" if data is None else str(data)}},
     )
+    finish_report(run, out, gallery=gallery)
     return metrics
 
 

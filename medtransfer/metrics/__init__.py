@@ -60,6 +60,8 @@ _EXPORTS: dict[str, str] = {
     "render_model_card": "model_card",
     "write_classification_report": "report",
     "write_segmentation_report": "report",
+    "write_html_report": "html_report",
+    "render_html_report": "html_report",
 }
 
 

@@ -18,7 +18,7 @@ def as_numpy(x: Any, dtype: Any = None) -> np.ndarray:
 
 
 from medtransfer.utils.atomic import json_safe as nan_to_none  # noqa: E402,F401  (one implementation)
-from medtransfer.utils.atomic import write_csv_atomic, write_json_atomic, write_text_atomic  # noqa: E402,F401
+from medtransfer.utils.atomic import write_bytes_atomic, write_csv_atomic, write_json_atomic, write_text_atomic  # noqa: E402,F401
 
 
 def binary_labels(y: Any, name: str = "y") -> np.ndarray:

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "HISTORY_COLUMNS",
+    "history_phases",
+    "learning_curves_figure",
     "load_history",
     "plot_confusion_matrix",
     "plot_learning_curves",
@@ -278,40 +280,86 @@ def load_history(history: str | os.PathLike | Sequence[Mapping[str, Any]]) -> di
     return out
 
 
-def plot_learning_curves(
-    path: str | os.PathLike,
-    history: str | os.PathLike | Sequence[Mapping[str, Any]],
-    *,
-    title: str | None = None,
-) -> Path:
-    """Losses, validation AUC and learning rate against epoch (panels without data are left out)."""
+def history_phases(history: str | os.PathLike | Sequence[Mapping[str, Any]]) -> list[str]:
+    """The ``phase`` of each epoch (``head``, ``finetune``, ``gradual`` …; segmentation runs: encoder frozen
+    or trainable; ``""`` where not recorded)."""
+    if isinstance(history, (str, os.PathLike)):
+        with open(history, newline="", encoding="utf-8") as fh:
+            history = list(csv.DictReader(fh))
+
+    def phase(r: Mapping[str, Any]) -> str:
+        if r.get("phase"):
+            return str(r["phase"])
+        trainable = str(r.get("encoder_trainable", ""))
+        return {"True": "encoder trainable", "False": "encoder frozen"}.get(trainable, "")
+
+    return [phase(r) for r in history]
+
+
+def _mark_phases(axes: Sequence[Any], epoch: np.ndarray, phases: Sequence[str]) -> None:
+    """A dashed vertical line between the last epoch of one phase and the first of the next, labelled with
+    the new phase on the top panel."""
+    for i in range(1, min(len(phases), len(epoch))):
+        if phases[i] == phases[i - 1] or not phases[i]:
+            continue
+        x = (epoch[i - 1] + epoch[i]) / 2.0
+        for ax in axes:
+            ax.axvline(x, color="0.45", ls="--", lw=1)
+        axes[0].annotate(phases[i], xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                         textcoords="offset points", ha="left", va="top", fontsize="x-small", color="0.3")
+
+
+def learning_curves_figure(history: str | os.PathLike | Sequence[Mapping[str, Any]], *,
+                           title: str | None = None) -> Any:
+    """The learning-curves figure (see :func:`plot_learning_curves`), laid out so no label is cut off."""
+    from matplotlib.ticker import MaxNLocator
+
     h = load_history(history)
     epoch = h["epoch"]
 
     def has(k: str) -> bool:
         return k in h and bool(np.isfinite(h[k]).any())
 
-    panels = [p for p in (("train_loss", "val_loss"), ("val_auc",), ("lr",)) if any(has(k) for k in p)]
+    panels = [p for p in (("train_loss", "val_loss"), ("val_auc", "val_dice_mean"), ("lr", "lr_encoder", "lr_decoder"))
+              if any(has(k) for k in p)]
     if not panels:
         raise ValueError(f"history has none of the columns {HISTORY_COLUMNS[1:]}; got {sorted(h)}.")
-    fig = _figure(5.0, 2.4 * len(panels) + 0.5)
+    fig = _figure(5.5, 2.3 * len(panels) + 0.6, constrained=True)
     axes = np.atleast_1d(fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0])
     for ax, keys in zip(axes, panels):
         for k in keys:
             if has(k):
                 ok = np.isfinite(h[k])
                 ax.plot(epoch[ok], h[k][ok], marker="o", ms=3, label=k)
-        if keys == ("lr",):
-            if (h["lr"][np.isfinite(h["lr"])] > 0).all():
+        if keys[0] == "lr":
+            lr = np.concatenate([h[k][np.isfinite(h[k])] for k in keys if has(k)])
+            if (lr > 0).all():
                 ax.set_yscale("log")
+            else:
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
             ax.set_ylabel("learning rate")
+            if sum(has(k) for k in keys) > 1:
+                ax.legend(fontsize="small")
         else:
-            ax.set_ylabel("loss" if "loss" in keys[0] else "AUC")
+            ax.set_ylabel("loss" if "loss" in keys[0] else "validation AUC" if has("val_auc") else "validation Dice")
             ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
+    _mark_phases(list(axes), epoch, history_phases(history))
     axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_title(title or "Learning curves")
-    return _save(fig, path)
+    return fig
+
+
+def plot_learning_curves(
+    path: str | os.PathLike,
+    history: str | os.PathLike | Sequence[Mapping[str, Any]],
+    *,
+    title: str | None = None,
+) -> Path:
+    """Losses, validation AUC and learning rate against epoch (panels without data are left out); dashed
+    lines mark where a training phase (head, fine-tune, …) starts."""
+    return _save(learning_curves_figure(history, title=title), path)
 
 
 # -------------------------------------------------------------------------------------------- segmentation

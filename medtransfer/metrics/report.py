@@ -145,6 +145,7 @@ def write_classification_report(
     n_bins: int = 10,
     plots: bool = True,
     ordinal: bool = False,
+    write_metrics: bool = True,
 ) -> dict[str, Any]:
     """Evaluate validation and test predictions and write the report files into ``out_dir``.
 
@@ -155,8 +156,11 @@ def write_classification_report(
     unchanged to test (binary: one threshold; multilabel: one per class; multiclass: argmax).
 
     Writes ``metrics.json``, ``predictions_val.csv``/``predictions_test.csv`` (``path, patient_id, label,
-    prob_<label>..., predicted``; multilabel: ``label_<name>``/``pred_<name>`` columns), ``plots/*.png``
-    and ``model_card.md`` (from ``extra_info`` + the metrics; see :func:`write_model_card`).
+    prob_<label>..., predicted``; multilabel: ``label_<name>``/``pred_<name>`` columns), ``plots/*.png``,
+    ``model_card.md`` (from ``extra_info`` + the metrics; see :func:`write_model_card`); ``report.html`` is
+    written last by whoever owns the folder (:func:`medtransfer.run.report.finish_report`).
+    ``write_metrics=False`` leaves ``metrics.json`` to the caller (a run directory writes it once, with
+    what it adds).
 
     Returns the dict written to ``metrics.json``: ``task, label_names, val, test`` (None without a test set),
     ``operating_point``, ``calibration``, ``plots``. ``val``/``test`` hold the keys of
@@ -232,7 +236,8 @@ def write_classification_report(
     metrics["plots"] = _classification_plots(out, splits, task, names, metrics, history, n_boot, alpha, seed,
                                              n_bins) if plots else []
     metrics = nan_to_none(metrics)
-    write_json_atomic(out / "metrics.json", metrics)
+    if write_metrics:
+        write_json_atomic(out / "metrics.json", metrics)
     write_model_card(out / "model_card.md", info={**(extra_info or {}), "metrics": metrics,
                                                   "task": task, "label_names": names})
     logger.info("classification report written to %s", out)

@@ -26,6 +26,7 @@ import torch
 from medtransfer.config import check_weights_file
 from medtransfer.errors import DataError
 from medtransfer.metrics import dice_per_label, evaluate_segmentation, write_segmentation_report
+from medtransfer.metrics.html_report import write_html_report
 from medtransfer.options import BNPolicy, FreezeMode
 from medtransfer.run import RunDirectory
 from medtransfer.run.checkpoint import SEG_MODEL_FORMAT
@@ -268,6 +269,7 @@ def _finish(cfg: SegConfig, data: SegData, run: RunDirectory, trainer: Trainer, 
     metrics["training"].update(epochs=cfg.train.epochs, epochs_run=trainer.state.epoch,
                                stopped=trainer.state.stop_reason)
     run.write_metrics(metrics)
+    write_html_report(run.path)  # last: the page shows every file of the run
     return metrics
 
 

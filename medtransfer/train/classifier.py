@@ -42,8 +42,9 @@ from medtransfer.data.samples import subsample_train
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation import labelled_results, predict_loader, write_evaluation
 from medtransfer.options import BNPolicy, FreezeMode, LRSchedule, PlateauMonitor, Switch, Task, UnfreezeSchedule
-from medtransfer.run import RunDirectory
+from medtransfer.run import LoadedRun, RunDirectory
 from medtransfer.run.checkpoint import model_payload
+from medtransfer.run.report import finish_report
 from medtransfer.train import callbacks as cb
 from medtransfer.train.augment import augment_batch
 from medtransfer.train.trainer import Phase, Trainer
@@ -108,9 +109,6 @@ def prepare(cfg: RunConfig, data: Any = None, labels: Any = None, samples: Sampl
 
 def _resolved_task(task: str, table: SampleTable) -> str:
     """The task the labels allow (recorded in config.yaml instead of ``auto``)."""
-    if task == Task.REGRESSION:
-        raise ConfigError("model.task = regression needs real-valued labels; the samples table holds class "
-                          "indices. Use auto, binary, multiclass, ordinal or multilabel.")
     if table.task == Task.MULTILABEL:
         if task not in (Task.AUTO, Task.MULTILABEL):
             raise ConfigError(f"The labels are 0/1 vectors (multi-label); model.task = {task} needs one class per "
@@ -378,9 +376,10 @@ def finish(prep: Prepared, setup: Setup, run: RunDirectory, state: Any, best_epo
     metrics = write_evaluation(run.path, results, prep.table.label_names, state.history, info,
                                prep.cfg.model.task == Task.ORDINAL)
     setup.model.cpu()
-    run.save_model(model_payload(setup.model, prep.cfg.to_dict(), setup.spec.to_dict(), prep.table.label_names,
-                                 prep.cfg.model.backbone, epoch=best_epoch, load_report=setup.report.to_dict(),
-                                 operating_point=metrics.get("operating_point")))
+    payload = model_payload(setup.model, prep.cfg.to_dict(), setup.spec.to_dict(), prep.table.label_names,
+                            prep.cfg.model.backbone, epoch=best_epoch, load_report=setup.report.to_dict(),
+                            operating_point=metrics.get("operating_point"))
+    run.save_model(payload)
     metrics.update(best_epoch=best_epoch, minutes=(time.perf_counter() - t_start) / 60, eval_seconds=eval_s,
                    compute=compute_info(setup.device, setup.amp_dtype, setup.channels_last, setup.dist.world),
                    split=prep.splits)
@@ -392,6 +391,8 @@ def finish(prep: Prepared, setup: Setup, run: RunDirectory, state: Any, best_epo
         metrics["time_limit"] = {"epochs_run": len(state.history), "epochs_planned": state.epochs_planned,
                                  "stopped": state.stop_reason == "time limit"}
     run.write_metrics(metrics)
+    finish_report(LoadedRun(setup.model.eval(), setup.pre, prep.table.label_names, prep.cfg, torch.device("cpu"),
+                            payload, str(run.path)))
     return FinetuneResult(run.path, metrics, state.history, setup.report, prep.splits)
 
 

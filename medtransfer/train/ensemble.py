@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from medtransfer.backbones import get_weight_spec
@@ -18,8 +19,9 @@ from medtransfer.data.samples import SampleTable
 from medtransfer.errors import ConfigError
 from medtransfer.evaluation import labelled_results, predict_loader, write_evaluation
 from medtransfer.options import Task
-from medtransfer.run import RunDirectory, load_run
+from medtransfer.run import LoadedRun, RunDirectory, load_run
 from medtransfer.run.checkpoint import model_payload
+from medtransfer.run.report import finish_report
 from medtransfer.train.classifier import REPORT_SECONDS, FinetuneResult, Prepared, fit_classifier, model_info
 from medtransfer.train.classifier import prepare, resolve_auto
 from medtransfer.transfer import EnsembleModel
@@ -91,9 +93,9 @@ def _evaluate_ensemble(prep: Prepared, run: RunDirectory, members: list[Finetune
     info = model_info(prep, pre.spec, get_weight_spec(cfg.model.backbone), report, None, 1)
     metrics = write_evaluation(run.path, results, prep.table.label_names, None, info, cfg.model.task == Task.ORDINAL)
     model.cpu()
-    run.save_model(model_payload(model, cfg.to_dict(), pre.spec.to_dict(), prep.table.label_names,
-                                 cfg.model.backbone, epoch=None, load_report=report.to_dict(),
-                                 operating_point=metrics.get("operating_point")))
+    payload = model_payload(model, cfg.to_dict(), pre.spec.to_dict(), prep.table.label_names, cfg.model.backbone,
+                            epoch=None, load_report=report.to_dict(), operating_point=metrics.get("operating_point"))
+    run.save_model(payload)
     metrics["members"] = [
         {"seed": cfg.train.seed + i, "best_epoch": r.metrics.get("best_epoch"), "val_auc": r.metrics["val"].get("auc"),
          "test_auc": (r.metrics.get("test") or {}).get("auc"), "run_dir": str(r.run_dir)}
@@ -105,4 +107,5 @@ def _evaluate_ensemble(prep: Prepared, run: RunDirectory, members: list[Finetune
                                  "stopped": len(members) < cfg.train.ensemble
                                  or any(r.metrics["time_limit"]["stopped"] for r in members)}
     run.write_metrics(metrics)
+    finish_report(LoadedRun(model, pre, prep.table.label_names, cfg, torch.device("cpu"), payload, str(run.path)))
     return FinetuneResult(run.path, metrics, history, report, prep.splits)

@@ -63,6 +63,12 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 def json_safe(obj: Any) -> Any:
     """NaN / inf → None and NumPy values → plain Python, recursively (strict JSON)."""
     import numpy as np
