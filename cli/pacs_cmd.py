@@ -22,8 +22,8 @@ WHERE_HELP = "PACS sources: numeric range on a header attribute, repeatable: --w
 SEND_TO_HELP = "PACS sources: store the SR / SEG results on this PACS too (dicomweb://… STOW-RS or dimse://AET@HOST:PORT C-STORE)."
 RESULTS_DIR_HELP = "PACS sources: folder for the SR / SEG results (default OUT without suffix + '-results')."
 PACS_CONFIG_HELP = ("PACS connection settings (YAML): calling_aet, timeout, retries, backoff, retrieve (get/move), move_aet, "
-                    "move_port, chunk_size, username, password_env / password_file, token_env / token_file, ca_cert, "
-                    "client_cert, client_key, verify_tls.")
+                    "move_port, move_bind, chunk_size, spool_dir, username, password_env / password_file, token_env / "
+                    "token_file, ca_cert, client_cert, client_key, verify_tls.")
 PACS_SET_HELP = "One PACS setting, repeatable: --pacs-set timeout=10 --pacs-set retrieve=move (secrets only as *_env / *_file)."
 
 
@@ -49,7 +49,7 @@ def job_options(selection, settings, **predict) -> "PacsJobOptions":  # noqa: F8
     from medtransfer.inference.batch import PredictOptions
 
     return PacsJobOptions(PredictOptions(series_filter=selection.series_filter, **predict), selection.ranges,
-                          settings.chunk_size)
+                          settings.chunk_size, settings.spool_dir or None)
 
 
 def predict_pacs(run_dir: Path, source: str, *, out: Path, batch_size: int, workers: int, resume: bool,

@@ -327,8 +327,11 @@ def test_killed_job_resumes_with_each_instance_exactly_once(pacs, folder_rows, c
         pacs.resume()
     before = _csv(partial)
     assert 0 < len(before) < 195
+    spool = tmp_path / ".killed.csv.spool"
+    assert spool.is_dir()  # the killed job's spool (images it had not predicted yet) is left beside its table ...
     res = _predict_cli(*args, "--resume")
     assert res.exit_code == 0, res.output
+    assert not spool.exists()  # ... and the next job on that table removes them
     rows = _csv(out)
     assert len(rows) == 195 and len({r["sop_instance_uid"] for r in rows}) == 195
     assert rows[:len(before)] == before  # what was written before the kill is kept, not redone

@@ -149,7 +149,9 @@ class ConnectionSettings:
     move_bind: str = "0.0.0.0"
     """Address our storage SCP listens on for C-MOVE."""
     chunk_size: int = 64
-    """Instances retrieved per chunk (the spool on disk holds at most two chunks)."""
+    """Instances retrieved per chunk (the spool on disk holds at most three chunks)."""
+    spool_dir: str = ""
+    """Folder for the spool of retrieved images (default: beside the output table)."""
     username: str = ""
     """DICOMweb HTTP basic authentication user (the password comes from password_env / password_file)."""
     password_env: str = ""

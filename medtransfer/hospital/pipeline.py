@@ -183,6 +183,13 @@ def query_units(pacs, opts: PacsJobOptions, per_series: bool) -> tuple[list[Unit
     return units, Counter(r.series_uid for r in records)
 
 
+def spool_folder(out_csv: str | os.PathLike[str], spool_dir: str | None) -> Path:
+    """``.OUT.spool`` beside the table (or under ``spool_dir``): one per table, so a job's leftovers
+    are found and removed by the next job on the same table."""
+    out = Path(out_csv)
+    return Path(spool_dir or out.parent) / f".{out.name}.spool"
+
+
 def progress_bar(enabled: bool, total: int):
     from rich.progress import Progress
 
@@ -196,7 +203,8 @@ def predict_classification(run, pacs, out_csv: str | os.PathLike[str], sink: Res
     per_series = run.pre.spec.dims == 3
     units, series_sizes = query_units(pacs, opts, per_series)
     book = ReportBook(sink, model_identity(run), per_series, units,
-                      lambda unit: fetch_identity(pacs, unit, opts.spool_dir), background=True)
+                      lambda unit: fetch_identity(pacs, unit, spool_folder(out_csv, opts.spool_dir).parent),
+                      background=True)
     try:
         table = _predict_rows(run, pacs, out_csv, opts, units, series_sizes, book)
     finally:
@@ -217,7 +225,8 @@ def _predict_rows(run, pacs, out_csv, opts: PacsJobOptions, units: list[Unit], s
         if opts.resume:
             logger.info("resume: %d of %d inputs already done", len(units) - len(todo), len(units))
         bar, task = progress_bar(opts.progress, len(todo))
-        with bar, Prefetcher(pacs, make_chunks(todo, opts.chunk_size), series_sizes, opts.spool_dir) as chunks:
+        with bar, Prefetcher(pacs, make_chunks(todo, opts.chunk_size), series_sizes,
+                             spool_folder(out_csv, opts.spool_dir)) as chunks:
             for chunk in chunks:
                 rows = predict_chunk(run, chunk, opts, per_series, book)
                 table.write(rows)

@@ -3,6 +3,7 @@ is in the table and delivered through a :class:`~medtransfer.hospital.results.Re
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -103,13 +104,13 @@ class ReportBook:
             self._pending.clear()
 
 
-def fetch_identity(pacs, unit: Unit, spool_dir: str | None = None):
+def fetch_identity(pacs, unit: Unit, spool_dir: str | os.PathLike[str] | None = None):
     """The identity of ``unit``'s study from one of its images, retrieved again (reports of studies
     whose images were predicted before a ``--resume``)."""
     import pydicom
 
     rec = unit.records[0]
-    with tempfile.TemporaryDirectory(prefix="medtransfer-identity-", dir=spool_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".medtransfer-identity-", dir=spool_dir) as tmp:
         failures = pacs.retrieve([rec], Path(tmp), {})
         path = Path(tmp) / rec.series_uid / f"{rec.sop_uid}.dcm"
         if failures or not path.is_file():

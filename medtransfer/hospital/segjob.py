@@ -14,7 +14,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from medtransfer.hospital.pipeline import PacsJobOptions, PacsSummary, progress_bar, quiet_logger, query_units, settle_unit
+from medtransfer.hospital.pipeline import (
+    PacsJobOptions,
+    PacsSummary,
+    progress_bar,
+    query_units,
+    quiet_logger,
+    settle_unit,
+    spool_folder,
+)
 from medtransfer.hospital.results import ResultSink
 from medtransfer.hospital.rows import RowLog, segmentation_fields, unit_row
 from medtransfer.hospital.selection import Unit
@@ -88,7 +96,8 @@ def predict_segmentation_pacs(run_dir: str | os.PathLike[str], pacs, out_csv: st
     with RowLog(out_csv, segmentation_fields(ckpt["label_names"]), opts.resume, [u.key for u in units]) as table:
         todo = [u for u in units if u.key not in table.done]
         bar, task = progress_bar(opts.progress, len(todo))
-        with bar, Prefetcher(pacs, make_chunks(todo, opts.chunk_size), series_sizes, opts.spool_dir) as chunks:
+        with bar, Prefetcher(pacs, make_chunks(todo, opts.chunk_size), series_sizes,
+                             spool_folder(out_csv, opts.spool_dir)) as chunks:
             for chunk in chunks:
                 table.write(segment_chunk(run_dir, chunk, opts, sink, sha))
                 bar.advance(task, len(chunk.units))

@@ -2,15 +2,16 @@
 
 A background thread retrieves chunk k+1 while chunk k is decoded and predicted; at most three
 chunks are on disk at once (the one being predicted, one ready, one arriving) and none is kept in
-memory. Each chunk is deleted once its rows are written. The spool holds patient images: it is
-created readable by its owner only and removed at the end, also when the job fails.
+memory. Each chunk is deleted once its rows are written. The spool holds patient images: it sits
+beside the job's table (``.OUT.spool``, or under the ``spool_dir`` setting), readable by its owner
+only, and is removed at the end, also when the job fails; a job killed outright leaves it to the
+next job on the same table (``--resume``), which removes it first.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,10 +62,11 @@ def make_chunks(units: Sequence[Unit], chunk_size: int) -> list[Chunk]:
 class Prefetcher:
     """Iterate over chunks with their instances retrieved, retrieval running one chunk ahead."""
 
-    def __init__(self, pacs, chunks: Sequence[Chunk], series_sizes: Mapping[str, int],
-                 spool_dir: str | None = None):
+    def __init__(self, pacs, chunks: Sequence[Chunk], series_sizes: Mapping[str, int], root: Path):
         self.pacs, self.chunks, self.series_sizes = pacs, list(chunks), series_sizes
-        self.root = Path(tempfile.mkdtemp(prefix="medtransfer-spool-", dir=spool_dir))
+        self.root = Path(root)
+        shutil.rmtree(self.root, ignore_errors=True)  # what a killed job left: its images go now
+        self.root.mkdir(mode=0o700, parents=True)
         self._ready: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pacs-retrieve", daemon=True)
