@@ -18,3 +18,15 @@ def table_console() -> Console:
     if sys.stdout.isatty() or os.environ.get("COLUMNS"):
         return Console()
     return Console(width=PIPE_WIDTH)
+
+
+def setup_logging(quiet: bool) -> None:
+    """``medtransfer.*`` log lines on the stderr console (INFO, or WARNING when quiet)."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    root = logging.getLogger("medtransfer")
+    root.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False, markup=False)]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from medtransfer.cli import pacs_cmd as pacs
 from medtransfer.cli._console import console
 from medtransfer.cli._errors import ErrorHandlingGroup
 from medtransfer.config import available_presets
@@ -177,7 +178,7 @@ def _print_test_summary(m: dict) -> None:
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., help="Run directory written by 'medtransfer finetune'."),
-    input_dir: Path = typer.Argument(..., help="Folder of DICOM files (searched recursively; any file name); NIfTI and PNG / JPEG files are read too."),
+    input_dir: str = typer.Argument(..., help="Folder of DICOM files (searched recursively; any file name); NIfTI and PNG / JPEG files are read too. " + pacs.PACS_HELP),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="Output CSV (streamed to OUT.partial, moved into place when done)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     workers: int = typer.Option(0, "--workers", "-j", min=0, help="Local engine: decoding processes running beside the model (0: decode in the main process)."),
@@ -198,8 +199,13 @@ def predict(
     saliency: Optional[Path] = typer.Option(None, "--saliency", help="Also write a saliency map per predicted input into this folder: an overlay PNG (the image as the model saw it, the map, class and probability) and, for 3D models, a NIfTI map on the input's grid (its shape and affine)."),
     saliency_method: str = typer.Option("gradcam", "--saliency-method", help="gradcam, gradcampp (Grad-CAM++; both on the backbone's registered layer) or occlusion (model-agnostic, ~50x slower)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    where: list[str] = typer.Option([], "--where", help=pacs.WHERE_HELP),
+    send_to: Optional[str] = typer.Option(None, "--send-to", help=pacs.SEND_TO_HELP),
+    results_dir: Optional[Path] = typer.Option(None, "--results-dir", help=pacs.RESULTS_DIR_HELP),
+    pacs_config: Optional[Path] = typer.Option(None, "--pacs-config", help=pacs.PACS_CONFIG_HELP),
+    pacs_set: list[str] = typer.Option([], "--pacs-set", help=pacs.PACS_SET_HELP),
 ) -> None:
-    """Predict every file under INPUT_DIR; one CSV row per file (per series for 3D models).
+    """Predict every file under INPUT_DIR (or found by a PACS query); one CSV row each (per series in 3D).
 
     Columns: path, status (ok / skipped / error), reason, SOP/study/series instance UIDs, one
     prob_<class> column per class, predicted (at the operating point chosen on validation).
@@ -208,6 +214,11 @@ def predict(
     are 'skipped'; hidden folders are not entered. The batch always finishes. No patient names or
     birth dates are written unless --patient-fields asks for them. --study-json DIR adds one JSON per
     study.
+
+    From a PACS (dicomweb://… or dimse://…): one row per instance the query finds, path
+    studies/<uid>/series/<uid>/instances/<uid>; retrieval failures are 'error' rows (not
+    retrievable, timed out, rejected); results go to --results-dir as DICOM SR (TID 1500, per
+    study; per series in 3D) or SEG, and to --send-to.
 
     Exit code 0 when at least one input was predicted, 1 otherwise.
 
@@ -222,13 +233,30 @@ def predict(
       medtransfer predict runs/demo /shared/inbox --out preds.csv --engine ray --address auto --num-gpus-per-actor 1
 
       medtransfer predict runs/demo /data/inbox --out preds.csv --saliency maps/   # + Grad-CAM overlays
-    """
-    from medtransfer.inference import predict_folder
-    from medtransfer.inference.batch import SeriesFilter, parse_shard
 
+      medtransfer predict runs/cxr "dicomweb://pacs:8042/dicom-web?StudyDate=20240101-20240131&Modality=CR" --send-to dicomweb://pacs:8042/dicom-web
+
+      medtransfer predict runs/ct3d "dimse://PACS@pacs:11112?Modality=CT" --where SliceThickness=2.5:5 --pacs-set retrieve=move
+    """
+    from medtransfer.hospital import is_pacs_url
+    from medtransfer.inference import predict_folder
+    from medtransfer.inference.batch import PredictOptions, SeriesFilter, parse_shard
     from medtransfer.run import is_segmentation_run
 
+    if is_pacs_url(input_dir):
+        if engine is Engine.ray or saliency is not None:
+            raise UsageError("A PACS source runs on the local engine without --saliency (--engine ray and "
+                             "--saliency read folders).")
+        return pacs.predict_pacs(
+            run_dir, input_dir, out=out, batch_size=batch_size, workers=workers, resume=resume, shard=shard,
+            modality=modality, series_description=series_description, min_slices=min_slices, where=where,
+            patient_fields=patient_fields, study_json=study_json, parquet=parquet, device=device, quiet=quiet,
+            send_to=send_to, results_dir=results_dir, pacs_config=pacs_config, pacs_set=pacs_set)
     _setup_logging(quiet)
+    if where or send_to or results_dir or pacs_config or pacs_set:
+        raise UsageError("--where, --send-to, --results-dir, --pacs-config and --pacs-set apply to PACS sources "
+                         "(dicomweb://… or dimse://…), not to a folder.")
+    input_dir = Path(input_dir)
     if is_segmentation_run(run_dir):
         if engine is Engine.ray:
             raise UsageError("--engine ray predicts with classification runs; for a segmentation run use --engine "
@@ -240,22 +268,23 @@ def predict(
         n_ok = sum(r.get("status") == "ok" for r in rows)
         console.print(f"segmentation: {n_ok} of {len(rows)} inputs ok -> {out_dir} (masks, volumes.csv)")
         raise typer.Exit(0 if n_ok else 1)
-    job = dict(batch_size=batch_size, device=device, progress=not quiet, resume=resume, shard=parse_shard(shard),
-               parquet=parquet, study_json_dir=study_json, patient_fields=patient_fields,
-               series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
+    options = PredictOptions(
+        batch_size=batch_size, workers=workers, resume=resume, shard=parse_shard(shard), parquet=parquet,
+        study_json_dir=study_json, patient_fields=patient_fields, progress=not quiet,
+        series_filter=SeriesFilter(tuple(m.upper() for m in modality), series_description, min_slices))
     if engine is Engine.ray:
         from medtransfer.inference.ray_engine import RayOptions, run_batch_ray
 
         if saliency is not None:
             raise UsageError("--saliency runs with --engine local (the maps are written beside the model).")
-        options = RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor)
-        summary = run_batch_ray(run_dir, input_dir, out, options=options, **job)
+        summary = run_batch_ray(run_dir, input_dir, out, options, device=device,
+                                ray_options=RayOptions(address, actors, num_gpus_per_actor, cpus_per_actor))
     elif saliency is not None:
         from medtransfer.inference.saliency import predict_with_saliency
 
-        summary = predict_with_saliency(run_dir, input_dir, out, saliency, saliency_method, workers=workers, **job)
+        summary = predict_with_saliency(run_dir, input_dir, out, saliency, saliency_method, device, options)
     else:
-        summary = predict_folder(run_dir, input_dir, out, workers=workers, **job)
+        summary = predict_folder(run_dir, input_dir, out, options, device=device)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     console.print(f"{sum(summary.counts.values())} inputs: {counts} -> {summary.out_csv}")
     if engine is Engine.ray:
@@ -378,11 +407,13 @@ def demo_data(
 
 from medtransfer.cli.export_cmd import export_command  # noqa: E402
 from medtransfer.cli.inspect_cmd import inspect_command  # noqa: E402
+from medtransfer.cli.serve_cmd import serve_command  # noqa: E402
 from medtransfer.cli.segment_cmd import segment_app  # noqa: E402
 from medtransfer.cli.weights_cmd import weights_app  # noqa: E402
 
 app.command("inspect")(inspect_command)
 app.command("export")(export_command)
+app.command("serve")(serve_command)
 app.add_typer(weights_app, name="weights")
 app.add_typer(segment_app, name="segment")
 

@@ -32,7 +32,6 @@ class Task(StrEnum):
     MULTICLASS = "multiclass"
     MULTILABEL = "multilabel"
     ORDINAL = "ordinal"
-    REGRESSION = "regression"
 
 
 class FreezeMode(StrEnum):

@@ -75,3 +75,10 @@ def test_on_off_words_stay_words(override, key, want, tmp_path):
 def test_a_boolean_where_no_on_off_choice_exists_is_still_an_error():
     with pytest.raises(ConfigError, match="train.bn_policy must be a string, got True"):
         load_config("xray", overrides=["train.bn_policy=yes"])
+
+
+def test_regression_is_not_offered_until_it_works_end_to_end():
+    """model.task lists only the tasks the package trains, evaluates and predicts; regression would need a
+    float label column, MAE / RMSE with patient CIs and a value column in predict, which it does not have."""
+    with pytest.raises(ConfigError, match="regression.*not allowed.*ordinal"):
+        load_config("xray", overrides=["model.task=regression"])

@@ -1,4 +1,5 @@
 """The wheel ships the CLI and the presets inside the medtransfer package (non-editable installs)."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -8,8 +9,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_contains_cli_and_presets(tmp_path):
+    # built from a clean copy of the sources: a stale build/ folder of the checkout must not fill the gaps
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "build", "*.egg-info")
+    for name in ("medtransfer", "cli", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
         check=True, capture_output=True, cwd=tmp_path,
     )
     wheel = next(tmp_path.glob("medtransfer-*.whl"))
@@ -19,6 +27,10 @@ def test_wheel_contains_cli_and_presets(tmp_path):
     assert "medtransfer/io/dicom.py" in names
     assert "medtransfer/configs/segmentation/mri.yaml" in names
     assert "medtransfer/__main__.py" in names
+    # every module of the source tree is in the wheel (a subpackage missing from pyproject's list is not)
+    sources = {f"medtransfer/{p.relative_to(ROOT / 'medtransfer').as_posix()}" for p in (ROOT / "medtransfer").rglob("*.py")}
+    sources |= {f"medtransfer/cli/{p.name}" for p in (ROOT / "cli").glob("*.py")}
+    assert sorted(sources - names) == []
     top = {n.split("/")[0] for n in names}
     # nothing but the medtransfer package (and its metadata) goes into site-packages
     assert {t for t in top if not t.endswith(".dist-info")} == {"medtransfer"}

@@ -521,13 +521,12 @@ def input_folder(input_dir: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def finish_outputs(out: Path, run, *, parquet: bool = False, study_json_dir: str | os.PathLike[str] | None = None,
-                   shard: tuple[int, int] | None = None) -> None:
+def finish_outputs(out: Path, run, opts: PredictOptions) -> None:
     """What follows a finished table: ``OUT.parquet`` and the study JSON files when asked for."""
-    if parquet:
+    if opts.parquet:
         _write_parquet(out)
-    if study_json_dir is not None:
-        write_study_jsons(out, study_json_dir, run, shard)
+    if opts.study_json_dir is not None:
+        write_study_jsons(out, opts.study_json_dir, run, opts.shard)
 
 
 @dataclass
@@ -542,60 +541,70 @@ class BatchSummary:
         return self.counts.get("ok", 0)
 
 
-def run_batch(
-    run,
-    input_dir: str | os.PathLike[str],
-    out_csv: str | os.PathLike[str],
-    *,
-    batch_size: int = 32,
-    workers: int = 0,
-    resume: bool = False,
-    shard: tuple[int, int] | None = None,
-    series_filter: SeriesFilter | None = None,
-    parquet: bool = False,
-    study_json_dir: str | os.PathLike[str] | None = None,
-    patient_fields: bool = False,
-    keep_rows: bool = True,
-    progress: bool = False,
-    on_batch: Callable[[torch.Tensor, list[WorkItem], Any], None] | None = None,
-) -> BatchSummary:
-    """Predict every input under ``input_dir`` with a loaded run (see the module docstring).
+@dataclass(frozen=True)
+class PredictOptions:
+    """How a batch job runs and what it writes besides the table (the same for every engine)."""
+
+    batch_size: int = 32
+    workers: int = 0
+    """Decoding processes beside the model (local engine; 0: decode in the main process)."""
+    resume: bool = False
+    """Keep the rows a previous or interrupted run wrote and do only the rest."""
+    shard: tuple[int, int] | None = None
+    """``(i, n)``: the i-th of n contiguous blocks of the sorted work list."""
+    series_filter: SeriesFilter = field(default_factory=SeriesFilter)
+    parquet: bool = False
+    study_json_dir: str | os.PathLike[str] | None = None
+    patient_fields: bool = False
+    """Add PatientID / PatientName / PatientBirthDate columns (identifying: off by default)."""
+    progress: bool = False
+
+
+def options_with(options: PredictOptions | None, overrides: dict[str, Any]) -> PredictOptions:
+    """``options`` (default ones when None) with keyword ``overrides``; an unknown name is a TypeError."""
+    import dataclasses
+
+    return dataclasses.replace(options or PredictOptions(), **overrides)
+
+
+def run_batch(run, input_dir: str | os.PathLike[str], out_csv: str | os.PathLike[str],
+              options: PredictOptions | None = None, *, keep_rows: bool = True,
+              on_batch: Callable[[torch.Tensor, list[WorkItem], Any], None] | None = None,
+              **overrides: Any) -> BatchSummary:
+    """Predict every input under ``input_dir`` with a loaded run (see the module docstring and
+    :class:`PredictOptions`; keyword ``overrides`` change single options, e.g. ``resume=True``).
 
     ``on_batch(x, items, probs)``, when given, is called once per model batch after the forward pass
     with the normalised input tensor (on the run's device), the :class:`WorkItem` of each of its rows
     and their probabilities (NumPy ``(N, classes)``); e.g. saliency maps
     (:class:`medtransfer.inference.saliency.SaliencyWriter`)."""
+    opts = options_with(options, overrides)
     folder = input_folder(input_dir)
-    filt = series_filter or SeriesFilter()
-    dims = run.pre.spec.dims
-    rows_of = RowBuilder(run, patient_fields)
-    items = shard_slice(work_items(folder, dims, filt), shard)
+    items = shard_slice(work_items(folder, run.pre.spec.dims, opts.series_filter), opts.shard)
     with output_lock(out_csv):
-        return _predict_items(run, items, out_csv, rows_of, filt, batch_size, workers, resume, keep_rows, progress,
-                              parquet, study_json_dir, shard, patient_fields, on_batch)
+        return _predict_items(run, items, out_csv, opts, keep_rows, on_batch)
 
 
-def _predict_items(run, items: list[WorkItem], out_csv: Any, rows_of: RowBuilder, filt: SeriesFilter,
-                   batch_size: int, workers: int, resume: bool, keep_rows: bool, progress: bool, parquet: bool,
-                   study_json_dir: Any, shard: tuple[int, int] | None, patient_fields: bool,
+def _predict_items(run, items: list[WorkItem], out_csv: Any, opts: PredictOptions, keep_rows: bool,
                    on_batch: Any = None) -> BatchSummary:
+    rows_of, filt = RowBuilder(run, opts.patient_fields), opts.series_filter
     dims = run.pre.spec.dims
     table = PredictionTable(out_csv, rows_of.fields)
-    previous = table.completed_rows([it.key for it in items]) if resume else []
+    previous = table.completed_rows([it.key for it in items]) if opts.resume else []
     todo = pending_items(items, {r["path"] for r in previous})
-    if resume:
+    if opts.resume:
         logger.info("resume: %d of %d inputs already done", len(items) - len(todo), len(items))
 
     counts: Counter = Counter(r["status"] for r in previous)
     kept: list[dict[str, Any]] | None = list(previous) if keep_rows else None
-    loader = DataLoader(_Decode(todo, run.pre, dims, filt, patient_fields), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=_list_list, persistent_workers=False,
-                        worker_init_fn=_lower_priority if workers else None,
-                        prefetch_factor=4 if workers else None)
+    loader = DataLoader(_Decode(todo, run.pre, dims, filt, opts.patient_fields), batch_size=opts.batch_size,
+                        shuffle=False, num_workers=opts.workers, collate_fn=_list_list, persistent_workers=False,
+                        worker_init_fn=_lower_priority if opts.workers else None,
+                        prefetch_factor=4 if opts.workers else None)
     from rich.progress import Progress
 
     model = ModelStep(run)
-    with table, Progress(disable=not progress, transient=True) as bar:
+    with table, Progress(disable=not opts.progress, transient=True) as bar:
         table.write(previous)
         task = bar.add_task("predicting", total=len(todo))
         for batch in loader:
@@ -610,7 +619,7 @@ def _predict_items(run, items: list[WorkItem], out_csv: Any, rows_of: RowBuilder
                 kept.extend(rows)
             bar.advance(task, len(batch))
     out = table.commit()
-    finish_outputs(out, run, parquet=parquet, study_json_dir=study_json_dir, shard=shard)
+    finish_outputs(out, run, opts)
     logger.info("%d inputs: %s -> %s", sum(counts.values()), dict(counts), out)
     return BatchSummary(out, counts, kept)
 

@@ -9,35 +9,22 @@ patient names or birth dates are written.
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from medtransfer.inference.batch import BatchSummary, SeriesFilter, run_batch
+from medtransfer.inference.batch import BatchSummary, PredictOptions, run_batch
 from medtransfer.run import load_run
 
 
-def predict_folder(
-    run_dir: str | os.PathLike[str],
-    input_dir: str | os.PathLike[str],
-    out_csv: str | os.PathLike[str],
-    batch_size: int = 32,
-    device: str = "auto",
-    progress: bool = False,
-    *,
-    workers: int = 0,
-    resume: bool = False,
-    shard: tuple[int, int] | None = None,
-    series_filter: SeriesFilter | None = None,
-    parquet: bool = False,
-    study_json_dir: str | os.PathLike[str] | None = None,
-    patient_fields: bool = False,
-) -> BatchSummary:
+def predict_folder(run_dir: str | os.PathLike[str], input_dir: str | os.PathLike[str],
+                   out_csv: str | os.PathLike[str], options: PredictOptions | None = None, *,
+                   device: str = "auto", **overrides: Any) -> BatchSummary:
     """Predict every file under ``input_dir`` with the model of ``run_dir``; write ``out_csv``.
 
-    See :mod:`medtransfer.inference.batch` for streaming, workers, ``resume`` and ``shard``.
+    ``options`` / keyword ``overrides`` (``resume=True``, ``shard=(0, 4)``, …): see
+    :class:`~medtransfer.inference.batch.PredictOptions`; :mod:`medtransfer.inference.batch` for
+    streaming, workers, ``resume`` and ``shard``.
     """
-    run = load_run(run_dir, device)
-    return run_batch(run, input_dir, out_csv, batch_size=batch_size, workers=workers, resume=resume,
-                     shard=shard, series_filter=series_filter, parquet=parquet, progress=progress,
-                     study_json_dir=study_json_dir, patient_fields=patient_fields)
+    return run_batch(load_run(run_dir, device), input_dir, out_csv, options, **overrides)
 
 
 PredictSummary = BatchSummary

@@ -36,6 +36,7 @@ from medtransfer.inference.batch import (
     BatchSummary,
     DecodedItem,
     ModelStep,
+    PredictOptions,
     PredictionTable,
     RowBuilder,
     SeriesFilter,
@@ -44,6 +45,7 @@ from medtransfer.inference.batch import (
     finish_outputs,
     input_folder,
     output_fields,
+    options_with,
     output_lock,
     shard_slice,
     work_items,
@@ -346,42 +348,29 @@ def _job_error(exc: BaseException, parts: PartStore) -> MedTransferError:
                             "run the same command with --resume to do the rest.")
 
 
-def run_batch_ray(
-    run_dir: str | os.PathLike[str],
-    input_dir: str | os.PathLike[str],
-    out_csv: str | os.PathLike[str],
-    *,
-    options: RayOptions | None = None,
-    batch_size: int = 32,
-    device: str = "auto",
-    resume: bool = False,
-    shard: tuple[int, int] | None = None,
-    series_filter: SeriesFilter | None = None,
-    parquet: bool = False,
-    study_json_dir: str | os.PathLike[str] | None = None,
-    patient_fields: bool = False,
-    progress: bool = False,
-) -> RayBatchSummary:
+def run_batch_ray(run_dir: str | os.PathLike[str], input_dir: str | os.PathLike[str],
+                  out_csv: str | os.PathLike[str], options: PredictOptions | None = None, *,
+                  ray_options: RayOptions | None = None, device: str = "auto", **overrides: Any) -> RayBatchSummary:
     """Predict every input under ``input_dir`` with the run of ``run_dir`` on a Ray cluster; write
-    ``out_csv`` (the local engine's rows, in completion order) and its Parquet parts."""
+    ``out_csv`` (the local engine's rows, in completion order) and its Parquet parts. ``options`` and
+    keyword ``overrides`` as for the local engine (:class:`~medtransfer.inference.batch.PredictOptions`;
+    ``workers`` does not apply: decoding runs as Ray tasks); ``ray_options``: where and how wide."""
     from medtransfer.inference import load_run
 
     ray = import_ray()
-    options = options or RayOptions()
-    folder, filt = input_folder(input_dir), series_filter or SeriesFilter()
+    opts = options_with(options, overrides)
     run = load_run(run_dir, "cpu")  # the driver's copy: columns, labels, the study JSON's model section
-    fields = output_fields(run.label_names, run.pre.spec.dims, patient_fields)
-    items = shard_slice(work_items(folder, run.pre.spec.dims, filt), shard)
+    job = _JobSpec(run, run_dir, ray_options or RayOptions(), device, opts)
+    items = shard_slice(work_items(input_folder(input_dir), run.pre.spec.dims, opts.series_filter), opts.shard)
     with output_lock(out_csv):
-        return _locked_job(ray, run, run_dir, items, out_csv, fields, options, batch_size, device, resume, filt,
-                           patient_fields, progress, parquet, study_json_dir, shard)
+        return _locked_job(ray, job, items, out_csv)
 
 
-def _locked_job(ray, run, run_dir, items: list[WorkItem], out_csv, fields: list[str], options: RayOptions,
-                batch_size: int, device: str, resume: bool, filt: SeriesFilter, patient_fields: bool, progress: bool,
-                parquet: bool, study_json_dir, shard) -> RayBatchSummary:
+def _locked_job(ray, job: "_JobSpec", items: list[WorkItem], out_csv: str | os.PathLike[str]) -> RayBatchSummary:
+    opts = job.opts
+    fields = output_fields(job.run.label_names, job.run.pre.spec.dims, opts.patient_fields)
     table, parts = PredictionTable(out_csv, fields), PartStore(Path(out_csv), fields)
-    if resume:
+    if opts.resume:
         done = parts.done_keys()
         adopted = _adopt_csv_rows(parts, table.completed_rows([it.key for it in items]), done)
         logger.info("resume: %d of %d inputs already done (%d from a CSV)", len(done), len(items), adopted)
@@ -390,14 +379,13 @@ def _locked_job(ray, run, run_dir, items: list[WorkItem], out_csv, fields: list[
         done = set()
     todo = [i for i, it in enumerate(items) if it.key not in done]
     start = time.perf_counter()
-    tally = _run_on_ray(ray, _JobSpec(run, run_dir, options, device, batch_size, filt, patient_fields),
-                        items, todo, parts, done, progress) if todo else _Tally()
+    tally = _run_on_ray(ray, job, items, todo, parts, done, opts.progress) if todo else _Tally()
     seconds = time.perf_counter() - start
     counts: Counter = Counter()
     with table:
         table.write(_counted(parts.rows(), counts))
     out = table.commit()
-    finish_outputs(out, run, parquet=parquet, study_json_dir=study_json_dir, shard=shard)
+    finish_outputs(out, job.run, opts)
     logger.info("%d inputs: %s -> %s (%d new in %.1f s on %d node(s))", sum(counts.values()), dict(counts), out,
                 sum(tally.counts.values()), seconds, len({n for n in tally.nodes if n}))
     return RayBatchSummary(out, counts, None, parts.dir, tally.nodes, seconds, tally.repeated)
@@ -411,9 +399,19 @@ class _JobSpec:
     run_dir: str | os.PathLike[str]
     options: RayOptions
     device: str
-    batch_size: int
-    filt: SeriesFilter
-    patient_fields: bool
+    opts: PredictOptions
+
+    @property
+    def batch_size(self) -> int:
+        return self.opts.batch_size
+
+    @property
+    def filt(self) -> SeriesFilter:
+        return self.opts.series_filter
+
+    @property
+    def patient_fields(self) -> bool:
+        return self.opts.patient_fields
 
 
 def _run_on_ray(ray, job: _JobSpec, items: list[WorkItem], todo: list[int], parts: PartStore, done: set[str],

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtransfer.inference.batch import BatchSummary, WorkItem, run_batch
+from medtransfer.inference.batch import BatchSummary, PredictOptions, WorkItem, run_batch
 from medtransfer.evaluation.saliency import SaliencyExplainer, saliency_overlay
 from medtransfer.run import LoadedRun, load_run
 from medtransfer.run.report import png_bytes
@@ -154,11 +154,12 @@ class SaliencyWriter:
 
 def predict_with_saliency(run_dir: str | os.PathLike[str], input_dir: str | os.PathLike[str],
                           out_csv: str | os.PathLike[str], saliency_dir: str | os.PathLike[str],
-                          method: str = "gradcam", device: str = "auto", **batch_kw: Any) -> BatchSummary:
+                          method: str = "gradcam", device: str = "auto", options: PredictOptions | None = None,
+                          **overrides: Any) -> BatchSummary:
     """``predict_folder`` that also writes a saliency map per predicted input into ``saliency_dir``
-    (``batch_kw``: the options of :func:`~medtransfer.inference.batch.run_batch`)."""
+    (``options`` / ``overrides``: :class:`~medtransfer.inference.batch.PredictOptions`)."""
     run = load_run(run_dir, device)
     writer = SaliencyWriter(run, saliency_dir, method, input_root=input_dir)
-    summary = run_batch(run, input_dir, out_csv, on_batch=writer, **batch_kw)
+    summary = run_batch(run, input_dir, out_csv, options, on_batch=writer, **overrides)
     logger.info("%d saliency files -> %s (%d failed)", len(writer.written), saliency_dir, writer.failed)
     return summary

@@ -65,6 +65,8 @@ def write_dicom_seg(path: str | os.PathLike[str], mask: np.ndarray, vol: Volume,
         raise ValueError("DICOM SEG needs the source series files in slice order (read the input with read_series)")
     sources = [pydicom.dcmread(f) for f in files]
     for ds in sources:  # type 2 patient/study attributes highdicom copies: empty when the source lacks them
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:  # empty: the default repertoire
+            del ds.SpecificCharacterSet
         for keyword in _TYPE2_COPIED:
             if keyword not in ds:
                 setattr(ds, keyword, "")

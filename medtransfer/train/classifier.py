@@ -116,9 +116,6 @@ def prepare(cfg: RunConfig, data: Any = None, labels: Any = None, samples: Sampl
 
 def _resolved_task(task: str, table: SampleTable) -> str:
     """The task the labels allow (recorded in config.yaml instead of ``auto``)."""
-    if task == Task.REGRESSION:
-        raise ConfigError("model.task = regression needs real-valued labels; the samples table holds class "
-                          "indices. Use auto, binary, multiclass, ordinal or multilabel.")
     if table.task == Task.MULTILABEL:
         if task not in (Task.AUTO, Task.MULTILABEL):
             raise ConfigError(f"The labels are 0/1 vectors (multi-label); model.task = {task} needs one class per "

@@ -52,7 +52,7 @@ class TransferModel(nn.Module):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """``(N, num_classes)`` class probabilities (binary: ``[1 - p, p]``; multilabel: one sigmoid
-        per label; regression: the prediction itself, ``(N, 1)``)."""
+        per label)."""
         return task_probabilities(self.task, logits)
 
     def train(self, mode: bool = True) -> "TransferModel":
@@ -81,8 +81,6 @@ class EnsembleModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [m(x).float() for m in self.members]
-        if self.task is Task.REGRESSION:
-            return torch.stack(outs).mean(0)
         eps = 1e-7
         if self.task is Task.MULTICLASS:
             return torch.stack([torch.softmax(o, dim=1) for o in outs]).mean(0).clamp_min(eps).log()

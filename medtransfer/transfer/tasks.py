@@ -8,7 +8,6 @@ become probabilities, the decision rule at the operating point, and which metric
   ``NaN`` for a missing label (masked out of the loss); every label at or above its own threshold.
 * ``ordinal`` — ``K - 1`` cumulative logits ``P(y > k)`` (CORAL-style); class probabilities are
   differences of the cumulative ones; the median grade.
-* ``regression`` — one output, mean squared error; the value itself.
 
 Everything else asks :func:`task_spec` instead of comparing task names.
 """
@@ -30,9 +29,7 @@ class TaskSpec:
 
     task: Task
     metric_task: str | None = None
-    """The metrics family that scores it (``binary``, ``multiclass``, ``multilabel``; None: regression)."""
-    selection_metric: str = "val_auc"
-    """What model selection maximises on validation."""
+    """The metrics family that scores it (``binary``, ``multiclass``, ``multilabel``)."""
 
     def outputs(self, num_classes: int) -> int:
         return num_classes
@@ -150,27 +147,7 @@ class OrdinalTask(TaskSpec):
         return int(ordinal_grade(np.asarray(prob, dtype=np.float64)[None])[0])
 
 
-class RegressionTask(TaskSpec):
-    task, metric_task, selection_metric = Task.REGRESSION, None, "val_mae"
-
-    def outputs(self, num_classes: int) -> int:
-        return 1
-
-    def loss(self, logits, y, weight, num_classes):
-        return F.mse_loss(logits.float().view(-1), y.float().view(-1))
-
-    def probabilities(self, logits):
-        return logits.float().reshape(-1, 1)
-
-    def decide(self, prob, operating_point=None):
-        return float(prob[0])
-
-    def label_text(self, prob, label_names, operating_point):
-        return f"{float(prob[0]):.6g}"
-
-
-_SPECS: dict[Task, TaskSpec] = {s.task: s for s in (BinaryTask(), MulticlassTask(), MultilabelTask(),
-                                                     OrdinalTask(), RegressionTask())}
+_SPECS: dict[Task, TaskSpec] = {s.task: s for s in (BinaryTask(), MulticlassTask(), MultilabelTask(), OrdinalTask())}
 
 
 def resolve_task(task: str, num_classes: int) -> Task:

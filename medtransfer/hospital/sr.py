@@ -1,0 +1,201 @@
+"""Classification results as a DICOM Comprehensive SR, TID 1500 Measurement Report (highdicom).
+
+One report per study (2D models: one measurement group per predicted image, after a study group
+with each class's highest probability) or per series (3D models: one group for the series). Each
+group carries, per class, the probability (TID 300 measurement, unit "no units") and the decision
+at the run's operating point (TID 1501 qualitative evaluation: Present / Absent; for a binary model
+of its positive class), the algorithm identification (TID 4019: model name and version; the first
+group also its parameters: the sha256 of model.pt, backbone, classes, operating point) and
+references to its source images; the report's evidence lists every source instance. Patient and study identity are
+copied from a source image, as a PACS files the report with the study.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEME = "99MEDTRANSFER"
+"""Private coding scheme of the class concepts (their meanings are the run's class names)."""
+IDENTITY_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+                     "ReferringPhysicianName", "StudyDescription", "SpecificCharacterSet")
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the reports say about the model: name, versions, sha256 of model.pt, classes, operating point."""
+
+    name: str
+    version: str
+    sha256: str
+    backbone: str
+    label_names: tuple[str, ...]
+    operating_point: str
+
+    binary: bool = False
+
+    def decided_classes(self) -> range:
+        """Classes with a Present / Absent decision: the positive class of a binary model, else all."""
+        return range(1, 2) if self.binary else range(len(self.label_names))
+
+    def parameters(self) -> list[str]:
+        return [f"model_sha256={self.sha256}", f"backbone={self.backbone}",
+                f"classes={','.join(self.label_names)}", f"operating_point={self.operating_point}"]
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(run) -> ModelIdentity:
+    """The identity of a loaded classification run (``medtransfer.inference.load_run``)."""
+    ckpt = run.checkpoint
+    op = ckpt.get("operating_point") or {}
+    threshold = op.get("threshold")
+    if isinstance(threshold, Mapping):
+        point = ";".join(f"{k}>={float(v):.4g}" for k, v in threshold.items())
+    elif isinstance(threshold, (int, float)):
+        point = f"p({run.label_names[-1]})>={float(threshold):.4g}"
+    else:
+        point = "ordinal median grade" if run.model.task == "ordinal" else "most probable class"
+    trained_with = (ckpt.get("versions") or {}).get("medtransfer", "")
+    return ModelIdentity(name=Path(run.run_dir).resolve().name or "medtransfer-model",
+                         version=f"medtransfer {trained_with}".strip(), sha256=file_sha256(Path(run.run_dir) / "model.pt"),
+                         backbone=str(ckpt.get("backbone", "")), label_names=tuple(run.label_names),
+                         operating_point=point, binary=len(run.label_names) == 2 and run.model.task != "multilabel")
+
+
+def identity_of(header) -> Any:
+    """The patient / study attributes of a source image (what a report copies), as a new Dataset."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    for keyword in IDENTITY_KEYWORDS:
+        if keyword in header and (keyword != "SpecificCharacterSet" or header.get(keyword)):
+            setattr(ds, keyword, header.get(keyword))
+    for keyword in _TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
+def stable_uid(*parts: str) -> str:
+    """A UID derived from ``parts``: writing the same report twice gives the same UIDs, so a PACS
+    that receives it again replaces it instead of storing a duplicate."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
+
+
+def _evidence(identity, refs: Sequence[tuple[str, str, str]]) -> list:
+    """Evidence datasets: the identity (first, as highdicom copies patient / study from it), then one
+    minimal dataset per source instance ``(series_uid, sop_class_uid, sop_uid)``."""
+    from pydicom.dataset import Dataset
+
+    out = []
+    for i, (series_uid, sop_class, sop_uid) in enumerate(refs):
+        ds = Dataset()
+        if i == 0:
+            for elem in identity:
+                ds.add(elem)
+        ds.StudyInstanceUID = identity.StudyInstanceUID
+        ds.SeriesInstanceUID, ds.SOPClassUID, ds.SOPInstanceUID = series_uid, sop_class, sop_uid
+        out.append(ds)
+    return out
+
+
+def _class_codes(model: ModelIdentity):
+    from highdicom.sr import CodedConcept
+
+    prob = [CodedConcept(f"prob{i}", SCHEME, f"Probability of {n}"[:64]) for i, n in enumerate(model.label_names)]
+    finding = [CodedConcept(f"class{i}", SCHEME, str(n)[:64]) for i, n in enumerate(model.label_names)]
+    return prob, finding
+
+
+def _group(model: ModelIdentity, tracking: tuple[str, str], probs: Sequence[float], predicted: set[str],
+           sources: Sequence[tuple[str, str]], derivation=None, full_algorithm: bool = True):
+    """One TID 1501 group: per class the probability and the decision, the algorithm (with its
+    parameters: sha256, backbone, classes, operating point, when ``full_algorithm``), the sources."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name[:64], version=model.version[:64] or "0",
+                                              parameters=model.parameters() if full_algorithm else None)
+    prob_codes, finding_codes = _class_codes(model)
+    unit = hd.sr.CodedConcept("1", "UCUM", "no units")
+    measurements = [hd.sr.Measurement(name=code, value=float(p), unit=unit, derivation=derivation)
+                    for code, p in zip(prob_codes, probs)]
+    decided = model.decided_classes()
+    decisions = [hd.sr.QualitativeEvaluation(name=finding_codes[i], value=codes.SCT.Present
+                                             if model.label_names[i] in predicted else codes.SCT.Absent)
+                 for i in decided]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=stable_uid(*tracking), identifier=tracking[-1][:64]),
+        algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=decisions,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(c, u) for c, u in sources] or None)
+
+
+def _probs(row: Mapping[str, str], model: ModelIdentity) -> list[float]:
+    return [float(row[f"prob_{n}"]) for n in model.label_names]
+
+
+def _predicted(row: Mapping[str, str]) -> set[str]:
+    return {p for p in str(row.get("predicted") or "").split(";") if p}
+
+
+def classification_report(identity, rows: Sequence[Mapping[str, str]], model: ModelIdentity,
+                          sources: Mapping[str, Sequence[tuple[str, str, str]]], per_series: bool):
+    """A Comprehensive SR (TID 1500) for the ``ok`` rows of one study (2D) or one series (3D).
+
+    ``sources`` maps each row's ``path`` to its instances ``(series_uid, sop_class_uid, sop_uid)``.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from medtransfer._version import __version__
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        raise ValueError("no predicted row to report")
+    study = str(identity.StudyInstanceUID)
+    scope = ok[0]["series_instance_uid"] if per_series else study
+    groups = []
+    if not per_series and len(ok) > 1:  # the study: each class's highest probability over its images
+        peak = [max(_probs(r, model)[i] for r in ok) for i in range(len(model.label_names))]
+        any_predicted = set().union(*(_predicted(r) for r in ok))
+        groups.append(_group(model, (model.sha256, scope, "study"), peak, any_predicted, [],
+                             derivation=codes.SCT.Maximum))
+    for n, row in enumerate(ok, start=1):
+        refs = [(c, u) for _, c, u in sources[row["path"]]]
+        label = "series" if per_series else f"image {n}"
+        groups.append(_group(model, (model.sha256, scope, row["path"], label), _probs(row, model), _predicted(row),
+                             refs, full_algorithm=not groups))  # the parameters once, in the first group
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=stable_uid(model.sha256, "device"), name=model.name[:64], manufacturer_name="medtransfer",
+        model_name=model.backbone[:64] or None, serial_number=model.sha256[:16])
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    report = hd.sr.MeasurementReport(observation_context=context,
+                                     procedure_reported=hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure"),
+                                     imaging_measurements=groups)
+    refs = [ref for r in ok for ref in sources[r["path"]]]
+    keys = sorted(r["path"] for r in ok)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=_evidence(identity, refs), content=report,
+        series_instance_uid=stable_uid(model.sha256, study, "sr-series"), series_number=990,
+        sop_instance_uid=stable_uid(model.sha256, scope, "sr", *keys), instance_number=1,
+        manufacturer="medtransfer", is_complete=True, is_final=False, is_verified=False,
+        series_description=f"medtransfer {model.name}"[:64],
+        software_versions=str(__version__), manufacturer_model_name=model.backbone[:64] or "medtransfer",
+    )
+    return sr
