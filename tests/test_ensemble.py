@@ -58,6 +58,7 @@ def test_ensemble_run_averages_members_and_reloads_as_one_model(tmp_path):
     assert [e["seed"] for e in m["members"]] == [0, 1]
     assert {e["run_dir"] for e in m["members"]} == {str(tmp_path / "run" / "members" / i) for i in "01"}
     assert m["compute"]["device"] == "cpu" and m["compute"]["precision"] == "fp32"
+    assert m["adaptation"]["members"] == 2 and m["adaptation"]["parameters"]["trainable"] > 0  # per member
     # The two members differ (different seeds) and the ensemble is their mean, image by image.
     p0, p1 = (_probs(tmp_path / "run" / "members" / i / "predictions_test.csv") for i in "01")
     assert not np.allclose(p0, p1)

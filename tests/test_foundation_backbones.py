@@ -172,7 +172,7 @@ def test_ct_fm_segresnet_encoder_file_loads_and_pools_the_last_level(tmp_path):
 def test_gated_weights_come_only_from_the_users_file_and_are_never_exported(tmp_path):
     spec = get_weight_spec("vit_base_patch16_dinov3.lvd1689m")
     assert not spec.redistributable
-    with pytest.raises(WeightsUnavailableError, match="Gated: request access at https://huggingface.co/timm/"):
+    with pytest.raises(WeightsUnavailableError, match="Gated: request access at https://huggingface.co/timm/.*Licence: DINOv3"):
         load_backbone(spec, 3, "pretrained")
     # built on the CPU: its rotary embedding's frequencies are buffers that to_empty would leave unset
     ref = _filled(timm.create_model("vit_base_patch16_dinov3", num_classes=0, global_pool="token"))

@@ -137,7 +137,8 @@ def locate_weights(spec: WeightSpec) -> tuple[Path, str]:
         except WeightsUnavailableError as exc:
             if not isinstance(source, CacheSource | FileSource):
                 errors.append(str(exc))
-    raise WeightsUnavailableError(f"No weights found for '{spec.name}'. " + " / ".join(errors))
+    terms = "" if spec.redistributable else f" Licence: {spec.license}."
+    raise WeightsUnavailableError(f"No weights found for '{spec.name}'. " + " / ".join(errors) + terms)
 
 
 def _by_order(spec: WeightSpec, ckpt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

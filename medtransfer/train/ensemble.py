@@ -100,6 +100,8 @@ def _evaluate_ensemble(prep: Prepared, run: RunDirectory, members: list[Finetune
         {"seed": cfg.train.seed + i, "best_epoch": r.metrics.get("best_epoch"), "val_auc": r.metrics["val"].get("auc"),
          "test_auc": (r.metrics.get("test") or {}).get("auc"), "run_dir": str(r.run_dir)}
         for i, r in enumerate(members)]
+    if "adaptation" in members[0].metrics:  # each member's mode and parameters (the ensemble holds K of them)
+        metrics["adaptation"] = {**members[0].metrics["adaptation"], "per_member": True, "members": len(members)}
     metrics.update(best_epoch=None, compute=members[0].metrics.get("compute"),
                    minutes=(time.perf_counter() - t_start) / 60, split=prep.splits)
     if deadline is not None:
