@@ -122,6 +122,8 @@ def finetune(
                           + f" (recipe estimate on a 2-core CPU: {plan_recipe(profile).estimated_minutes:.0f} min"
                           + (f", stops by {cfg.train.time_limit_minutes:g} min" if cfg.train.time_limit_minutes else "")
                           + ")")
+            for reason in plan_recipe(profile).reasons:
+                console.print(f"  recipe: {reason}")
         else:
             cfg = load_config(modality.value if modality is not None else "xray", config, overrides)
         from medtransfer.backbones import get_weight_spec

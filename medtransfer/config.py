@@ -31,10 +31,12 @@ from medtransfer.options import (
     OutsidePaths,
     PlateauMonitor,
     SelectionProtocol,
+    SlicePooling,
     StrEnum,
     Switch,
     Task,
     UnfreezeSchedule,
+    VolumeEncoder,
     Window,
 )
 
@@ -100,6 +102,22 @@ class ModelConfig:
     task: str = field(default="auto", metadata=_choices(Task))
     """'auto': binary for two classes (sigmoid), multiclass otherwise (softmax); 'ordinal': K-1
     cumulative logits for ordered grades (see medtransfer.transfer.model)."""
+    stages: int = 0
+    """Keep only the backbone's first `stages` stages (0: all; -k: all but the last k): features from a
+    mid-level stage, e.g. for volumes, where the last ImageNet stage transfers worst."""
+    volume_encoder: str = field(default="auto", metadata=_choices(VolumeEncoder))
+    """How a volume reaches a 2D backbone. 'channels': its slices are the input channels (the stem is
+    adapted); 'slices': the backbone sees every slice (or group of `slice_group` adjacent slices as
+    RGB) as an image, then `slice_pooling` over slices; 'views': the same along the three orthogonal
+    directions, pooled over all of them; 'auto': slices for volumes (2D data is not affected)."""
+    slice_pooling: str = field(default="attention", metadata=_choices(SlicePooling))
+    """'attention': gated attention weights (trained with the head; they sum to 1 per volume), or
+    'mean' / 'max' over slices."""
+    slice_group: int = field(default=3, metadata={"min": 1, "max": 3})
+    """1: each slice is a grayscale image; 3: each slice with its two neighbours as RGB (pretrained
+    3-channel stem kept as it is)."""
+    slice_stride: int = field(default=1, metadata={"min": 1})
+    """Use every `slice_stride`-th slice (cost ∝ number of slices)."""
 
 
 @dataclass

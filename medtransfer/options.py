@@ -112,6 +112,23 @@ class Head(StrEnum):
     MLP = "mlp"
 
 
+class VolumeEncoder(StrEnum):
+    """How a volume reaches a 2D backbone (see :mod:`medtransfer.transfer.volume`)."""
+
+    AUTO = "auto"
+    CHANNELS = "channels"
+    SLICES = "slices"
+    VIEWS = "views"
+
+
+class SlicePooling(StrEnum):
+    """How a volume's slice features become one feature vector."""
+
+    ATTENTION = "attention"
+    MEAN = "mean"
+    MAX = "max"
+
+
 class OutsidePaths(StrEnum):
     """Files of a labels CSV outside ``--data``."""
 

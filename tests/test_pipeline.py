@@ -234,7 +234,8 @@ def test_multilabel_npz_end_to_end(tmp_path):
 
 def test_volume_npz_slices_become_channels(tmp_path):
     npz = _planted_npz(tmp_path / "v.npz", (16, 28, 28), lambda rng, k: rng.integers(0, 2, size=(k, 1)))
-    res = finetune(load_config("xray", overrides=TINY), data=npz, out_dir=tmp_path / "run")
+    res = finetune(load_config("xray", overrides=[*TINY, "model.volume_encoder=channels"]), data=npz,
+                   out_dir=tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)
     assert ckpt["preprocess"]["channels"] == 16
     assert res.metrics["test"]["auc"] > 0.9

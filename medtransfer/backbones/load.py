@@ -76,6 +76,8 @@ class LoadReport:
     """The weights' licence (pretrained or a file), shown with the report."""
     checked_files: list[str] = field(default_factory=list)
     """Files beside the weights checked against the registry (``config.json``, ``preprocessor_config.json``)."""
+    volume_encoder: str | None = None
+    """How volumes reach a 2D backbone (slices as channels, slice-wise, orthogonal views) and their pooling."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +103,8 @@ class LoadReport:
             lines.append(f"  licence: {self.licence}")
         if self.input_grid:
             lines.append(f"  input: {self.input_grid}")
+        if self.volume_encoder:
+            lines.append(f"  volumes: {self.volume_encoder}")
         lines += [f"  checked {c}" for c in self.checked_files]
         for c in self.converted:
             lines.append(f"  converted {c['tensors']} tensors {c['from']} -> {c['to']} (the checkpoint's dtype -> the model's)")

@@ -101,3 +101,33 @@ def input_channels(table: SampleTable) -> int:
     if table.samples and is_raster_path(table.samples[0].path):
         return 3 if read_raster(table.samples[0].path).array.ndim == 3 else 1
     return 1
+
+
+def holds_volumes(table: SampleTable) -> bool:
+    """Whether the samples are volumes: a ``.npz`` of ``(D, H, W)`` arrays, or rows naming DICOM-series
+    folders or 3D NIfTI files (judged on the first row, as :func:`input_channels` does)."""
+    if table.source == "npz":
+        first = next(iter(table.arrays.values()))
+        return first.ndim == 4 and not (first.shape[-1] in (3, 4) and first.shape[1] not in (3, 4))
+    from medtransfer.io import is_nifti_path
+
+    if not table.samples:
+        return False
+    path = table.samples[0].path
+    if os.path.isdir(path):
+        return True
+    if is_nifti_path(path):
+        import nibabel as nib
+
+        shape = [n for n in nib.load(path).shape if n > 1]
+        return len(shape) == 3
+    return False
+
+
+def volume_depth(table: SampleTable, size: int) -> int:
+    """Slices a slice encoder gets per volume: a ``.npz``'s stored depth (all its volumes share it),
+    else ``size`` (files of different depths are resampled to one grid, as for 3D backbones)."""
+    if table.source == "npz":
+        return int(next(iter(table.arrays.values())).shape[1])
+    return int(size)
+

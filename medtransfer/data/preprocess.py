@@ -51,6 +51,16 @@ class PreprocessSpec:
     """A CT encoder's contract (:class:`~medtransfer.data.ct.CTPreprocessing` as a dict): volumes in HU
     are put in its orientation, spacing and HU window on a ``size × size × size·Z/X`` grid instead of
     being percentile-windowed and resized."""
+    depth: int = 0
+    """Volumes for a 2D backbone's slice encoder (``dims == 3``): resized to ``depth`` slices of
+    ``size × size`` and given as ``(depth, size, size)``, one slice per channel row (0: a 3D backbone's
+    ``(C, size, size, size)``)."""
+
+    @property
+    def tensor_dims(self) -> int:
+        """Spatial dimensions of a model input: a slice encoder's ``(depth, size, size)`` is a 2D tensor
+        with ``depth`` channels, even though each file is a volume (``dims == 3``)."""
+        return 2 if self.depth else self.dims
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -62,12 +72,12 @@ class PreprocessSpec:
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
         return cls(
             int(d["size"]), int(d["channels"]), str(d["window"]), tuple(d["percentiles"]),
-            tuple(d["mean"]), tuple(d["std"]), int(d.get("dims", 2)), d.get("ct"),
+            tuple(d["mean"]), tuple(d["std"]), int(d.get("dims", 2)), d.get("ct"), int(d.get("depth", 0)),
         )
 
 
 def preprocess_spec(data_cfg: Any, channels: int, mean: tuple[float, ...], std: tuple[float, ...],
-                    dims: int = 2, ct: Any = None) -> PreprocessSpec:
+                    dims: int = 2, ct: Any = None, depth: int = 0) -> PreprocessSpec:
     """The preprocessing of a run from its ``data`` config and the weights' mean/std; the per-channel
     mean/std are averaged when the input channels differ from the weights' (exact for mean = std = 0.5
     with summed stem kernels)."""
@@ -75,7 +85,7 @@ def preprocess_spec(data_cfg: Any, channels: int, mean: tuple[float, ...], std: 
         mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
     return PreprocessSpec(size=data_cfg.size, channels=channels, window=data_cfg.window,
                           percentiles=tuple(data_cfg.percentiles), mean=tuple(mean), std=tuple(std), dims=dims,
-                          ct=ct.to_dict() if ct is not None else None)
+                          ct=ct.to_dict() if ct is not None else None, depth=depth)
 
 
 def dicom_to_unit(image: ImageData, spec: PreprocessSpec) -> np.ndarray:
@@ -219,9 +229,12 @@ class Preprocessor:
         return self._resize_volume(percentile_window(require_finite(a, where), *self.spec.percentiles))
 
     def _resize_volume(self, unit: np.ndarray) -> torch.Tensor:
-        """A ``[0, 1]`` volume → ``(C, S, S, S)``: trilinear to ``size`` in every axis, channels repeated."""
+        """A ``[0, 1]`` volume → ``(C, S, S, S)``: trilinear to ``size`` in every axis, channels repeated
+        (for a slice encoder: ``(depth, S, S)``)."""
         x = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None, None]
         s = self.spec.size
+        if self.spec.depth:  # a 2D backbone's slice encoder: (depth, S, S), slices along the first axis
+            return F.interpolate(x, size=(self.spec.depth, s, s), mode="trilinear", align_corners=False)[0, 0]
         x = F.interpolate(x, size=(s, s, s), mode="trilinear", align_corners=False)[0]
         return x.repeat(self.spec.channels, 1, 1, 1) if self.spec.channels > 1 else x
 

@@ -7,7 +7,7 @@ sizes. ``recipe_overrides`` turns a profile into config overrides that fit a CPU
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +109,16 @@ class Recipe:
     val_max: int = 0
     """Validation images used for model selection (``data.val_max``; 0: all): set on large files,
     where a pass over the whole validation split every epoch would eat the training budget."""
+    head_epochs: int = 2
+    volume: dict[str, Any] = field(default_factory=dict)
+    """Volumes: the ``model.*`` settings of the slice encoder (see :func:`plan_volume_recipe`)."""
+    reasons: list[str] = field(default_factory=list)
+    """Why the recipe is what it is, in words (printed by ``medtransfer finetune``)."""
 
     def overrides(self) -> list[str]:
-        out = [f"data.size={self.size}", "train.head_epochs=2", "train.head_augment=false",
+        out = [f"data.size={self.size}", f"train.head_epochs={self.head_epochs}", "train.head_augment=false",
                f"train.finetune_epochs={self.finetune_epochs}"]
+        out += [f"model.{k}={v}" for k, v in self.volume.items()]
         if self.time_limit_minutes > 0:
             out.append(f"train.time_limit_minutes={self.time_limit_minutes:g}")
         if self.train_fraction < 1.0:
@@ -147,9 +153,11 @@ def plan_recipe(profile: DataProfile, budget_minutes: float = 12.0,
     The estimate has run 20-50% short on measured runs (reading and caching the arrays, reports), so
     ``time_limit_minutes`` (``train.time_limit_minutes``) bounds the wall time whatever the data.
     """
+    if profile.dims == 3:
+        return plan_volume_recipe(profile, budget_minutes, time_limit_minutes)
     side = max(profile.image_shape[-2:])
     size = int(min(128, max(64, 2 * side)))
-    channels = profile.image_shape[0] if profile.dims == 3 else profile.channels
+    channels = profile.channels
     per_image = train_seconds_per_image(size, channels)
     per_eval = _EVAL_FRACTION * per_image
     n_val = min(profile.n_val, VAL_MAX)
@@ -172,6 +180,60 @@ def plan_recipe(profile: DataProfile, budget_minutes: float = 12.0,
     total_s = members * member_s + (eval_s if members > 1 else 0.0)
     return Recipe(size, epochs, fraction, members, total_s / 60, time_limit_minutes,
                   VAL_MAX if profile.n_val > VAL_MAX else 0)
+
+
+VOLUME_HEAD_EPOCHS = 30
+"""Epochs of the pooling + head on a volume's cached slice features (each a fraction of a second)."""
+FEATURE_PASS_SHARE = 0.6
+"""At most this share of the budget goes to the frozen backbone's pass over the training and validation
+volumes; the rest to each member's head epochs and its final validation and test pass."""
+_HEAD_SECONDS_PER_SLICE = 2e-5
+"""One head epoch (LayerNorm, gated attention, linear) per cached slice feature vector, 2-core CPU."""
+
+
+def plan_volume_recipe(profile: DataProfile, budget_minutes: float = 12.0,
+                       time_limit_minutes: float = TIME_LIMIT_MINUTES) -> Recipe:
+    """Volumes through the 2D backbone slice by slice (``model.volume_encoder=slices``), frozen.
+
+    Every slice with its two neighbours as RGB goes through the pretrained backbone without its last
+    stage (``model.stages=-1``: the mid-level features transfer to small 3D structures better than the
+    last, most ImageNet-specific stage); the features are computed once and shared by the ensemble
+    members, which train only the attention pooling and the head (``VOLUME_HEAD_EPOCHS``). The in-plane
+    size is twice the stored one (64 to 128 px, as for images) and every slice is used where
+    the feature pass fits ``FEATURE_PASS_SHARE`` of the budget; otherwise the size comes down to the
+    stored one, then every 2nd, 3rd … slice is used. Members fill what is left (at most 5).
+    """
+    depth, side = profile.image_shape[0], max(profile.image_shape[-2:])
+    n_val = min(profile.n_val, VAL_MAX)
+    sizes = sorted({int(min(128, max(64, 2 * side))), int(min(128, max(32, side)))}, reverse=True)
+    plans = [(size, stride) for stride in (1, 2, 3, 4, 6, 8) for size in sizes]
+    budget = budget_minutes * 60
+    for size, stride in plans:
+        slices = -(-depth // stride)
+        per_volume = slices * _EVAL_FRACTION * train_seconds_per_image(size, 3)
+        cache_s = per_volume * (profile.n_train + n_val)
+        # One member: head epochs on the cached features and its final val + test pass.
+        eval_s = per_volume * (n_val + profile.n_test)
+        single_s = VOLUME_HEAD_EPOCHS * _HEAD_SECONDS_PER_SLICE * slices * profile.n_train + eval_s
+        fits = cache_s <= FEATURE_PASS_SHARE * budget and cache_s + single_s <= budget
+        if fits or (size, stride) == plans[-1]:
+            break
+    # Each further member adds its own run and its share of the ensemble's val + test pass through all.
+    members = int(min(MAX_MEMBERS, max(1, math.floor((budget - cache_s) / (single_s + eval_s)))))
+    member_s = single_s + (eval_s if members > 1 else 0.0)
+    reasons = [
+        f"{depth} slices of {side}x{side}: each slice with its neighbours as RGB through the frozen 2D backbone "
+        f"(without its last stage), attention pooling over slices",
+        f"{size} px, {'every slice' if stride == 1 else f'every {stride}th slice'}: the feature pass over "
+        f"{profile.n_train + n_val} training + validation volumes is estimated at {cache_s / 60:.1f} min "
+        f"(at most {FEATURE_PASS_SHARE:.0%} of {budget_minutes:g} min)",
+        f"{members} member(s) share those features; each trains the pooling and head for {VOLUME_HEAD_EPOCHS} epochs",
+    ]
+    volume = {"volume_encoder": "slices", "slice_group": 3, "slice_stride": stride, "stages": -1,
+              "slice_pooling": "attention"}
+    return Recipe(size, 0, 1.0, members, (cache_s + members * member_s) / 60, time_limit_minutes,
+                  VAL_MAX if profile.n_val > VAL_MAX else 0, head_epochs=VOLUME_HEAD_EPOCHS, volume=volume,
+                  reasons=reasons)
 
 
 def recipe_overrides(profile: DataProfile, budget_minutes: float = 12.0) -> list[str]:

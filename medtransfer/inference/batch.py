@@ -257,7 +257,7 @@ class ModelStep:
         x = run.pre.normalize(x.to(run.device, non_blocking=pin))
         if not self._checked:  # a real batch against the weights' contract
             check_input_contract(x, run.checkpoint["backbone"], channels=run.pre.spec.channels,
-                                 dims=run.pre.spec.dims)
+                                 dims=run.pre.spec.tensor_dims)
             self._checked = True
         self.last_input = x
         with torch.no_grad(), torch.autocast(run.device.type, enabled=run.device.type == "cuda"):

@@ -76,12 +76,18 @@ class _ShapeChecked(nn.Module):
         return self.inner(x.float())
 
 
+def _volume_grid(spec: Any) -> str:
+    if spec.depth:
+        return f" in-plane and {spec.depth} slices (RAS axis order), given as (depth, size, size)"
+    return " in every axis (RAS axis order)" if spec.dims == 3 else ""
+
+
 def export_contract(run: LoadedRun) -> dict[str, Any]:
     """The preprocessing and output contract of a run, as stored in its exported files."""
     from medtransfer._version import __version__
 
     spec = run.pre.spec
-    shape = ["batch", spec.channels] + [spec.size] * spec.dims
+    shape = ["batch", spec.channels] + [spec.size] * spec.tensor_dims  # a slice encoder: (batch, depth, S, S)
     n_members = len(run.model.members) if hasattr(run.model, "members") else 1
     return {
         "format": CONTRACT_FORMAT, "backbone": run.checkpoint.get("backbone"), "task": run.model.task,
@@ -93,7 +99,7 @@ def export_contract(run: LoadedRun) -> dict[str, Any]:
                   "normalization": "inside the graph: (x - mean) / std",
                   "preprocessing": "read in physical units (DICOM modality LUT, MONOCHROME1 inverted), window "
                                    f"'{spec.window}' to [0, 1], padded to a centred square and resized to "
-                                   f"{spec.size} px" + (" in every axis (RAS axis order)" if spec.dims == 3 else "")},
+                                   f"{spec.size} px" + _volume_grid(spec)},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(run.label_names)],
                    "meaning": _output_meaning(run.model.task)},
         "medtransfer_version": __version__, "torch_version": str(torch.__version__),
@@ -121,7 +127,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], fmt
     contract = export_contract(run)
     spec = run.pre.spec
     graph = ProbabilityGraph(run.model.float().eval(), list(spec.mean), list(spec.std), spec.channels,
-                             spec.dims).eval()
+                             spec.tensor_dims).eval()
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")

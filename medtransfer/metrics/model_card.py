@@ -169,6 +169,8 @@ def render_model_card(info: Mapping[str, Any]) -> str:
               f"- **licence**: {_fmt(data.get('licence', data.get('license')))}", ""]
     lines += _split_rows(info)
     lines += ["", "## Preprocessing", ""] + _kv_lines(info.get("preprocessing"))
+    if info.get("volume_encoder"):
+        lines += ["", "## Volume encoder", "", str(info["volume_encoder"])]
     lines += ["", "## Weights", ""]
     lines += [f"- **architecture**: {_fmt(weights.get('architecture'))}",
               f"- **pretrained weights**: {_fmt(weights.get('name'))} (source: {_fmt(weights.get('source'))})",
@@ -188,7 +190,7 @@ def write_model_card(path: str | os.PathLike, *, info: Mapping[str, Any]) -> Pat
     Every section is derived from ``info``; a missing entry reads "not recorded". Keys used:
     ``model_name, task, label_names, modality, created, medtransfer_version, intended_use`` (extra text; the
     research-use / not-a-medical-device statement is always present), ``data`` =
-    ``{source, licence, splits: {split: {n_patients, n_images}}}``, ``preprocessing`` (str, list or dict),
+    ``{source, licence, splits: {split: {n_patients, n_images}}}``, ``preprocessing`` (str, list or dict), ``volume_encoder`` (how volumes reach a 2D backbone),
     ``weights`` = ``{architecture, name, source, licence, sha256}``, ``training`` (dict), ``metrics`` (the dict
     returned by :func:`medtransfer.metrics.report.write_classification_report` or a segmentation summary),
     ``operating_point`` and ``calibration`` (taken from ``metrics`` when absent), ``limitations`` (list of str,

@@ -9,13 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtransfer.backbones import get_weight_spec, load_backbone
+from medtransfer.backbones import get_weight_spec
 from medtransfer.config import RunConfig, config_from_dict
 from medtransfer.data.preprocess import Preprocessor, PreprocessSpec
 from medtransfer.errors import MedTransferError
 from medtransfer.run.checkpoint import MODEL_FORMAT, SEG_MODEL_FORMAT, read_checkpoint
+from medtransfer.options import VolumeEncoder
 from medtransfer.transfer import EnsembleModel, TransferModel
 from medtransfer.transfer.tasks import task_spec
+from medtransfer.transfer.volume import build_backbone
 from medtransfer.utils.device import pick_device
 
 
@@ -63,8 +65,11 @@ def is_segmentation_run(run_dir: str | os.PathLike[str]) -> bool:
 
 
 def _member(ckpt: dict[str, Any], cfg: RunConfig, spec: PreprocessSpec) -> TransferModel:
-    backbone, _ = load_backbone(get_weight_spec(ckpt["backbone"]), spec.channels, "none")
-    return TransferModel(backbone, int(ckpt["num_classes"]), cfg.model.head, cfg.model.dropout, cfg.model.task)
+    if cfg.model.volume_encoder == VolumeEncoder.AUTO:  # written before volume encoders: slices were channels
+        cfg.model.volume_encoder = VolumeEncoder.CHANNELS.value
+    backbone, _ = build_backbone(get_weight_spec(ckpt["backbone"]), cfg.model, spec.channels, "none")
+    return TransferModel(backbone, int(ckpt["num_classes"]), cfg.model.head, cfg.model.dropout, cfg.model.task,
+                         cfg.model.slice_pooling)
 
 
 def load_run(run_dir: str | os.PathLike[str], device: str = "auto") -> LoadedRun:

@@ -33,16 +33,16 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medtransfer._version import __version__
-from medtransfer.backbones import LoadReport, WeightSpec, check_input_contract, get_weight_spec, load_backbone
+from medtransfer.backbones import LoadReport, WeightSpec, check_input_contract, get_weight_spec
 from medtransfer.config import RunConfig, check_weights_file
-from medtransfer.data.datasets import ImageSet, input_channels, resolve_samples
+from medtransfer.data.datasets import ImageSet, holds_volumes, input_channels, resolve_samples, volume_depth
 from medtransfer.data.preprocess import Preprocessor, PreprocessSpec, preprocess_spec
 from medtransfer.data.samples import Sample, SampleTable, cap_val, check_leakage, split_by_patient, split_report
 from medtransfer.data.samples import subsample_train
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation import labelled_results, predict_loader, write_evaluation
 from medtransfer.options import AdaptationMode, BNPolicy, FreezeMode, LRSchedule, PlateauMonitor, Switch, Task
-from medtransfer.options import UnfreezeSchedule
+from medtransfer.options import UnfreezeSchedule, VolumeEncoder
 from medtransfer.run import LoadedRun, RunDirectory
 from medtransfer.run.checkpoint import model_payload
 from medtransfer.run.report import finish_report
@@ -53,6 +53,7 @@ from medtransfer.train.validation import Validation
 from medtransfer.transfer import TaskLoss, TransferModel, class_weights, group_learning_rates, layer_groups
 from medtransfer.transfer import adaptation
 from medtransfer.transfer.tasks import resolve_task
+from medtransfer.transfer.volume import build_backbone, is_sliced
 from medtransfer.utils.device import amp_dtype_for, autocast_for, compute_info, pick_device
 from medtransfer.utils.distributed import Distributed
 from medtransfer.utils.rng import seed_everything
@@ -106,6 +107,7 @@ def prepare(cfg: RunConfig, data: Any = None, labels: Any = None, samples: Sampl
     if table.num_classes < 2:
         raise DataError("The labels hold a single class; fine-tuning needs at least two.")
     cfg.model.task = _resolved_task(cfg.model.task, table)
+    cfg.model.volume_encoder = _resolved_volume_encoder(cfg.model, table)
     _split_and_subsample(table, cfg)
     splits = split_report(table)
     if not table.subset("train") or not table.subset("val"):
@@ -124,6 +126,19 @@ def _resolved_task(task: str, table: SampleTable) -> str:
     if task == Task.MULTILABEL:
         raise ConfigError("model.task = multilabel needs 0/1 label vectors (e.g. a .npz with (N, K) labels).")
     return resolve_task(task, table.num_classes).value
+
+
+def _resolved_volume_encoder(model_cfg: Any, table: SampleTable) -> str:
+    """How volumes reach the backbone (recorded in config.yaml instead of ``auto``): slice by slice for
+    a 2D backbone; ``channels`` (nothing to choose) for images and 3D backbones."""
+    choice = model_cfg.volume_encoder
+    if get_weight_spec(model_cfg.backbone).dims == 3 or not holds_volumes(table):
+        if choice in (VolumeEncoder.SLICES, VolumeEncoder.VIEWS):
+            raise ConfigError(f"model.volume_encoder = {choice} takes volumes through a 2D backbone, but "
+                              f"{'the backbone is 3D' if holds_volumes(table) else 'the data are 2D images'}; "
+                              "leave it at auto.")
+        return VolumeEncoder.CHANNELS.value
+    return (VolumeEncoder.SLICES if choice == VolumeEncoder.AUTO else VolumeEncoder(choice)).value
 
 
 def _split_and_subsample(table: SampleTable, cfg: RunConfig) -> None:
@@ -209,9 +224,10 @@ def build(prep: Prepared, device: torch.device, dist: Distributed, gen: torch.Ge
     cfg, table = prep.cfg, prep.table
     wspec = get_weight_spec(cfg.model.backbone)
     channels = input_channels(table) if wspec.dims == 2 else 1  # a 3D backbone takes whole volumes
-    backbone, report = load_backbone(wspec, channels, cfg.model.weights, input_size=cfg.data.size)
-    model = TransferModel(backbone, table.num_classes, cfg.model.head, cfg.model.dropout, cfg.model.task).to(device)
-    pre = Preprocessor(preprocess_spec(cfg.data, channels, wspec.mean, wspec.std, wspec.dims, wspec.ct))
+    backbone, report = build_backbone(wspec, cfg.model, channels, cfg.model.weights, input_size=cfg.data.size)
+    model = TransferModel(backbone, table.num_classes, cfg.model.head, cfg.model.dropout, cfg.model.task,
+                          cfg.model.slice_pooling).to(device)
+    pre = Preprocessor(_preprocess_spec(cfg, wspec, table, channels))
     if cfg.data.skip_bad_images and not prep.skipped:
         prep.skipped = drop_unusable(prep, pre)
     amp_dtype = amp_dtype_for(cfg.train.amp, device)
@@ -223,9 +239,18 @@ def build(prep: Prepared, device: torch.device, dist: Distributed, gen: torch.Ge
         if cfg.train.class_weighting else None
     loss_fn = TaskLoss(model.task, model.num_classes, weight).to(device)
     first = torch.stack([train_loader.dataset[i][0] for i in range(min(len(train_loader.dataset), cfg.train.batch_size))])
-    check_input_contract(pre.normalize(first), wspec, channels=channels, dims=wspec.dims)
+    check_input_contract(pre.normalize(first), wspec, channels=pre.spec.channels, dims=wspec.dims)
     return Setup(model, report, wspec, pre, device, dist, amp_dtype, channels_last, train_loader, eval_loaders,
                  loss_fn, gen, samplers)
+
+
+def _preprocess_spec(cfg: RunConfig, wspec: WeightSpec, table: SampleTable, channels: int) -> PreprocessSpec:
+    """A slice encoder's volumes are ``(depth, size, size)`` (a row of slices per volume); other runs take
+    images, or a 3D backbone's cubes."""
+    if is_sliced(cfg.model, wspec.dims):
+        depth = volume_depth(table, cfg.data.size)
+        return preprocess_spec(cfg.data, depth, wspec.mean, wspec.std, 3, wspec.ct, depth=depth)
+    return preprocess_spec(cfg.data, channels, wspec.mean, wspec.std, wspec.dims, wspec.ct)
 
 
 def _loaders(prep: Prepared, pre: Preprocessor, device: torch.device, dist: Distributed,
@@ -364,8 +389,11 @@ def build_optimizer(model: TransferModel, cfg: RunConfig) -> torch.optim.Optimiz
 # ---- 5. one fit, start to finish -----------------------------------------------------------------
 def fit_classifier(prep: Prepared, run: RunDirectory, *, progress: bool = False, deadline: float | None = None,
                    resume_state: dict[str, Any] | None = None, callbacks: tuple[cb.Callback, ...] = (),
-                   device: torch.device | None = None, dist: Distributed = Distributed()) -> FinetuneResult:
-    """Build, train and report one classification model into ``run`` (see the module docstring)."""
+                   device: torch.device | None = None, dist: Distributed = Distributed(),
+                   shared_features: Path | None = None) -> FinetuneResult:
+    """Build, train and report one classification model into ``run`` (see the module docstring).
+    ``shared_features``: a feature cache kept across fits whose frozen backbone and training images are
+    the same (an ensemble's members from one pretrained backbone): computed by the first, read by the others."""
     t_start = time.perf_counter()
     cfg = prep.cfg
     if cfg.train.adaptation == AdaptationMode.AUTO:
@@ -379,7 +407,8 @@ def fit_classifier(prep: Prepared, run: RunDirectory, *, progress: bool = False,
         setup.model.to(setup.device)
     run.write_json("split_report.json", prep.splits)
     run.write_json("load_report.json", setup.report.to_dict())
-    validation = Validation(setup, prep, run / ".feature_cache", progress and dist.main)
+    validation = Validation(setup, prep, shared_features or run / ".feature_cache", progress and dist.main,
+                            reuse=shared_features is not None)
     optimizer = build_optimizer(setup.model, cfg)
     extra = {"config": cfg.to_dict(), "data": prep.data, "labels": prep.labels, "auto_final_fit": bool(prep.selection)}
     trainer = Trainer(setup.model, optimizer, setup.loss_fn, device=setup.device, autocast=setup.autocast,
@@ -393,7 +422,8 @@ def fit_classifier(prep: Prepared, run: RunDirectory, *, progress: bool = False,
     try:
         state = trainer.fit(plan_phases(cfg, setup, validation))
     finally:
-        shutil.rmtree(validation.cache_dir, ignore_errors=True)
+        if shared_features is None:
+            shutil.rmtree(validation.cache_dir, ignore_errors=True)
     best = next(c for c in trainer.callbacks if isinstance(c, cb.BestModel))
     record = adaptation_record(cfg, adaptation.parameter_counts(setup.model), state.history,
                                adaptation.merge_lora(setup.model), prep.selection)
@@ -496,6 +526,7 @@ def model_info(prep: Prepared, spec: PreprocessSpec, wspec: WeightSpec, report: 
             "splits": {k: {"n_patients": v["patients"], "n_images": v["images"]} for k, v in prep.splits.items()},
         },
         "preprocessing": spec.to_dict(),
+        **({"volume_encoder": report.volume_encoder} if report.volume_encoder else {}),
         "weights": {"architecture": wspec.architecture, "name": report.weights, "source": report.source,
                     "licence": wspec.license if cfg.model.weights == "pretrained" else "n/a",
                     "sha256": report.sha256},

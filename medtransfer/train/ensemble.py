@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
 from dataclasses import replace
 from typing import Any
@@ -59,6 +60,9 @@ def _member_deadline(members: list[FinetuneResult], i: int, deadline: float | No
 
 def _train_members(prep: Prepared, run: RunDirectory, progress: bool, deadline: float | None) -> list[FinetuneResult]:
     cfg, members = prep.cfg, []
+    # The head epochs' features are the pretrained backbone's, on the same training images, for every
+    # member: computed once (random initialisations differ by seed, so they are not shared).
+    shared = run / ".feature_cache" if cfg.model.weights != "none" else None
     for i in range(cfg.train.ensemble):
         member_deadline = _member_deadline(members, i, deadline)
         if member_deadline is False:
@@ -71,7 +75,9 @@ def _train_members(prep: Prepared, run: RunDirectory, progress: bool, deadline: 
         member_run = RunDirectory(run / "members" / str(i)).open_new()
         member_run.write_config(mcfg.to_yaml())
         members.append(fit_classifier(replace(prep, cfg=mcfg), member_run, progress=progress,
-                                      deadline=member_deadline))
+                                      deadline=member_deadline, shared_features=shared))
+    if shared is not None:
+        shutil.rmtree(shared, ignore_errors=True)
     return members
 
 

@@ -19,8 +19,8 @@ class Validation:
     """``images()`` / ``features()`` → ``{"val_loss", "val_auc"}`` of the model as it is now. Cached
     features live in ``cache_dir`` (inside the run directory) while the run lasts."""
 
-    def __init__(self, setup: Any, prep: Any, cache_dir: Path, progress: bool = False):
-        self.setup, self.cache_dir, self.progress = setup, Path(cache_dir), progress
+    def __init__(self, setup: Any, prep: Any, cache_dir: Path, progress: bool = False, reuse: bool = False):
+        self.setup, self.cache_dir, self.progress, self.reuse = setup, Path(cache_dir), progress, reuse
         self.feature_seconds: float | None = None
         labels = np.array([s.label for s in prep.subset("val")])
         dtype = torch.float32 if labels.ndim == 2 else torch.int64
@@ -76,6 +76,10 @@ class Validation:
 
     def _extract(self, loader: DataLoader, name: str) -> FeatureStore:
         s = self.setup
+        if self.reuse and (self.cache_dir / name / "index.json").is_file():
+            store = FeatureStore.open(self.cache_dir / name)  # written by an earlier fit (ensemble member)
+            if len(store) == len(loader.dataset):
+                return store
         return extract_features(lambda x: s.model.backbone(s.pre.normalize(x)), loader, self.cache_dir / name,
                                 device=s.device, autocast_dtype=s.amp_dtype, progress=self.progress,
                                 description=f"frozen features ({name})")

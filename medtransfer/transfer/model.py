@@ -13,6 +13,7 @@ from torch import nn
 
 from medtransfer.options import Head, Task, look_up_option
 from medtransfer.transfer.tasks import resolve_task, task_spec
+from medtransfer.transfer.volume import head_input
 
 TASKS = Task.values()
 HEADS = Head.values()
@@ -33,19 +34,22 @@ def build_head(kind: str, in_features: int, num_outputs: int, dropout: float) ->
 
 
 class TransferModel(nn.Module):
-    """``backbone`` (pooled features) → ``head`` (logits) for one task.
+    """``backbone`` (pooled features) → ``head`` (logits) for one task. A slice encoder's per-slice
+    features are pooled first (``pooling``, part of the head: it trains in the head-only epochs).
 
     BatchNorm modules that :func:`medtransfer.transfer.apply_plan` marked as fixed stay in
     inference mode (running statistics used, not updated) across ``model.train()``.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, head: str = "linear", dropout: float = 0.2,
-                 task: str = "auto"):
+                 task: str = "auto", pooling: str = "attention"):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.task = resolve_task(task, num_classes)
-        self.head = build_head(head, backbone.num_features, num_outputs(self.task, num_classes), dropout)
+        head_module = build_head(head, backbone.num_features, num_outputs(self.task, num_classes), dropout)
+        # A slice encoder gives one feature vector per slice: ``pooling`` over them trains with the head.
+        self.head = head_input(backbone, head_module, pooling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

@@ -104,6 +104,11 @@ def _stage_groups(backbone: nn.Module, stages: tuple[str, ...]) -> list[LayerGro
 
 def layer_groups(backbone: nn.Module) -> list[LayerGroup]:
     """The backbone's layer groups, input → output (see the module docstring)."""
+    if getattr(backbone, "tokens", False) and isinstance(getattr(backbone, "image", None), nn.Module):
+        groups = layer_groups(backbone.image)  # a slice encoder: the groups of the 2D backbone it wraps
+        for g in groups:
+            g.param_names = [f"image.{n}" for n in g.param_names]
+        return groups
     inner = getattr(backbone, "model", None)
     if isinstance(inner, nn.Module) and hasattr(inner, "group_matcher"):
         return _timm_groups(inner, "model.")
