@@ -66,7 +66,8 @@ def run_one(npz: Path, out_root: Path) -> dict:
                    "finetune_epochs": cfg.train.finetune_epochs, "train_fraction": cfg.data.train_fraction,
                    "ensemble": cfg.train.ensemble, "estimated_minutes": plan.estimated_minutes,
                    "time_limit_minutes": cfg.train.time_limit_minutes,
-                   "backbone": cfg.model.backbone, "profile": profile.to_dict()},
+                   "backbone": cfg.model.backbone, "profile": profile.to_dict(),
+                   "volume": plan.volume, "reasons": plan.reasons},
         "best_epoch": res.metrics.get("best_epoch"),
         # Each member's own val/test AUC (one seed each): the spread the ensemble averages out.
         "members": [{k: m[k] for k in ("seed", "best_epoch", "val_auc", "test_auc")}
