@@ -51,7 +51,7 @@ def run_one(npz: Path, out_root: Path) -> dict:
     from medtransfer.train.finetune import finetune
 
     cfg, profile = config_for_data(npz)
-    plan = plan_recipe(profile)
+    plan = plan_recipe(profile, volume_encoder=cfg.model.volume_encoder)
     t0 = time.perf_counter()
     res = finetune(cfg, data=npz, out_dir=out_root / npz.stem, progress=False)
     minutes = (time.perf_counter() - t0) / 60

@@ -1,10 +1,10 @@
 """Volume encoders for a 2D backbone side by side → benchmarks/results/volume_encoders.json.
 
-Each variant is one run (seed 0, one member) of the recipe that ``medtransfer finetune --data FILE.npz``
-picks for a volume file, with one setting changed: the encoder (``slices`` / ``views``), the pooling
-(``attention`` / ``mean``), or the backbone depth (``model.stages=0``: all stages). The recipe itself
-(the ensemble of members on shared slice features) is ``benchmarks/medmnist.py``; the previous round's
-``channels`` recipe is in RESULTS.md. Model selection on the official validation split; the test AUC is
+Each variant is one run (seed 0, one member) of the recipe that ``medtransfer finetune --data FILE.npz
+--set model.volume_encoder=...`` plans for a volume file: the encoder (``slices`` / ``views``: frozen
+backbone without its last stage, pooling and head trained on cached slice features), the pooling
+(``attention`` / ``mean``), the backbone depth (``model.stages=0``: all stages), or the default
+``channels`` recipe (fine-tuned). The recipes with their ensembles are ``benchmarks/medmnist.py``. Model selection on the official validation split; the test AUC is
 reported for every variant, but only the validation AUC may choose between them.
 
 Run alone (2 cores): ``python benchmarks/volume_encoders.py adrenalmnist3d.npz`` (about 25 min at 28³).
@@ -24,10 +24,11 @@ DATA = Path(os.environ.get("MEDTRANSFER_SHARED_DATA", ROOT.parent / "shared" / "
 RESULTS = ROOT / "benchmarks" / "results" / "volume_encoders.json"
 
 VARIANTS = {
-    "slices + attention (recipe, 1 member)": [],
-    "slices + mean": ["model.slice_pooling=mean"],
-    "slices + attention, all stages": ["model.stages=0"],
+    "slices + attention (1 member)": ["model.volume_encoder=slices"],
+    "slices + mean": ["model.volume_encoder=slices", "model.slice_pooling=mean"],
+    "slices + attention, all stages": ["model.volume_encoder=slices", "model.stages=0"],
     "views + attention": ["model.volume_encoder=views"],
+    "channels (the default recipe, 1 member)": [],
 }
 
 

@@ -112,6 +112,7 @@ def finetune(
             from medtransfer.data.profile import config_for_data, plan_recipe
 
             cfg, profile = config_for_data(data, config, overrides)
+            plan = plan_recipe(profile, volume_encoder=cfg.model.volume_encoder)
             console.print(f"Data profile: {profile.dims}D, {profile.channels} channel(s), {profile.task} "
                           f"({profile.n_classes} classes), {profile.n_train} training images -> 'general' preset, "
                           f"{cfg.data.size} px, {cfg.train.finetune_epochs} fine-tuning epochs"
@@ -119,10 +120,10 @@ def finetune(
                           + (f", model selection on {cfg.data.val_max:,} of {profile.n_val:,} validation images"
                              if 0 < cfg.data.val_max < profile.n_val else "")
                           + (f", ensemble of {cfg.train.ensemble}" if cfg.train.ensemble > 1 else "")
-                          + f" (recipe estimate on a 2-core CPU: {plan_recipe(profile).estimated_minutes:.0f} min"
+                          + f" (recipe estimate on a 2-core CPU: {plan.estimated_minutes:.0f} min"
                           + (f", stops by {cfg.train.time_limit_minutes:g} min" if cfg.train.time_limit_minutes else "")
                           + ")")
-            for reason in plan_recipe(profile).reasons:
+            for reason in plan.reasons:
                 console.print(f"  recipe: {reason}")
         else:
             cfg = load_config(modality.value if modality is not None else "xray", config, overrides)

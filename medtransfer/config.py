@@ -109,7 +109,8 @@ class ModelConfig:
     """How a volume reaches a 2D backbone. 'channels': its slices are the input channels (the stem is
     adapted); 'slices': the backbone sees every slice (or group of `slice_group` adjacent slices as
     RGB) as an image, then `slice_pooling` over slices; 'views': the same along the three orthogonal
-    directions, pooled over all of them; 'auto': slices for volumes (2D data is not affected)."""
+    directions, pooled over all of them; 'auto': channels for a .npz of volumes (one depth; the measured
+    default), slices for NIfTI / DICOM-series rows of any depth (2D data is not affected)."""
     slice_pooling: str = field(default="attention", metadata=_choices(SlicePooling))
     """'attention': gated attention weights (trained with the head; they sum to 1 per volume), or
     'mean' / 'max' over slices."""

@@ -97,16 +97,17 @@ def test_slice_encoder_keeps_the_2d_backbones_layer_groups():
 def sliced_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sliced")
     npz = _planted_npz(tmp / "v.npz", (16, 28, 28), lambda rng, k: rng.integers(0, 2, size=(k, 1)))
-    cfg = load_config("xray", overrides=[*TINY, "train.head_epochs=3", "train.finetune_epochs=2"])
+    cfg = load_config("xray", overrides=[*TINY, "train.head_epochs=3", "train.finetune_epochs=2",
+                                         "model.volume_encoder=slices"])
     res = finetune(cfg, data=npz, out_dir=tmp / "run")
     return res, npz
 
 
-def test_volumes_go_slice_by_slice_by_default_and_the_run_says_so(sliced_run):
+def test_a_sliced_run_learns_and_says_which_encoder_it_used(sliced_run):
     res, _ = sliced_run
     assert res.metrics["test"]["auc"] > 0.9
     text = (res.run_dir / "config.yaml").read_text()
-    assert "volume_encoder: slices" in text  # 'auto' resolved and recorded
+    assert "volume_encoder: slices" in text
     assert "attention pooling" in res.load_report.volume_encoder
     run = load_run(res.run_dir, device="cpu")
     assert isinstance(run.model.backbone, SliceEncoder)
@@ -155,6 +156,25 @@ def test_channels_encoder_is_still_available_and_old_runs_load_as_channels(tmp_p
     assert res.metrics["test"]["auc"] > 0.9
 
 
+def test_auto_is_channels_for_a_volume_npz_and_slices_for_volume_files(tmp_path):
+    import nibabel as nib
+
+    from medtransfer.config import ModelConfig
+    from medtransfer.data.datasets import resolve_samples
+    from medtransfer.train.classifier import _resolved_volume_encoder
+
+    npz = _planted_npz(tmp_path / "v.npz", (8, 28, 28), lambda rng, k: rng.integers(0, 2, size=(k, 1)), n=(6, 4, 4))
+    assert _resolved_volume_encoder(ModelConfig(), resolve_samples(npz, None)) == "channels"
+    rows = ["path,label,patient_id"]
+    for i in range(4):
+        nib.save(nib.Nifti1Image(np.random.rand(12, 12, 6).astype(np.float32), np.eye(4)), tmp_path / f"v{i}.nii.gz")
+        rows.append(f"v{i}.nii.gz,{i % 2},p{i}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    table = resolve_samples(tmp_path, tmp_path / "labels.csv")
+    assert _resolved_volume_encoder(ModelConfig(), table) == "slices"
+    assert _resolved_volume_encoder(ModelConfig(backbone="tiny_cnn3d.random"), table) == "channels"  # a 3D backbone
+
+
 def test_slice_encoders_refuse_2d_images(tmp_path):
     npz = _planted_npz(tmp_path / "i.npz", (28, 28), lambda rng, k: rng.integers(0, 2, size=(k, 1)))
     with pytest.raises(ConfigError, match="data are 2D images"):
@@ -166,7 +186,8 @@ def test_ensemble_members_share_one_feature_pass(tmp_path, caplog):
     npz = _planted_npz(tmp_path / "v.npz", (8, 28, 28), lambda rng, k: rng.integers(0, 2, size=(k, 1)),
                        n=(40, 16, 16))
     overrides = ["model.backbone=efficientnet_lite0.in1k", "data.size=32", "train.head_epochs=2",
-                 "train.finetune_epochs=0", "train.head_augment=false", "train.ensemble=2", "model.stages=-1"]
+                 "train.finetune_epochs=0", "train.head_augment=false", "train.ensemble=2", "model.stages=-1",
+                 "model.volume_encoder=slices"]
     _lite0(3)
     with caplog.at_level(logging.INFO, logger="medtransfer.train.feature_store"):
         res = finetune(load_config("general", overrides=overrides), data=npz, out_dir=tmp_path / "run")
@@ -176,14 +197,20 @@ def test_ensemble_members_share_one_feature_pass(tmp_path, caplog):
     assert not (tmp_path / "run" / ".feature_cache").exists()
 
 
-@pytest.mark.parametrize("shape, stride", [((28, 28, 28), 1), ((64, 64, 64), 1), ((256, 256, 256), 8)])
-def test_recipe_sends_volumes_slice_by_slice_within_the_budget(shape, stride):
-    r = plan_recipe(DataProfile(3, 1, shape, "binary", 2, 1188, 98, 298))
+@pytest.mark.parametrize("shape, stride", [((28, 28, 28), 1), ((64, 64, 64), 1), ((512, 256, 256), 4)])
+def test_recipe_plans_the_slice_encoders_cost_when_asked(shape, stride):
+    profile = DataProfile(3, 1, shape, "binary", 2, 1188, 98, 298)
+    assert not any("volume_encoder" in o for o in plan_recipe(profile).overrides())  # default: channels
+    r = plan_recipe(profile, volume_encoder="slices")
     o = r.overrides()
     assert "model.volume_encoder=slices" in o and "model.stages=-1" in o and "train.finetune_epochs=0" in o
     assert f"model.slice_stride={stride}" in o
-    assert r.estimated_minutes <= 12.0 + 1e-6 or stride == 8
+    assert r.estimated_minutes <= 12.0 + 1e-6
     assert any("attention pooling" in why for why in r.reasons)
+    views = plan_recipe(profile, volume_encoder="views")
+    assert "model.volume_encoder=views" in views.overrides()
+    views_stride = int(next(o for o in views.overrides() if "slice_stride" in o).split("=")[1])
+    assert views_stride >= stride and views.estimated_minutes <= 12.0 + 1e-6  # 3 directions cost more
     assert "train.time_limit_minutes=18" in o
 
 

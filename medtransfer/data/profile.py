@@ -140,7 +140,7 @@ about 0.005, far below the differences between epochs, and rare classes keep doz
 
 
 def plan_recipe(profile: DataProfile, budget_minutes: float = 12.0,
-                time_limit_minutes: float = TIME_LIMIT_MINUTES) -> Recipe:
+                time_limit_minutes: float = TIME_LIMIT_MINUTES, volume_encoder: str = "auto") -> Recipe:
     """The recipe for ``profile`` that fits ``budget_minutes`` on a 2-core CPU.
 
     Images are trained at twice their stored size (at least 64 px, at most 128 px): small
@@ -153,11 +153,11 @@ def plan_recipe(profile: DataProfile, budget_minutes: float = 12.0,
     The estimate has run 20-50% short on measured runs (reading and caching the arrays, reports), so
     ``time_limit_minutes`` (``train.time_limit_minutes``) bounds the wall time whatever the data.
     """
-    if profile.dims == 3:
-        return plan_volume_recipe(profile, budget_minutes, time_limit_minutes)
+    if profile.dims == 3 and volume_encoder in ("slices", "views"):
+        return plan_volume_recipe(profile, budget_minutes, time_limit_minutes, volume_encoder)
     side = max(profile.image_shape[-2:])
     size = int(min(128, max(64, 2 * side)))
-    channels = profile.channels
+    channels = profile.image_shape[0] if profile.dims == 3 else profile.channels
     per_image = train_seconds_per_image(size, channels)
     per_eval = _EVAL_FRACTION * per_image
     n_val = min(profile.n_val, VAL_MAX)
@@ -178,8 +178,10 @@ def plan_recipe(profile: DataProfile, budget_minutes: float = 12.0,
     member_s = val_s + eval_s + per_eval * n + epochs * (per_image * n + val_s)
     members = int(min(MAX_MEMBERS, max(1, math.floor((budget_minutes * 60 - eval_s) / member_s))))
     total_s = members * member_s + (eval_s if members > 1 else 0.0)
+    reasons = [f"{channels} slices as the input channels of the 2D backbone, fine-tuned (measured best on held-out "
+               "data; --set model.volume_encoder=slices or views sends them slice by slice)"] if profile.dims == 3 else []
     return Recipe(size, epochs, fraction, members, total_s / 60, time_limit_minutes,
-                  VAL_MAX if profile.n_val > VAL_MAX else 0)
+                  VAL_MAX if profile.n_val > VAL_MAX else 0, reasons=reasons)
 
 
 VOLUME_HEAD_EPOCHS = 30
@@ -187,13 +189,18 @@ VOLUME_HEAD_EPOCHS = 30
 FEATURE_PASS_SHARE = 0.6
 """At most this share of the budget goes to the frozen backbone's pass over the training and validation
 volumes; the rest to each member's head epochs and its final validation and test pass."""
+_SLICE_SECONDS_PER_PIXEL = 5e-7
+"""Frozen EfficientNet-Lite0 without its last stage, per slice image and pixel (inference, batches of
+whole volumes, 2-core CPU): fitted to the AdrenalMNIST3D-sized runs of ``benchmarks/volume_encoders.py``
+(1.9 ms per 64 px slice triplet)."""
 _HEAD_SECONDS_PER_SLICE = 2e-5
 """One head epoch (LayerNorm, gated attention, linear) per cached slice feature vector, 2-core CPU."""
 
 
 def plan_volume_recipe(profile: DataProfile, budget_minutes: float = 12.0,
-                       time_limit_minutes: float = TIME_LIMIT_MINUTES) -> Recipe:
-    """Volumes through the 2D backbone slice by slice (``model.volume_encoder=slices``), frozen.
+                       time_limit_minutes: float = TIME_LIMIT_MINUTES, encoder: str = "slices") -> Recipe:
+    """Volumes through the 2D backbone slice by slice (``model.volume_encoder=slices``, or ``views``: the
+    same along the three directions), frozen; the recipe when the user asks for either encoder.
 
     Every slice with its two neighbours as RGB goes through the pretrained backbone without its last
     stage (``model.stages=-1``: the mid-level features transfer to small 3D structures better than the
@@ -201,16 +208,17 @@ def plan_volume_recipe(profile: DataProfile, budget_minutes: float = 12.0,
     members, which train only the attention pooling and the head (``VOLUME_HEAD_EPOCHS``). The in-plane
     size is twice the stored one (64 to 128 px, as for images) and every slice is used where
     the feature pass fits ``FEATURE_PASS_SHARE`` of the budget; otherwise the size comes down to the
-    stored one, then every 2nd, 3rd … slice is used. Members fill what is left (at most 5).
+    stored one (and 64 px), then every 2nd, 3rd … slice is used. Members fill what is left (at most 5).
     """
     depth, side = profile.image_shape[0], max(profile.image_shape[-2:])
+    n_views = 3 if encoder == "views" else 1
     n_val = min(profile.n_val, VAL_MAX)
-    sizes = sorted({int(min(128, max(64, 2 * side))), int(min(128, max(32, side)))}, reverse=True)
-    plans = [(size, stride) for stride in (1, 2, 3, 4, 6, 8) for size in sizes]
+    sizes = sorted({int(min(128, max(64, 2 * side))), int(min(128, max(32, side))), 64}, reverse=True)
+    plans = [(size, stride) for stride in (1, 2, 3, 4, 6, 8, 12, 16) for size in sizes]
     budget = budget_minutes * 60
     for size, stride in plans:
         slices = -(-depth // stride)
-        per_volume = slices * _EVAL_FRACTION * train_seconds_per_image(size, 3)
+        per_volume = n_views * slices * _SLICE_SECONDS_PER_PIXEL * size * size
         cache_s = per_volume * (profile.n_train + n_val)
         # One member: head epochs on the cached features and its final val + test pass.
         eval_s = per_volume * (n_val + profile.n_test)
@@ -222,23 +230,24 @@ def plan_volume_recipe(profile: DataProfile, budget_minutes: float = 12.0,
     members = int(min(MAX_MEMBERS, max(1, math.floor((budget - cache_s) / (single_s + eval_s)))))
     member_s = single_s + (eval_s if members > 1 else 0.0)
     reasons = [
-        f"{depth} slices of {side}x{side}: each slice with its neighbours as RGB through the frozen 2D backbone "
+        f"{depth} slices of {side}x{side}{' along 3 directions' if n_views == 3 else ''}: each slice with its "
+        "neighbours as RGB through the frozen 2D backbone "
         f"(without its last stage), attention pooling over slices",
         f"{size} px, {'every slice' if stride == 1 else f'every {stride}th slice'}: the feature pass over "
         f"{profile.n_train + n_val} training + validation volumes is estimated at {cache_s / 60:.1f} min "
         f"(at most {FEATURE_PASS_SHARE:.0%} of {budget_minutes:g} min)",
         f"{members} member(s) share those features; each trains the pooling and head for {VOLUME_HEAD_EPOCHS} epochs",
     ]
-    volume = {"volume_encoder": "slices", "slice_group": 3, "slice_stride": stride, "stages": -1,
+    volume = {"volume_encoder": encoder, "slice_group": 3, "slice_stride": stride, "stages": -1,
               "slice_pooling": "attention"}
     return Recipe(size, 0, 1.0, members, (cache_s + members * member_s) / 60, time_limit_minutes,
                   VAL_MAX if profile.n_val > VAL_MAX else 0, head_epochs=VOLUME_HEAD_EPOCHS, volume=volume,
                   reasons=reasons)
 
 
-def recipe_overrides(profile: DataProfile, budget_minutes: float = 12.0) -> list[str]:
+def recipe_overrides(profile: DataProfile, budget_minutes: float = 12.0, volume_encoder: str = "auto") -> list[str]:
     """Config overrides for ``profile`` that fit ``budget_minutes`` of training (see :func:`plan_recipe`)."""
-    return plan_recipe(profile, budget_minutes).overrides()
+    return plan_recipe(profile, budget_minutes, volume_encoder=volume_encoder).overrides()
 
 
 def config_for_data(data: str | Path, config_file: str | Path | None = None,
@@ -247,4 +256,6 @@ def config_for_data(data: str | Path, config_file: str | Path | None = None,
     from medtransfer.config import load_config
 
     profile = profile_npz(data)
-    return load_config("general", config_file, recipe_overrides(profile) + list(overrides or [])), profile
+    asked = load_config("general", config_file, overrides).model.volume_encoder  # the recipe plans its cost
+    recipe = recipe_overrides(profile, volume_encoder=asked)
+    return load_config("general", config_file, recipe + list(overrides or [])), profile

@@ -129,8 +129,9 @@ def _resolved_task(task: str, table: SampleTable) -> str:
 
 
 def _resolved_volume_encoder(model_cfg: Any, table: SampleTable) -> str:
-    """How volumes reach the backbone (recorded in config.yaml instead of ``auto``): slice by slice for
-    a 2D backbone; ``channels`` (nothing to choose) for images and 3D backbones."""
+    """How volumes reach the backbone (recorded in config.yaml instead of ``auto``). A 2D backbone takes a
+    ``.npz``'s volumes (one depth) as channels, the measured default; volume files of any depth (NIfTI,
+    DICOM series) go slice by slice. ``channels`` (nothing to choose) for images and 3D backbones."""
     choice = model_cfg.volume_encoder
     if get_weight_spec(model_cfg.backbone).dims == 3 or not holds_volumes(table):
         if choice in (VolumeEncoder.SLICES, VolumeEncoder.VIEWS):
@@ -138,7 +139,9 @@ def _resolved_volume_encoder(model_cfg: Any, table: SampleTable) -> str:
                               f"{'the backbone is 3D' if holds_volumes(table) else 'the data are 2D images'}; "
                               "leave it at auto.")
         return VolumeEncoder.CHANNELS.value
-    return (VolumeEncoder.SLICES if choice == VolumeEncoder.AUTO else VolumeEncoder(choice)).value
+    if choice == VolumeEncoder.AUTO:
+        return (VolumeEncoder.CHANNELS if table.source == "npz" else VolumeEncoder.SLICES).value
+    return VolumeEncoder(choice).value
 
 
 def _split_and_subsample(table: SampleTable, cfg: RunConfig) -> None:
