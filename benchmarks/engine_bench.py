@@ -113,15 +113,20 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     work = Path(tempfile.mkdtemp(prefix="engine_bench_"))
     npz = toy_npz(work / "toy.npz", n=(1024, 256, 16), size=64)
-    epochs, reps = 5, 6
+    epochs, reps = 5, 10
     tiny = ["model.backbone=tiny_cnn.random", "model.weights=none", "data.size=64", "train.batch_size=32",
             "train.head_epochs=0", f"train.finetune_epochs={epochs}", "train.lr_schedule=constant",
             "train.class_weighting=false", "train.bn_policy=train", *NO_AUG]
     cfg = load_config("xray", overrides=tiny)
     eng, ref, paired = [], [], []
     for r in range(reps):  # interleaved pairs; the first epoch of each run (cache fill) is not timed
-        b = minimal_loop_epochs(npz, cfg, epochs)[1:]
-        a = engine_epoch_walls(npz, tiny, work / f"eng{r}")
+        # ABBA: which loop runs first alternates, so a drift of the machine's speed within a pair cancels
+        if r % 2 == 0:
+            b = minimal_loop_epochs(npz, cfg, epochs)[1:]
+            a = engine_epoch_walls(npz, tiny, work / f"eng{r}")
+        else:
+            a = engine_epoch_walls(npz, tiny, work / f"eng{r}")
+            b = minimal_loop_epochs(npz, cfg, epochs)[1:]
         eng += a
         ref += b
         paired.append(statistics.median(a) / statistics.median(b))
@@ -148,7 +153,8 @@ def main() -> None:
         "engine_vs_minimal_paired_ratios": [round(x, 3) for x in paired],
         "engine_setup": "tiny_cnn.random, 64 px, batch 32, 1024 train / 256 val images; engine epoch = wall time "
                         "between consecutive epoch ends (train + val + best-model copy + model.pt/last.pt/history.csv "
-                        f"writes); minimal loop = train + val; {reps} interleaved runs × {epochs - 1} timed epochs",
+                        f"writes); minimal loop = train + val; {reps} interleaved pairs (ABBA order) × {epochs - 1} "
+                        "timed epochs",
         "feature_cache_speedup": round(speedup, 2),
         "head_epoch_seconds_no_cache_median": round(statistics.median(off), 4),
         "head_epoch_seconds_cache_median": round(statistics.median(on), 5),
