@@ -1,7 +1,6 @@
 """Volumes through a 2D backbone: slice and view encoders, pooling over slices, the recipe that picks
 them, and prediction on DICOM series with the same encoder."""
 import csv
-import logging
 
 import numpy as np
 import pytest
@@ -182,16 +181,24 @@ def test_slice_encoders_refuse_2d_images(tmp_path):
                  out_dir=tmp_path / "run")
 
 
-def test_ensemble_members_share_one_feature_pass(tmp_path, caplog):
+def test_ensemble_members_share_one_feature_pass(tmp_path, monkeypatch):
+    from medtransfer.train import validation
+
     npz = _planted_npz(tmp_path / "v.npz", (8, 28, 28), lambda rng, k: rng.integers(0, 2, size=(k, 1)),
                        n=(40, 16, 16))
     overrides = ["model.backbone=efficientnet_lite0.in1k", "data.size=32", "train.head_epochs=2",
                  "train.finetune_epochs=0", "train.head_augment=false", "train.ensemble=2", "model.stages=-1",
                  "model.volume_encoder=slices"]
     _lite0(3)
-    with caplog.at_level(logging.INFO, logger="medtransfer.train.feature_store"):
-        res = finetune(load_config("general", overrides=overrides), data=npz, out_dir=tmp_path / "run")
-    passes = [r for r in caplog.records if "frozen features" in r.getMessage()]
+    passes = []
+    real = validation.extract_features
+
+    def counted(encode, loader, root, **kw):
+        passes.append(str(root))
+        return real(encode, loader, root, **kw)
+
+    monkeypatch.setattr(validation, "extract_features", counted)
+    res = finetune(load_config("general", overrides=overrides), data=npz, out_dir=tmp_path / "run")
     assert len(passes) == 2  # train + val once, for both members
     assert len(res.metrics["members"]) == 2
     assert not (tmp_path / "run" / ".feature_cache").exists()
