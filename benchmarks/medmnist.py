@@ -46,11 +46,11 @@ def accuracy_argmax(pred_csv: Path) -> float:
     return float(np.mean(hits))
 
 
-def run_one(npz: Path, out_root: Path) -> dict:
+def run_one(npz: Path, out_root: Path, overrides: list[str] | None = None) -> dict:
     from medtransfer.data.profile import config_for_data, plan_recipe
     from medtransfer.train.finetune import finetune
 
-    cfg, profile = config_for_data(npz)
+    cfg, profile = config_for_data(npz, overrides=overrides)
     plan = plan_recipe(profile, volume_encoder=cfg.model.volume_encoder)
     t0 = time.perf_counter()
     res = finetune(cfg, data=npz, out_dir=out_root / npz.stem, progress=False)
@@ -83,19 +83,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", help="npz file names in the MedMNIST folder (default: all)")
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="a config override as for 'medtransfer finetune --set' (e.g. model.volume_encoder=slices)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
     args = ap.parse_args()
     files = [args.data / f for f in args.files] or sorted(args.data.glob("*.npz"))
     if not files:
         sys.exit(f"no .npz files in {args.data}")
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for f in files:
-            r = run_one(f, Path(tmp))
+            r = run_one(f, Path(tmp), args.overrides)
             results[f.stem] = r
             print(f"{f.stem}: test AUC {r['test_auc']:.3f} (95% CI {r['auc_ci'][0]:.3f}-{r['auc_ci'][1]:.3f}), "
                   f"ACC {r['test_acc']:.3f}, {r['minutes']:.1f} min", flush=True)
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
