@@ -191,7 +191,7 @@ FEATURE_PASS_SHARE = 0.6
 volumes; the rest to each member's head epochs and its final validation and test pass."""
 _SLICE_SECONDS_PER_PIXEL = 5e-7
 """Frozen EfficientNet-Lite0 without its last stage, per slice image and pixel (inference, batches of
-whole volumes, 2-core CPU): fitted to the AdrenalMNIST3D-sized runs of ``benchmarks/volume_encoders.py``
+whole volumes, 2-core CPU): fitted to 28³ and 64³ volume runs of ``benchmarks/volume_encoders.py``
 (1.9 ms per 64 px slice triplet)."""
 _HEAD_SECONDS_PER_SLICE = 2e-5
 """One head epoch (LayerNorm, gated attention, linear) per cached slice feature vector, 2-core CPU."""
