@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -94,7 +95,7 @@ def input_channels(table: SampleTable) -> int:
     if table.source == "npz":
         first = next(iter(table.arrays.values()))
         if first.ndim == 4:
-            return 3 if first.shape[-1] in (3, 4) and first.shape[1] not in (3, 4) else int(first.shape[1])
+            return 3 if _npz_colour(first) else int(first.shape[1])
         return 1
     from medtransfer.io import is_raster_path, read_raster
 
@@ -103,12 +104,17 @@ def input_channels(table: SampleTable) -> int:
     return 1
 
 
+def _npz_colour(images: np.ndarray) -> bool:
+    """An ``(N, H, W, 3|4)`` stack of colour images, not ``(N, D, H, W)`` volumes."""
+    return images.shape[-1] in (3, 4) and images.shape[1] not in (3, 4)
+
+
 def holds_volumes(table: SampleTable) -> bool:
     """Whether the samples are volumes: a ``.npz`` of ``(D, H, W)`` arrays, or rows naming DICOM-series
     folders or 3D NIfTI files (judged on the first row, as :func:`input_channels` does)."""
     if table.source == "npz":
         first = next(iter(table.arrays.values()))
-        return first.ndim == 4 and not (first.shape[-1] in (3, 4) and first.shape[1] not in (3, 4))
+        return first.ndim == 4 and not _npz_colour(first)
     from medtransfer.io import is_nifti_path
 
     if not table.samples:
@@ -130,4 +136,3 @@ def volume_depth(table: SampleTable, size: int) -> int:
     if table.source == "npz":
         return int(next(iter(table.arrays.values())).shape[1])
     return int(size)
-

@@ -13,8 +13,8 @@ from medtransfer.backbones import get_weight_spec
 from medtransfer.config import RunConfig, config_from_dict
 from medtransfer.data.preprocess import Preprocessor, PreprocessSpec
 from medtransfer.errors import MedTransferError
-from medtransfer.run.checkpoint import MODEL_FORMAT, SEG_MODEL_FORMAT, read_checkpoint
 from medtransfer.options import VolumeEncoder
+from medtransfer.run.checkpoint import MODEL_FORMAT, SEG_MODEL_FORMAT, read_checkpoint
 from medtransfer.transfer import EnsembleModel, TransferModel
 from medtransfer.transfer.tasks import task_spec
 from medtransfer.transfer.volume import build_backbone

@@ -132,12 +132,11 @@ def _resolved_volume_encoder(model_cfg: Any, table: SampleTable) -> str:
     """How volumes reach the backbone (recorded in config.yaml instead of ``auto``). A 2D backbone takes a
     ``.npz``'s volumes (one depth) as channels, the measured default; volume files of any depth (NIfTI,
     DICOM series) go slice by slice. ``channels`` (nothing to choose) for images and 3D backbones."""
-    choice = model_cfg.volume_encoder
-    if get_weight_spec(model_cfg.backbone).dims == 3 or not holds_volumes(table):
+    choice, volumes = model_cfg.volume_encoder, holds_volumes(table)
+    if get_weight_spec(model_cfg.backbone).dims == 3 or not volumes:
         if choice in (VolumeEncoder.SLICES, VolumeEncoder.VIEWS):
             raise ConfigError(f"model.volume_encoder = {choice} takes volumes through a 2D backbone, but "
-                              f"{'the backbone is 3D' if holds_volumes(table) else 'the data are 2D images'}; "
-                              "leave it at auto.")
+                              f"{'the backbone is 3D' if volumes else 'the data are 2D images'}; leave it at auto.")
         return VolumeEncoder.CHANNELS.value
     if choice == VolumeEncoder.AUTO:
         return (VolumeEncoder.CHANNELS if table.source == "npz" else VolumeEncoder.SLICES).value

@@ -63,21 +63,23 @@ def _train_members(prep: Prepared, run: RunDirectory, progress: bool, deadline: 
     # The head epochs' features are the pretrained backbone's, on the same training images, for every
     # member: computed once (random initialisations differ by seed, so they are not shared).
     shared = run / ".feature_cache" if cfg.model.weights != "none" else None
-    for i in range(cfg.train.ensemble):
-        member_deadline = _member_deadline(members, i, deadline)
-        if member_deadline is False:
-            logger.warning("time limit: the ensemble stops at %d of %d members (train.time_limit_minutes)",
-                           i, cfg.train.ensemble)
-            break
-        mcfg = copy.deepcopy(cfg)
-        mcfg.train.ensemble, mcfg.train.seed = 1, cfg.train.seed + i
-        logger.info("ensemble member %d/%d (seed %d)", i + 1, cfg.train.ensemble, mcfg.train.seed)
-        member_run = RunDirectory(run / "members" / str(i)).open_new()
-        member_run.write_config(mcfg.to_yaml())
-        members.append(fit_classifier(replace(prep, cfg=mcfg), member_run, progress=progress,
-                                      deadline=member_deadline, shared_features=shared))
-    if shared is not None:
-        shutil.rmtree(shared, ignore_errors=True)
+    try:
+        for i in range(cfg.train.ensemble):
+            member_deadline = _member_deadline(members, i, deadline)
+            if member_deadline is False:
+                logger.warning("time limit: the ensemble stops at %d of %d members (train.time_limit_minutes)",
+                               i, cfg.train.ensemble)
+                break
+            mcfg = copy.deepcopy(cfg)
+            mcfg.train.ensemble, mcfg.train.seed = 1, cfg.train.seed + i
+            logger.info("ensemble member %d/%d (seed %d)", i + 1, cfg.train.ensemble, mcfg.train.seed)
+            member_run = RunDirectory(run / "members" / str(i)).open_new()
+            member_run.write_config(mcfg.to_yaml())
+            members.append(fit_classifier(replace(prep, cfg=mcfg), member_run, progress=progress,
+                                          deadline=member_deadline, shared_features=shared))
+    finally:  # also when a member fails: no cache is left in the run directory
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
     return members
 
 
