@@ -713,21 +713,22 @@ def _modality_transform(ds) -> _Modality:
 
 
 def _affine_float32(stored: np.ndarray, scale: Any, offset: Any) -> np.ndarray:
-    """``scale * stored + offset`` as a new float32 array, in one pass when ``scale`` is ±1.
+    """``scale * stored + offset`` as a new float32 array (float32 arithmetic throughout).
 
-    ``scale`` and ``offset`` are numbers, or ``(F,)`` per-frame values for ``(F, H, W)`` data.
+    ``scale`` and ``offset`` are numbers, or ``(F,)`` per-frame values for ``(F, H, W)`` data. A plain
+    cast, then in-place float32 arithmetic: numpy vectorises both, whereas a mixed-type ufunc with
+    ``out=`` runs its buffered casting loop (2.2× slower on a 1955×1841 uint16 CR, 1.1–1.3× on CT).
     """
-    out = np.empty(stored.shape, dtype=np.float32)
+    out = stored.astype(np.float32)
     if np.ndim(scale) or np.ndim(offset):
         shape = (-1,) + (1,) * (stored.ndim - 1)
-        np.multiply(stored, np.asarray(scale, dtype=np.float32).reshape(shape), out=out, dtype=np.float32)
+        out *= np.asarray(scale, dtype=np.float32).reshape(shape)
         out += np.asarray(offset, dtype=np.float32).reshape(shape)
-    elif scale == 1.0:
-        np.add(stored, np.float32(offset), out=out, dtype=np.float32)
     elif scale == -1.0:
-        np.subtract(np.float32(offset), stored, out=out, dtype=np.float32)
+        np.subtract(np.float32(offset), out, out=out)
     else:
-        np.multiply(stored, np.float32(scale), out=out, dtype=np.float32)
+        if scale != 1.0:
+            out *= np.float32(scale)
         if offset != 0.0:
             out += np.float32(offset)
     return out
