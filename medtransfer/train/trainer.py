@@ -100,6 +100,7 @@ class Trainer:
         self.grad_accum, self.generator = grad_accum, generator or torch.Generator()
         self.samplers, self.lr_columns = list(samplers), lr_columns
         self.callbacks = sorted(callbacks, key=lambda cb: getattr(cb, "order", 50))
+        self._handlers: dict[str, list[Callable[..., None]]] = {}
         self.state = TrainState()
         self.net: nn.Module = model
         self._wrapped_for: tuple[bool, ...] | None = None
@@ -160,16 +161,23 @@ class Trainer:
             with self._no_sync(step_now):
                 with self.autocast():
                     loss = self.loss_fn(forward(x), y)
-                self.scaler.scale(loss / self.grad_accum).backward()
+                self._backward(loss)
             if step_now:
                 self._optimizer_step()
             losses.append(self._checked(loss))
             self._emit("on_batch_end", losses[-1])
         return float(sum(losses) / max(len(losses), 1))
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        scaled = loss / self.grad_accum if self.grad_accum > 1 else loss
+        (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()
+
     def _optimizer_step(self) -> None:
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:  # what a disabled scaler would do, without its per-step bookkeeping
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self._emit("on_step_end")
@@ -206,8 +214,11 @@ class Trainer:
 
     # ---- callbacks and state ------------------------------------------------------------------
     def _emit(self, hook: str, *args: Any) -> None:
-        for cb in self.callbacks:
-            getattr(cb, hook)(self, *args)
+        handlers = self._handlers.get(hook)
+        if handlers is None:  # bound once per hook: the batch hooks run hundreds of times an epoch
+            handlers = self._handlers[hook] = [getattr(cb, hook) for cb in self.callbacks]
+        for handler in handlers:
+            handler(self, *args)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything ``last.pt`` needs to continue exactly: weights, optimizer, scaler, RNG, progress and
