@@ -7,14 +7,15 @@ per copy, 7 series in 3 studies). Then, with the same model and the same setting
 
 * ``folder``: ``predict`` over the files on local disk;
 * ``dicomweb``: QIDO-RS, WADO-RS (a series per request, streamed to the spool), predict, SR per study
-  written to disk;
+  written to disk; ``dicomweb_rows_only``: the same without building the SR reports (retrieval alone);
 * ``dimse_get`` / ``dimse_move``: C-FIND, C-GET on the same association / C-MOVE to our own SCP;
 * ``send``: the SR objects of the DICOMweb run stored back by STOW-RS and by C-STORE.
 
 Every PACS run must give the folder's rows (same probabilities); the overhead is
 ``folder rate / PACS rate - 1`` (goal: at most 20 %), on the time to the complete table; the SR
 reports, built beside the job as its studies complete, are timed apart (``report_build_s``), as is
-sending them back. The model is EfficientNet-Lite0 with its
+sending them back. The CPU seconds of this process and of Orthanc (which shares the two cores here; in a
+hospital it runs on its own machine) are recorded per mode. The model is EfficientNet-Lite0 with its
 ImageNet weights at the xray preset's 128 px (``--quick``: the tiny test CNN at 32 px on one copy).
 
 Usage: ``python benchmarks/pacs_bench.py [--copies 10] [--reps 2] [--quick]``; writes
@@ -107,6 +108,16 @@ def time_folder(run_dir: Path, folder: Path, out: Path, batch_size: int) -> tupl
 
 REPORT_SECONDS: list[float] = []
 ROWS_DONE: list[float] = []
+BUILD_REPORTS = [True]  # False: the "rows only" modes, where the SR reports are not built (retrieval alone)
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (this one when ``pid`` is None; Linux /proc)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _instrument() -> None:
@@ -118,6 +129,8 @@ def _instrument() -> None:
     write, close = ReportBook._write, RowLog.__exit__
 
     def timed_write(self, *args):
+        if not BUILD_REPORTS[0]:
+            return None
         start = time.perf_counter()
         try:
             return write(self, *args)
@@ -132,9 +145,9 @@ def _instrument() -> None:
 
 
 def time_pacs(run_dir: Path, url: str, out: Path, batch_size: int, chunk: int,
-              extra: list[str]) -> tuple[float, float, float]:
+              extra: list[str], reports: bool = True) -> tuple[float, float, float]:
     """``(seconds to the complete table, seconds of SR reports written beside it, seconds of the whole
-    job)`` of one PACS job."""
+    job)`` of one PACS job (``reports=False``: the reports are not built)."""
     from medtransfer.hospital import PacsJobOptions, load_settings, predict_from_pacs
     from medtransfer.inference.batch import PredictOptions
 
@@ -143,7 +156,11 @@ def time_pacs(run_dir: Path, url: str, out: Path, batch_size: int, chunk: int,
     ROWS_DONE.clear()
     start = time.perf_counter()
     options = PacsJobOptions(PredictOptions(batch_size=batch_size), chunk_size=chunk)
-    summary = predict_from_pacs(run_dir, url, out, settings, options, device="cpu")
+    BUILD_REPORTS[0] = reports
+    try:
+        summary = predict_from_pacs(run_dir, url, out, settings, options, device="cpu")
+    finally:
+        BUILD_REPORTS[0] = True
     total = time.perf_counter() - start
     assert summary.counts.get("error", 0) == 0, summary.counts
     return ROWS_DONE[-1] - start, sum(REPORT_SECONDS), total
@@ -175,6 +192,8 @@ def measure(args, work: Path) -> dict:
             "folder": lambda i: time_folder(run_dir, work / "folder", work / f"folder{i}.csv", args.batch_size),
             "dicomweb": lambda i: time_pacs(run_dir, pacs.dicomweb + mr, work / f"dicomweb{i}.csv", args.batch_size,
                                             args.chunk, []),
+            "dicomweb_rows_only": lambda i: time_pacs(run_dir, pacs.dicomweb + mr, work / f"dicomweb_rows_only{i}.csv",
+                                                      args.batch_size, args.chunk, [], reports=False),
             "dimse_get": lambda i: time_pacs(run_dir, pacs.dimse + mr, work / f"dimse_get{i}.csv", args.batch_size,
                                              args.chunk, []),
             "dimse_move": lambda i: time_pacs(run_dir, pacs.dimse + mr, work / f"dimse_move{i}.csv", args.batch_size,
@@ -185,9 +204,12 @@ def measure(args, work: Path) -> dict:
         seconds: dict[str, list[float]] = {m: [] for m in modes}
         report_s: dict[str, list[float]] = {m: [] for m in modes}
         job_s: dict[str, list[float]] = {m: [] for m in modes}
+        cpu: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}  # (ours, Orthanc's) per run
         for i in range(args.reps):  # interleaved, so that a busy moment hits every mode alike
             for mode, run in modes.items():
+                ours, theirs = cpu_seconds(), cpu_seconds(pacs.proc.pid)
                 rows_s, sr_s, total_s = run(i)
+                cpu[mode].append((cpu_seconds() - ours, cpu_seconds(pacs.proc.pid) - theirs))
                 seconds[mode].append(rows_s)
                 report_s[mode].append(sr_s)
                 job_s[mode].append(total_s)
@@ -210,7 +232,9 @@ def measure(args, work: Path) -> dict:
                                       for m in modes if m != "folder"},
         "max_probability_difference_to_folder": same_rows,
         "job_seconds_with_reports": {m: round(min(s), 3) for m, s in job_s.items()},
-        "report_build_s": {m: round(min(s), 3) for m, s in report_s.items() if m != "folder"},
+        "report_build_s": {m: round(min(s), 3) for m, s in report_s.items() if m not in ("folder", "dicomweb_rows_only")},
+        "cpu_seconds_medtransfer": {m: round(statistics.median(c[0] for c in v), 2) for m, v in cpu.items()},
+        "cpu_seconds_orthanc": {m: round(statistics.median(c[1] for c in v), 2) for m, v in cpu.items()},
         "report_build_ms_per_instance": round(1000 * min(report_s["dicomweb"]) / n, 2),
         "send_results_s": {k: round(v, 3) for k, v in send.items()},
         "send_per_report_ms": {k: round(1000 * v / max(1, len(reports)), 1) for k, v in send.items()},

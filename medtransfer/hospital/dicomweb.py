@@ -1,13 +1,16 @@
 """A PACS over DICOMweb (dicomweb-client): QIDO-RS to find, WADO-RS to retrieve, STOW-RS to store.
 
 Retrieved instances are written as received (``transfer-syntax=*``: no transcoding), one file per
-instance, as they stream in; a whole series comes in one multipart request.
+instance, as they stream in; a whole series comes in one multipart request, and its parts (Part 10
+files) go to disk byte for byte: only the SOP Instance UID is read from each, instead of decoding every
+instance into a dataset and encoding it again.
 """
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -186,10 +189,9 @@ class DicomWebPacs:
         wanted = {r.sop_uid for r in recs}
         got: set[str] = set()
         try:
-            for ds in self.client.iter_series(recs[0].study_uid, recs[0].series_uid, media_types=AS_STORED):
-                uid = str(ds.SOPInstanceUID)
-                if uid in wanted:
-                    _save(ds, folder / f"{uid}.dcm")
+            for part in self._series_parts(recs[0].study_uid, recs[0].series_uid):
+                uid = _save_part(part, folder, wanted)
+                if uid is not None:
                     got.add(uid)
         except requests.exceptions.RequestException as exc:
             failure = self._failure(exc, "WADO-RS series")
@@ -198,6 +200,21 @@ class DicomWebPacs:
             logger.info("series stream broke (%s); retrieving the rest one by one", failure.reason)
         missing = [r for r in recs if r.sop_uid not in got]
         return self._retrieve_instances(missing, folder) if missing else {}
+
+    def _series_parts(self, study_uid: str, series_uid: str):
+        """The instances of a series as they arrive: raw multipart bodies (bytes) where this
+        dicomweb-client exposes them, else its decoded datasets."""
+        names = ("_http_get", "_decode_multipart_message", "_get_series_url")
+        get, decode, url_of = (getattr(self.client, name, None) for name in names)
+        if get is None or decode is None or url_of is None:
+            return self.client.iter_series(study_uid, series_uid, media_types=AS_STORED)
+        from dicomweb_client.web import _Transaction
+
+        response = get(url_of(_Transaction.RETRIEVE, study_uid, series_uid), stream=True,
+                       headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        if response.headers.get("Content-Type", "").startswith("application/dicom"):  # one part, not encapsulated
+            return iter([response.content])
+        return decode(response, stream=True)
 
     def _retrieve_instances(self, recs: Sequence[InstanceRecord], folder: Path) -> dict[str, str]:
         _, requests = _require_client()
@@ -233,6 +250,30 @@ class DicomWebPacs:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _save_part(part, folder: Path, wanted: set[str]) -> str | None:
+    """Write one part of a series response as ``folder/<sop uid>.dcm`` when its instance is wanted;
+    returns its SOP Instance UID (None: not wanted). A Part 10 body is written as received; anything
+    else (a dataset, or a body without the Part 10 preamble) is decoded and written as Part 10."""
+    import pydicom
+
+    if not isinstance(part, (bytes, bytearray)):
+        uid = str(part.SOPInstanceUID)
+        if uid in wanted:
+            _save(part, folder / f"{uid}.dcm")
+        return uid if uid in wanted else None
+    if part[128:132] != b"DICM":
+        return _save_part(pydicom.dcmread(BytesIO(part), force=True), folder, wanted)
+    header = pydicom.dcmread(BytesIO(part), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    uid = str(header.SOPInstanceUID)
+    if uid not in wanted:
+        return None
+    path = folder / f"{uid}.dcm"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(part)
+    os.replace(tmp, path)
+    return uid
 
 
 def _save(ds, path: Path) -> None:
