@@ -112,10 +112,11 @@ BUILD_REPORTS = [True]  # False: the "rows only" modes, where the SR reports are
 
 
 def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of a process so far (this one when ``pid`` is None; Linux /proc)."""
+    """User + system CPU seconds of a process so far (this one and its ended children, such as the report
+    process, when ``pid`` is None; Linux /proc)."""
     if pid is None:
         t = os.times()
-        return t.user + t.system
+        return t.user + t.system + t.children_user + t.children_system
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

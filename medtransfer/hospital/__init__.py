@@ -3,18 +3,30 @@ a destination (STOW-RS, C-STORE) of DICOM SR and SEG results, and a DIMSE listen
 
 Needs the ``pacs`` extra (``pip install "medtransfer[pacs]"``: pynetdicom, dicomweb-client).
 """
-from medtransfer.hospital.connection import (
-    ConnectionSettings,
-    PacsEndpoint,
-    PacsError,
-    is_pacs_url,
-    load_settings,
-    parse_pacs_url,
-)
-from medtransfer.hospital.jobs import default_results_dir, predict_from_pacs
-from medtransfer.hospital.pacs import open_pacs
-from medtransfer.hospital.pipeline import PacsJobOptions, PacsSummary
-from medtransfer.hospital.selection import HeaderRange, Selection, parse_range
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names exported lazily (PEP 562): ``import medtransfer.hospital.sr`` in the report process must not
+# import the prediction pipeline (and torch) with it.
+_EXPORTS = {
+    "ConnectionSettings": "connection", "PacsEndpoint": "connection", "PacsError": "connection",
+    "is_pacs_url": "connection", "load_settings": "connection", "parse_pacs_url": "connection",
+    "default_results_dir": "jobs", "predict_from_pacs": "jobs", "open_pacs": "pacs",
+    "PacsJobOptions": "pipeline", "PacsSummary": "pipeline",
+    "HeaderRange": "selection", "Selection": "selection", "parse_range": "selection",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medtransfer.hospital' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"medtransfer.hospital.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ConnectionSettings",

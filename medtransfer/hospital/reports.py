@@ -3,17 +3,19 @@ is in the table and delivered through a :class:`~medtransfer.hospital.results.Re
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import tempfile
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from medtransfer.hospital.results import ResultSink
 from medtransfer.hospital.selection import Unit
-from medtransfer.hospital.sr import ModelIdentity, classification_report, identity_of
+from medtransfer.hospital.sr import ModelIdentity, classification_report, identity_of, write_classification_report
+from medtransfer.utils.priority import lowest_cpu_priority
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +25,25 @@ def report_name(unit: Unit, per_series: bool, tag: str = "") -> str:
     return f"{unit.series_uid if per_series else unit.study_uid}{'.' + tag if tag else ''}.sr.dcm"
 
 
+def report_process() -> ProcessPoolExecutor:
+    """One process that builds reports at the lowest CPU priority (highdicom takes ~10–15 ms of CPU per
+    image group): on cores the model keeps busy it takes only the gaps, and it never holds the job's GIL.
+    Started with ``spawn``: the job's process has model and retrieval threads, which ``fork`` would copy
+    in whatever state they are."""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=lowest_cpu_priority)
+
+
 class ReportBook:
-    """Collects rows by report scope and writes each report once its scope is complete."""
+    """Collects rows by report scope and writes each report once its scope is complete.
+
+    ``background``: reports are built in :func:`report_process` and delivered (sent) by a writer thread
+    beside the job; otherwise built and delivered in the caller's thread."""
 
     def __init__(self, sink: ResultSink, model: ModelIdentity, per_series: bool, units: Iterable[Unit],
                  fetch_identity: Callable[[Unit], Any], tag: str = "", background: bool = False):
         self.sink, self.model, self.per_series, self.tag = sink, model, per_series, tag
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sr-report") if background else None
-        """Reports built and delivered beside the job (highdicom takes ~10 ms of CPU per image group)."""
+        self._builder: ProcessPoolExecutor | None = None  # started with the first report
         self._pending: list[Future] = []
         self.units = {u.key: u for u in units}
         self.expected = Counter(self._scope(u) for u in self.units.values())
@@ -88,8 +101,14 @@ class ReportBook:
             self._pending.append(self._pool.submit(self._write, *job))
 
     def _write(self, name: str, identity, rows: list[Mapping[str, str]], sources) -> None:
-        report = classification_report(identity, rows, self.model, sources, self.per_series)
-        self.sink.deliver(name, report)
+        if self._pool is None:
+            self.sink.deliver(name, classification_report(identity, rows, self.model, sources, self.per_series))
+        else:
+            if self._builder is None:
+                self._builder = report_process()
+            self._builder.submit(write_classification_report, self.sink.folder / name, identity, rows, self.model,
+                                 sources, self.per_series).result()
+            self.sink.deliver(name, written=True)
         logger.info("report %s: %d prediction(s)", name, len(rows))
 
     def close(self) -> None:
@@ -101,6 +120,8 @@ class ReportBook:
                 future.result()
         finally:
             self._pool.shutdown(wait=True)
+            if self._builder is not None:
+                self._builder.shutdown(wait=True)
             self._pending.clear()
 
 

@@ -45,17 +45,19 @@ class ResultSink:
         """Written, and sent when there is a destination."""
         return (self.folder / name).is_file() and (self.destination is None or (name, self.target) in self._sent)
 
-    def deliver(self, name: str, dataset=None) -> Path:
-        """Write ``dataset`` as ``folder/name`` (unless ``None``: the file is there already) and send it."""
+    def deliver(self, name: str, dataset=None, written: bool = False) -> Path:
+        """Write ``dataset`` as ``folder/name`` (unless ``None``: the file is there already; ``written``:
+        it was just written there by a report process) and send it."""
         with self._lock:
-            return self._deliver(name, dataset)
+            return self._deliver(name, dataset, written)
 
-    def _deliver(self, name: str, dataset) -> Path:
+    def _deliver(self, name: str, dataset, written: bool) -> Path:
         path = self.folder / name
         if dataset is not None:
             tmp = path.with_name(f".{name}.tmp{os.getpid()}")
             dataset.save_as(tmp, enforce_file_format=True)
             os.replace(tmp, path)
+        if dataset is not None or written:
             self.counts["written"] += 1
         if self.destination is not None and (name, self.target) not in self._sent:
             self._send(name, path)

@@ -199,3 +199,14 @@ def classification_report(identity, rows: Sequence[Mapping[str, str]], model: Mo
         software_versions=str(__version__), manufacturer_model_name=model.backbone[:64] or "medtransfer",
     )
     return sr
+
+
+def write_classification_report(path: str | os.PathLike[str], identity, rows: Sequence[Mapping[str, str]],
+                                model: ModelIdentity, sources: Mapping[str, Sequence[tuple[str, str, str]]],
+                                per_series: bool) -> None:
+    """:func:`classification_report` written to ``path`` atomically (the work of the report process)."""
+    target = Path(path)
+    report = classification_report(identity, rows, model, sources, per_series)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    report.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, target)

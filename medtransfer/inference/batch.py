@@ -51,6 +51,7 @@ from medtransfer.io import (
     read_dicom_header,
 )
 from medtransfer.utils.atomic import DiskFullError
+from medtransfer.utils.priority import lowest_cpu_priority
 
 logger = logging.getLogger(__name__)
 
@@ -291,17 +292,8 @@ class RowBuilder:
         return row
 
 
-# Decoding workers run at the lowest CPU priority: when they and the model share the cores, the
-# model's OpenMP threads keep running and the workers fill the gaps (measured on 2 cores: 0.84 instead
-# of 0.80 of the model-only rate); with spare cores or a GPU the priority changes nothing.
-WORKER_NICE = 19
-
-
-def _lower_priority(_worker_id: int) -> None:
-    try:
-        os.nice(WORKER_NICE)
-    except (AttributeError, OSError):  # no os.nice on Windows; a container may forbid it
-        pass
+# Decoding workers run at the lowest CPU priority (measured on 2 cores: 0.84 instead of 0.80 of the
+# model-only rate); see medtransfer.utils.priority.
 
 
 def _list_list(batch: list[DecodedItem]) -> list[DecodedItem]:
@@ -599,7 +591,7 @@ def _predict_items(run, items: list[WorkItem], out_csv: Any, opts: PredictOption
     kept: list[dict[str, Any]] | None = list(previous) if keep_rows else None
     loader = DataLoader(_Decode(todo, run.pre, dims, filt, opts.patient_fields), batch_size=opts.batch_size,
                         shuffle=False, num_workers=opts.workers, collate_fn=_list_list, persistent_workers=False,
-                        worker_init_fn=_lower_priority if opts.workers else None,
+                        worker_init_fn=lowest_cpu_priority if opts.workers else None,
                         prefetch_factor=4 if opts.workers else None)
     from rich.progress import Progress
 
