@@ -218,3 +218,34 @@ def test_predict_with_pacs_options_on_a_folder_is_bad_usage(tmp_path):
     assert res.exit_code == 2 and "Did you mean 'Modality'" in res.output
     res = CliRunner().invoke(app, ["serve", "--help"])
     assert res.exit_code == 0 and "--quiet-period" in res.output and "medtransfer serve runs/" in res.output
+
+
+def test_wado_rs_parts_are_written_byte_for_byte(tmp_path):
+    """A Part 10 part goes to disk as received (no decode and re-encode: same bytes, private tags and
+    all); a part without the Part 10 preamble is decoded and written as Part 10; unwanted parts are not
+    written."""
+    from pydicom.data import get_testdata_file
+
+    from medtransfer.hospital.dicomweb import _save_part
+
+    source = Path(get_testdata_file("CT_small.dcm", download=False))
+    part = source.read_bytes()
+    uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    assert _save_part(part, tmp_path, {uid}) == uid
+    assert (tmp_path / f"{uid}.dcm").read_bytes() == part
+    assert _save_part(part, tmp_path / "none", {"1.2.3"}) is None and not (tmp_path / "none").exists()
+
+    ds = pydicom.dcmread(source)
+    from pydicom.filewriter import write_dataset
+
+    bare = pydicom.filebase.DicomBytesIO()  # the dataset alone: no preamble, no file meta
+    bare.is_little_endian, bare.is_implicit_VR = True, False
+    write_dataset(bare, ds)
+    body = bare.getvalue()
+    assert body[128:132] != b"DICM"
+    other = tmp_path / "bare"
+    other.mkdir()
+    assert _save_part(body, other, {uid}) == uid
+    back = pydicom.dcmread(other / f"{uid}.dcm")
+    assert back.preamble is not None and back.SOPInstanceUID == uid
+    assert (back.pixel_array == ds.pixel_array).all()

@@ -264,7 +264,7 @@ def _save_part(part, folder: Path, wanted: set[str]) -> str | None:
             _save(part, folder / f"{uid}.dcm")
         return uid if uid in wanted else None
     if part[128:132] != b"DICM":
-        return _save_part(pydicom.dcmread(BytesIO(part), force=True), folder, wanted)
+        return _save_part(_with_file_meta(pydicom.dcmread(BytesIO(part), force=True)), folder, wanted)
     header = pydicom.dcmread(BytesIO(part), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
     uid = str(header.SOPInstanceUID)
     if uid not in wanted:
@@ -274,6 +274,21 @@ def _save_part(part, folder: Path, wanted: set[str]) -> str | None:
     tmp.write_bytes(part)
     os.replace(tmp, path)
     return uid
+
+
+def _with_file_meta(ds):
+    """A dataset read from a body without Part 10 header, given the file meta that makes it one."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit = ds.original_encoding[0] if hasattr(ds, "original_encoding") else ds.is_implicit_VR
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = meta.get("MediaStorageSOPClassUID") or ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = meta.get("MediaStorageSOPInstanceUID") or ds.SOPInstanceUID
+    ds.file_meta = meta
+    return ds
 
 
 def _save(ds, path: Path) -> None:
