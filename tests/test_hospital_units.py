@@ -1,6 +1,7 @@
 """Hospital integration without a PACS: addresses, settings and secrets, selection ranges, work units
 and shards, chunks, the SR on real images checked with DCMTK's dsrdump, the listener's journal."""
 import csv
+import logging
 import subprocess
 from pathlib import Path
 
@@ -249,3 +250,57 @@ def test_wado_rs_parts_are_written_byte_for_byte(tmp_path):
     back = pydicom.dcmread(other / f"{uid}.dcm")
     assert back.preamble is not None and back.SOPInstanceUID == uid
     assert (back.pixel_array == ds.pixel_array).all()
+
+
+def test_reports_are_built_in_the_job_when_the_report_process_is_unavailable(study_rows, tmp_path, monkeypatch):
+    """A report process that cannot start (or died) costs no report: the job builds them itself, says so
+    once, and every report is written."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    import medtransfer.hospital.reports as reports
+    from medtransfer.hospital.results import ResultSink
+    from medtransfer.hospital.selection import Unit
+    from medtransfer.hospital.sr import model_identity
+    from medtransfer.inference import load_run
+
+    run_dir, rows = study_rows
+    starts = []
+
+    class Broken:
+        def submit(self, *args, **kwargs):
+            raise BrokenProcessPool("the report process died")
+
+        def shutdown(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(reports, "report_process", lambda: starts.append(1) or Broken())
+    headers = {r["path"]: pydicom.dcmread(r["path"], stop_before_pixels=True) for r in rows}
+    units, job_rows = [], []
+    for r in rows:
+        h = headers[r["path"]]
+        rec = InstanceRecord(str(h.StudyInstanceUID), str(h.SeriesInstanceUID), str(h.SOPInstanceUID),
+                             str(h.SOPClassUID))
+        units.append(Unit(rec.key, [rec]))
+        job_rows.append(dict(r, path=rec.key, series_instance_uid=rec.series_uid))
+    sink = ResultSink(tmp_path / "results")
+    book = reports.ReportBook(sink, model_identity(load_run(run_dir, "cpu")), False, units, lambda unit: None,
+                              background=True)
+    book.remember_identity(units[0].study_uid, headers[rows[0]["path"]])
+    warnings = []
+
+    class Keep(logging.Handler):  # on the module's logger itself: the CLI tests change propagation
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    log = logging.getLogger("medtransfer.hospital.reports")
+    handler, level = Keep(logging.WARNING), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    try:
+        book.add(job_rows)
+        book.close()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert sink.counts["written"] == 1 and len(list(sink.folder.glob("*.sr.dcm"))) == 1
+    assert starts == [1] and len(warnings) == 1 and "report process is not available" in warnings[0]

@@ -9,6 +9,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ class ReportBook:
                  fetch_identity: Callable[[Unit], Any], tag: str = "", background: bool = False):
         self.sink, self.model, self.per_series, self.tag = sink, model, per_series, tag
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sr-report") if background else None
-        self._builder: ProcessPoolExecutor | None = None  # started with the first report
+        self._builder: ProcessPoolExecutor | None | bool = None  # started with the first report; False: unusable
         self._pending: list[Future] = []
         self.units = {u.key: u for u in units}
         self.expected = Counter(self._scope(u) for u in self.units.values())
@@ -101,15 +102,30 @@ class ReportBook:
             self._pending.append(self._pool.submit(self._write, *job))
 
     def _write(self, name: str, identity, rows: list[Mapping[str, str]], sources) -> None:
-        if self._pool is None:
+        if self._pool is None or not self._built_in_process(name, identity, rows, sources):
             self.sink.deliver(name, classification_report(identity, rows, self.model, sources, self.per_series))
         else:
+            self.sink.deliver(name, written=True)
+        logger.info("report %s: %d prediction(s)", name, len(rows))
+
+    def _built_in_process(self, name: str, identity, rows: list[Mapping[str, str]], sources) -> bool:
+        """Build and write the report in the report process; False when that process cannot start or
+        died (e.g. killed for memory): the caller then builds it here, and so do the later reports."""
+        if self._builder is False:
+            return False
+        try:
             if self._builder is None:
                 self._builder = report_process()
             self._builder.submit(write_classification_report, self.sink.folder / name, identity, rows, self.model,
                                  sources, self.per_series).result()
-            self.sink.deliver(name, written=True)
-        logger.info("report %s: %d prediction(s)", name, len(rows))
+            return True
+        except (BrokenProcessPool, OSError) as exc:
+            logger.warning("the report process is not available (%s: %s); building the reports in the job's "
+                           "process", type(exc).__name__, exc)
+            if self._builder:
+                self._builder.shutdown(wait=False, cancel_futures=True)
+            self._builder = False
+            return False
 
     def close(self) -> None:
         """Wait for the reports still being written (an error in one is raised here)."""
@@ -120,7 +136,7 @@ class ReportBook:
                 future.result()
         finally:
             self._pool.shutdown(wait=True)
-            if self._builder is not None:
+            if self._builder:
                 self._builder.shutdown(wait=True)
             self._pending.clear()
 
