@@ -5,8 +5,7 @@ Needs the ``pacs`` extra (``pip install "medtransfer[pacs]"``: pynetdicom, dicom
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medtransfer.utils.lazy import lazy_exports
 
 # Names exported lazily (PEP 562): ``import medtransfer.hospital.sr`` in the report process must not
 # import the prediction pipeline (and torch) with it.
@@ -19,14 +18,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medtransfer.hospital' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"medtransfer.hospital.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "ConnectionSettings",

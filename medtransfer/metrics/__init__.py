@@ -7,8 +7,7 @@ Submodules are imported on first use so that ``import medtransfer.metrics`` stay
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medtransfer.utils.lazy import lazy_exports
 
 from medtransfer.metrics._utils import UndefinedMetricWarning
 
@@ -65,17 +64,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medtransfer.metrics' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"medtransfer.metrics.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["UndefinedMetricWarning", *_EXPORTS]

@@ -6,8 +6,7 @@ The names below are imported on first use, so that reading data or predicting do
 training code (and the reverse)."""
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medtransfer.utils.lazy import lazy_exports
 
 _WHERE = {
     "SegConfig": "config", "load_seg_config": "config", "seg_config_from_dict": "config",
@@ -21,7 +20,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'medtransfer.segmentation' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"medtransfer.segmentation.{_WHERE[name]}"), name)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
