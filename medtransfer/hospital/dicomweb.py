@@ -8,7 +8,6 @@ instance into a dataset and encoding it again.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from io import BytesIO
 from pathlib import Path
@@ -23,6 +22,7 @@ from medtransfer.hospital.connection import (
     timed_out,
 )
 from medtransfer.hospital.selection import InstanceRecord
+from medtransfer.utils.atomic import atomic_path, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -269,10 +269,7 @@ def _save_part(part, folder: Path, wanted: set[str]) -> str | None:
     uid = str(header.SOPInstanceUID)
     if uid not in wanted:
         return None
-    path = folder / f"{uid}.dcm"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(part)
-    os.replace(tmp, path)
+    write_bytes_atomic(folder / f"{uid}.dcm", part)
     return uid
 
 
@@ -293,6 +290,5 @@ def _with_file_meta(ds):
 
 def _save(ds, path: Path) -> None:
     """Write a retrieved dataset (Part 10, as received) atomically."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medtransfer.utils.atomic import atomic_path
+
 SCHEME = "99MEDTRANSFER"
 """Private coding scheme of the class concepts (their meanings are the run's class names)."""
 IDENTITY_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
@@ -205,8 +207,6 @@ def write_classification_report(path: str | os.PathLike[str], identity, rows: Se
                                 model: ModelIdentity, sources: Mapping[str, Sequence[tuple[str, str, str]]],
                                 per_series: bool) -> None:
     """:func:`classification_report` written to ``path`` atomically (the work of the report process)."""
-    target = Path(path)
     report = classification_report(identity, rows, model, sources, per_series)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    report.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, target)
+    with atomic_path(path) as tmp:
+        report.save_as(tmp, enforce_file_format=True)

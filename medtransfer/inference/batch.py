@@ -292,10 +292,6 @@ class RowBuilder:
         return row
 
 
-# Decoding workers run at the lowest CPU priority (measured on 2 cores: 0.84 instead of 0.80 of the
-# model-only rate); see medtransfer.utils.priority.
-
-
 def _list_list(batch: list[DecodedItem]) -> list[DecodedItem]:
     return batch
 
