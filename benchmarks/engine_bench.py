@@ -10,7 +10,7 @@
    64 px, without and with the feature cache; median epoch seconds (the one-off cache build is
    reported separately).
 
-Run: ``python benchmarks/engine_bench.py`` (CPU; about 3 minutes on 2 cores; run it alone — other jobs on the cores swamp the ratio).
+Run: ``python benchmarks/engine_bench.py`` (CPU; about 4 minutes on 2 cores; run it alone — other jobs on the cores swamp the ratio).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_train_engine import toy_npz  # noqa: E402
@@ -113,7 +114,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     work = Path(tempfile.mkdtemp(prefix="engine_bench_"))
     npz = toy_npz(work / "toy.npz", n=(1024, 256, 16), size=64)
-    epochs, reps = 5, 10
+    epochs, reps = 5, 20
     tiny = ["model.backbone=tiny_cnn.random", "model.weights=none", "data.size=64", "train.batch_size=32",
             "train.head_epochs=0", f"train.finetune_epochs={epochs}", "train.lr_schedule=constant",
             "train.class_weighting=false", "train.bn_policy=train", *NO_AUG]
@@ -162,7 +163,7 @@ def main() -> None:
         "feature_cache_setup": "efficientnet_lite0.in1k (pip weights), frozen, 64 px, batch 32, 512 train / 128 val, "
                                "head-only epochs incl. validation; first epoch (cache build / image decode) dropped",
         "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "machine": platform.machine(),
+        "python": platform.python_version(), "machine": machine(),
     }
     out = Path(__file__).resolve().parent / "results" / "engine.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import pydicom
+from machine import machine
 from pydicom.data import get_testdata_file
 from pydicom.pixels import pixel_array
 
@@ -79,8 +79,7 @@ def main() -> int:
     ct_files = sorted((DATA / "ct_liver_seg_dicom" / "ct").glob("*.dcm"))
     ct_files.append(Path(get_testdata_file("CT_small.dcm", download=False)))
     results: dict = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU, Python {platform.python_version()}, "
-        f"pydicom {pydicom.__version__}",
+        "machine": f"{machine()}, pydicom {pydicom.__version__}",
         "reps": args.reps,
         "quick": args.quick,
     }

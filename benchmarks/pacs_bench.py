@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the Orthanc launcher the tests use
 
+from machine import cpu_model  # noqa: E402
 from orthanc_server import OrthancServer, find_orthanc  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDTRANSFER_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -239,7 +240,7 @@ def measure(args, work: Path) -> dict:
         "report_build_ms_per_instance": round(1000 * min(report_s["dicomweb"]) / n, 2),
         "send_results_s": {k: round(v, 3) for k, v in send.items()},
         "send_per_report_ms": {k: round(1000 * v / max(1, len(reports)), 1) for k, v in send.items()},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
     }
 
 
