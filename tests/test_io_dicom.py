@@ -227,3 +227,34 @@ def test_decoder_hints_put_permissive_plugins_first():
     assert "pylibjpeg-openjpeg" in j2k and "Pillow" in j2k
     lossless = missing_decoder_hint("1.2.840.10008.1.2.4.70")
     assert lossless.index("python-gdcm") < lossless.index("pylibjpeg-libjpeg, GPL-3.0")
+
+
+def test_part10_instance_uid_reads_the_file_meta_like_pydicom():
+    from pydicom.data import get_testdata_files
+
+    from medtransfer.io.dicom import part10_instance_uid
+
+    compared = 0
+    for path in get_testdata_files("*.dcm"):
+        data = open(path, "rb").read()
+        if data[128:132] != b"DICM":
+            assert part10_instance_uid(data) is None, path
+            continue
+        meta = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta
+        expected = str(meta.get("MediaStorageSOPInstanceUID", "")) or None
+        assert part10_instance_uid(data) == expected, path
+        compared += 1
+    assert compared > 50
+
+
+def test_part10_instance_uid_is_none_for_bytes_that_do_not_carry_one():
+    from medtransfer.io.dicom import part10_instance_uid
+
+    data = open(bundled("CT_small.dcm"), "rb").read()
+    uid = pydicom.dcmread(bundled("CT_small.dcm")).file_meta.MediaStorageSOPInstanceUID
+    assert part10_instance_uid(data) == uid
+    assert part10_instance_uid(memoryview(data)) == uid
+    assert part10_instance_uid(data[:140]) is None  # file meta cut short
+    assert part10_instance_uid(b"\x00" * 128 + b"DICM" + b"\x08\x00\x18\x00UI\x04\x001.2\x00") is None  # no meta group
+    assert part10_instance_uid(data[128:]) is None  # no preamble
+    assert part10_instance_uid(b"") is None

@@ -22,6 +22,7 @@ from medtransfer.hospital.connection import (
     timed_out,
 )
 from medtransfer.hospital.selection import InstanceRecord
+from medtransfer.io.dicom import part10_instance_uid
 from medtransfer.utils.atomic import atomic_path, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -254,8 +255,9 @@ class DicomWebPacs:
 
 def _save_part(part, folder: Path, wanted: set[str]) -> str | None:
     """Write one part of a series response as ``folder/<sop uid>.dcm`` when its instance is wanted;
-    returns its SOP Instance UID (None: not wanted). A Part 10 body is written as received; anything
-    else (a dataset, or a body without the Part 10 preamble) is decoded and written as Part 10."""
+    returns its SOP Instance UID (None: not wanted). A Part 10 body is written as received, named by its
+    file meta's Media Storage SOP Instance UID (the header is parsed only when that is not one we want);
+    anything else (a dataset, or a body without the Part 10 preamble) is decoded and written as Part 10."""
     import pydicom
 
     if not isinstance(part, (bytes, bytearray)):
@@ -265,10 +267,11 @@ def _save_part(part, folder: Path, wanted: set[str]) -> str | None:
         return uid if uid in wanted else None
     if part[128:132] != b"DICM":
         return _save_part(_with_file_meta(pydicom.dcmread(BytesIO(part), force=True)), folder, wanted)
-    header = pydicom.dcmread(BytesIO(part), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-    uid = str(header.SOPInstanceUID)
-    if uid not in wanted:
-        return None
+    uid = part10_instance_uid(part)
+    if uid not in wanted:  # not in the file meta, or not wanted: the dataset's own UID decides
+        uid = str(pydicom.dcmread(BytesIO(part), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        if uid not in wanted:
+            return None
     write_bytes_atomic(folder / f"{uid}.dcm", part)
     return uid
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import struct
 import warnings
 from io import BytesIO
 from collections.abc import Iterator
@@ -135,6 +136,37 @@ def _dcmread(path: str | os.PathLike[str], stop_before_pixels: bool = False, def
 def read_dicom_header(path: str | os.PathLike[str]):
     """Read a DICOM dataset without its pixel data; raises :class:`MedIOError` on bad files."""
     return _dcmread(path, stop_before_pixels=True)
+
+
+# Explicit VR with a 4-byte value length (PS3.5 7.1.2); the file meta is always explicit VR little endian.
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def part10_instance_uid(data: bytes | bytearray | memoryview) -> str | None:
+    """The Media Storage SOP Instance UID (0002,0003) of a Part 10 byte string, read from its file meta
+    by hand: a few µs, where pydicom's header read takes ~0.15–0.3 ms (it builds the whole file meta).
+    PS3.10 7.1 makes it the dataset's SOP Instance UID. ``None`` when the bytes are not Part 10 (no
+    ``DICM`` at 128), the file meta ends (or is cut short) before the element, or it is empty."""
+    view = memoryview(data)
+    if len(view) < 132 or view[128:132] != b"DICM":
+        return None
+    pos, end = 132, len(view)
+    while pos + 8 <= end:
+        group, element = struct.unpack_from("<HH", view, pos)
+        if group != 0x0002:
+            return None
+        vr = bytes(view[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > end:
+                return None
+            length, value = struct.unpack_from("<I", view, pos + 8)[0], pos + 12
+        else:
+            length, value = struct.unpack_from("<H", view, pos + 6)[0], pos + 8
+        if element == 0x0003:
+            uid = bytes(view[value : min(value + length, end)]).rstrip(b"\x00 ").decode("ascii", "replace")
+            return uid or None
+        pos = value + length
+    return None
 
 
 def _float(value: Any, default: float) -> float:

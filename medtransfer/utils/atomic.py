@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from medtransfer.errors import MedTransferError
 
@@ -38,34 +38,60 @@ def disk_full_error(path: str | os.PathLike[str]) -> DiskFullError:
         "another --out); earlier outputs were left intact and no partial file was kept.")
 
 
+def _temporary_beside(target: Path) -> tuple[int, Path]:
+    """An open descriptor and the name of a new, empty temporary file in ``target``'s folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    return fd, Path(name)
+
+
+def _discard(tmp: Path, target: Path, exc: BaseException) -> None:
+    """Remove a failed write's temporary file; a full disk becomes :class:`DiskFullError`."""
+    tmp.unlink(missing_ok=True)
+    if _is_disk_full(exc):
+        raise disk_full_error(target) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on any failure it is
-    removed (a full disk becomes :class:`DiskFullError`)."""
+    removed (a full disk becomes :class:`DiskFullError`). For writers that take a path (``torch.save``)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = _temporary_beside(target)
     os.close(fd)
-    tmp = Path(name)
     try:
         yield tmp
         os.replace(tmp, target)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if _is_disk_full(exc):
-            raise disk_full_error(target) from None
+        _discard(tmp, target, exc)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Yield the temporary file beside ``path`` open for writing (``open``'s ``mode`` and keywords); it
+    replaces ``path`` when the block ends, or is removed on any failure. One open per file instead of
+    :func:`atomic_path`'s two (half the time for an 85 kB DICOM instance)."""
+    target = Path(path)
+    fd, tmp = _temporary_beside(target)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as fh:
+            yield fh
+        os.replace(tmp, target)
+    except BaseException as exc:
+        _discard(tmp, target, exc)
         raise
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
     return Path(path)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> Path:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
     return Path(path)
 
 
@@ -105,7 +131,7 @@ def _cell(v: Any) -> Any:
 def write_csv_atomic(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]],
                      fieldnames: Sequence[str]) -> Path:
     """Dict rows as CSV; NaN and None are written as empty cells, missing keys too."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(fieldnames))
         writer.writeheader()
         for row in rows:
