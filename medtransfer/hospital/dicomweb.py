@@ -269,7 +269,8 @@ def _save_part(part, folder: Path, wanted: set[str]) -> str | None:
         return _save_part(_with_file_meta(pydicom.dcmread(BytesIO(part), force=True)), folder, wanted)
     uid = part10_instance_uid(part)
     if uid not in wanted:  # not in the file meta, or not wanted: the dataset's own UID decides
-        uid = str(pydicom.dcmread(BytesIO(part), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        header = pydicom.dcmread(BytesIO(part), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        uid = str(header.SOPInstanceUID)
         if uid not in wanted:
             return None
     write_bytes_atomic(folder / f"{uid}.dcm", part)

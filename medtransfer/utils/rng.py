@@ -17,7 +17,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def _python_state() -> tuple[Any, ...]:
-    """``random.getstate()`` with its 625 words as one tensor: pickled as one object, not 625 (a third of
+    """``random.getstate()`` with its 625 words as one tensor: pickled as one object, not 625 (a quarter of
     the objects in a small model's ``last.pt``, written every epoch)."""
     version, words, gauss = random.getstate()
     return version, torch.tensor(words, dtype=torch.int64), gauss
@@ -25,7 +25,7 @@ def _python_state() -> tuple[Any, ...]:
 
 def _python_state_tuple(state: tuple[Any, ...]) -> tuple[Any, ...]:
     version, words, gauss = state
-    return version, tuple(int(w) for w in (words.tolist() if isinstance(words, torch.Tensor) else words)), gauss
+    return version, tuple(words.tolist() if isinstance(words, torch.Tensor) else words), gauss
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
