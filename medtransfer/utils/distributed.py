@@ -53,6 +53,7 @@ def broadcast(obj: Any, dist: Distributed) -> Any:
 
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
+    _let_workers_release()
     return box[0]
 
 
@@ -64,7 +65,19 @@ def gather_shards(part: np.ndarray, n: int) -> np.ndarray:
     world = tdist.get_world_size()
     parts: list[Any] = [None] * world
     tdist.all_gather_object(parts, part)
+    _let_workers_release()
     out = np.empty((len(parts[0]) * world, *part.shape[1:]), dtype=part.dtype)
     for r, p in enumerate(parts):
         out[r::world] = p
     return out[:n]
+
+
+def _let_workers_release() -> None:
+    """Wait in a barrier after an object collective. Gloo's worker thread drops the collective's
+    Python-backed tensors only after the caller has its result, and needs the GIL to do so; were the
+    interpreter to shut down first (the collective was the rank's last), the thread would be ended
+    inside that destructor and the rank die of SIGABRT ("terminate called without an active
+    exception") after its work was done. The barrier's wait releases the GIL while the worker does it."""
+    import torch.distributed as tdist
+
+    tdist.barrier()
