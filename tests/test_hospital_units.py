@@ -3,7 +3,10 @@ and shards, chunks, the SR on real images checked with DCMTK's dsrdump, the list
 import csv
 import logging
 import subprocess
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydicom
 import pytest
@@ -304,3 +307,62 @@ def test_reports_are_built_in_the_job_when_the_report_process_is_unavailable(stu
         log.setLevel(level)
     assert sink.counts["written"] == 1 and len(list(sink.folder.glob("*.sr.dcm"))) == 1
     assert starts == [1] and len(warnings) == 1 and "report process is not available" in warnings[0]
+
+
+class _SlowPacs:
+    """A PACS whose query blocks until the model has started loading; records what happened when."""
+
+    def __init__(self):
+        self.events: list[str] = []
+        self.loading = threading.Event()
+
+    def describe(self) -> str:
+        return "slow test PACS"
+
+    def query(self, fields, range_keywords):
+        self.events.append("query started")
+        assert self.loading.wait(10), "the model did not load while the query ran"
+        time.sleep(0.05)
+        self.events.append("query ended")
+        return []
+
+    def close(self) -> None:
+        self.events.append("closed")
+
+
+def test_the_query_runs_while_the_model_loads_and_ends_before_the_connection(tmp_path, monkeypatch):
+    import medtransfer.hospital.jobs as jobs
+    import medtransfer.inference as inference
+    from medtransfer.hospital import predict_from_pacs
+
+    pacs = _SlowPacs()
+
+    def load_run(run_dir, device):
+        assert pacs.events == ["query started"]  # the query was asked before the model loads
+        pacs.loading.set()
+        raise RuntimeError("this run cannot be loaded")
+
+    monkeypatch.setattr(jobs, "open_pacs", lambda endpoint, settings: pacs)
+    monkeypatch.setattr(inference, "load_run", load_run)
+    with pytest.raises(RuntimeError, match="cannot be loaded"):
+        predict_from_pacs(tmp_path / "run", "dicomweb://127.0.0.1:1/dicom-web", tmp_path / "preds.csv")
+    assert pacs.events == ["query started", "query ended", "closed"]  # a failed load still waits for the query
+
+
+def test_a_query_failure_is_raised_by_the_job(tmp_path, monkeypatch):
+    import medtransfer.hospital.jobs as jobs
+    import medtransfer.hospital.pipeline as pipeline
+    import medtransfer.inference as inference
+    from medtransfer.hospital import predict_from_pacs
+
+    class RefusingPacs(_SlowPacs):
+        def query(self, fields, range_keywords):
+            raise PacsError("rejected: QIDO-RS search: 403 Forbidden")
+
+    monkeypatch.setattr(jobs, "open_pacs", lambda endpoint, settings: RefusingPacs())
+    monkeypatch.setattr(pipeline, "ReportBook", lambda *a, **k: pytest.fail("no report book without a query"))
+
+    run = SimpleNamespace(pre=SimpleNamespace(spec=SimpleNamespace(dims=2)))
+    monkeypatch.setattr(inference, "load_run", lambda run_dir, device: run)
+    with pytest.raises(PacsError, match="403 Forbidden"):
+        predict_from_pacs(tmp_path / "run", "dicomweb://127.0.0.1:1/dicom-web", tmp_path / "preds.csv")

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future
 from pathlib import Path
 
 from medtransfer.hospital.connection import ConnectionSettings, parse_pacs_url
 from medtransfer.hospital.pacs import open_pacs
-from medtransfer.hospital.pipeline import PacsJobOptions, PacsSummary, predict_classification
+from medtransfer.hospital.pipeline import (
+    PacsJobOptions,
+    PacsSummary,
+    predict_classification,
+    query_in_background,
+)
 from medtransfer.hospital.results import ResultSink
 
 logger = logging.getLogger(__name__)
@@ -35,16 +41,23 @@ def predict_from_pacs(run_dir: str | os.PathLike[str], source: str, out_csv: str
     destination = open_pacs(destination_endpoint, settings) if destination_endpoint else None
     try:
         sink = ResultSink(results_dir or default_results_dir(out_csv), destination)
-        from medtransfer.run import is_segmentation_run
-
-        if is_segmentation_run(run_dir):
-            from medtransfer.hospital.segjob import predict_segmentation_pacs
-
-            return predict_segmentation_pacs(run_dir, pacs, out_csv, sink, options)
-        from medtransfer.inference import load_run
-
-        return predict_classification(load_run(run_dir, device), pacs, out_csv, sink, options)
+        with query_in_background(pacs, options.selection) as query:
+            return _predict(run_dir, pacs, query, out_csv, sink, options, device)
     finally:
         pacs.close()
         if destination is not None:
             destination.close()
+
+
+def _predict(run_dir: str | os.PathLike[str], pacs, query: Future, out_csv: str | os.PathLike[str],
+             sink: ResultSink, options: PacsJobOptions, device: str) -> PacsSummary:
+    """Load the run (while ``query`` runs) and predict what the query found, by the run's task."""
+    from medtransfer.run import is_segmentation_run
+
+    if is_segmentation_run(run_dir):
+        from medtransfer.hospital.segjob import predict_segmentation_pacs
+
+        return predict_segmentation_pacs(run_dir, pacs, query, out_csv, sink, options)
+    from medtransfer.inference import load_run
+
+    return predict_classification(load_run(run_dir, device), pacs, query, out_csv, sink, options)

@@ -15,6 +15,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -173,13 +174,25 @@ def predict_chunk(run, chunk: Chunk, opts: PacsJobOptions, per_series: bool, boo
     return rows
 
 
-def query_units(pacs, opts: PacsJobOptions, per_series: bool) -> tuple[list[Unit], Counter]:
-    """The job's work units (sharded) and the number of instances of each series the query found."""
-    selection = opts.selection
-    records = pacs.query(selection.query_fields(), [r.keyword for r in selection.ranges])
+@contextlib.contextmanager
+def query_in_background(pacs, selection: Selection) -> Iterator[Future]:
+    """The job's QIDO-RS / C-FIND for ``selection``, run in a thread while the model loads (on a large
+    archive the query takes a second or more). The query has ended when the block does, also when
+    the block fails, so it never outlives the job's connection."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacs-query")
+    try:
+        yield pool.submit(pacs.query, selection.query_fields(), [r.keyword for r in selection.ranges])
+    finally:
+        pool.shutdown(wait=True)
+
+
+def query_units(pacs, query: Future, opts: PacsJobOptions, per_series: bool) -> tuple[list[Unit], Counter]:
+    """The job's work units (sharded) and the number of instances of each series the query found
+    (``query``: from :func:`query_in_background`; its error, a :class:`PacsError`, is raised here)."""
+    records = query.result()
     logger.info("%s: the query found %d instance(s) in %d series", pacs.describe(), len(records),
                 len({r.series_uid for r in records}))
-    units = shard_by_study(plan_units(records, per_series, selection), opts.shard)
+    units = shard_by_study(plan_units(records, per_series, opts.selection), opts.shard)
     return units, Counter(r.series_uid for r in records)
 
 
@@ -197,11 +210,11 @@ def progress_bar(enabled: bool, total: int):
     return bar, bar.add_task("retrieving and predicting", total=total)
 
 
-def predict_classification(run, pacs, out_csv: str | os.PathLike[str], sink: ResultSink,
+def predict_classification(run, pacs, query: Future, out_csv: str | os.PathLike[str], sink: ResultSink,
                            opts: PacsJobOptions) -> PacsSummary:
     """Predict every instance (series for 3D models) a PACS query finds with a loaded run."""
     per_series = run.pre.spec.dims == 3
-    units, series_sizes = query_units(pacs, opts, per_series)
+    units, series_sizes = query_units(pacs, query, opts, per_series)
     book = ReportBook(sink, model_identity(run), per_series, units,
                       lambda unit: fetch_identity(pacs, unit, spool_folder(out_csv, opts.spool_dir).parent),
                       background=True)

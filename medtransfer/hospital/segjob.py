@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -84,15 +85,15 @@ def segment_chunk(run_dir: Path, chunk: Chunk, opts: PacsJobOptions, sink: Resul
     return rows
 
 
-def predict_segmentation_pacs(run_dir: str | os.PathLike[str], pacs, out_csv: str | os.PathLike[str],
-                              sink: ResultSink, opts: PacsJobOptions) -> PacsSummary:
+def predict_segmentation_pacs(run_dir: str | os.PathLike[str], pacs, query: Future,
+                              out_csv: str | os.PathLike[str], sink: ResultSink, opts: PacsJobOptions) -> PacsSummary:
     """Segment every series a PACS query finds with a segmentation run; SEG to the sink."""
     from medtransfer.segmentation.inference import load_run
 
     _, ckpt = load_run(run_dir)
     run_dir = Path(run_dir)
     sha = file_sha256(run_dir / "model.pt")
-    units, series_sizes = query_units(pacs, opts, per_series=True)
+    units, series_sizes = query_units(pacs, query, opts, per_series=True)
     with RowLog(out_csv, segmentation_fields(ckpt["label_names"]), opts.resume, [u.key for u in units]) as table:
         todo = [u for u in units if u.key not in table.done]
         bar, task = progress_bar(opts.progress, len(todo))
