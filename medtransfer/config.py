@@ -87,6 +87,9 @@ class AugmentConfig:
     scale: float = field(default=0.05, metadata={"min": 0.0, "max": 0.5})
     brightness: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0})
     contrast: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0})
+    rotate_3d: bool = False
+    """Volumes: rotate by up to ``rotate_degrees`` about each of the three axes (for near-isotropic
+    volumes) instead of about the slice axis only (the default, right for thick-slice data)."""
 
 
 @dataclass

@@ -133,7 +133,8 @@ def test_finetune_a_3d_backbone_on_nifti_volumes(tmp_path):
         _pre().load_image(str(data / "vol000.nii.gz"))
 
 
-def test_volume_npz_into_a_3d_backbone(tmp_path):
+@pytest.mark.parametrize("augment", [[], ["augment.rotate_3d=true", "augment.rotate_degrees=10"]], ids=["in-plane", "3d"])
+def test_volume_npz_into_a_3d_backbone(tmp_path, augment):
     rng = np.random.default_rng(0)
     arrays = {}
     for split, k in zip(("train", "val", "test"), (40, 16, 16)):
@@ -142,7 +143,7 @@ def test_volume_npz_into_a_3d_backbone(tmp_path):
         x[y[:, 0] == 1, 10:18, 10:18, 10:18] += 150
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = x.astype(np.uint8), y.astype(np.uint8)
     np.savez(tmp_path / "vol.npz", **arrays)
-    cfg = load_config("general", overrides=[*TINY, "model.backbone=tiny_cnn3d.random", "data.size=16"])
+    cfg = load_config("general", overrides=[*TINY, "model.backbone=tiny_cnn3d.random", "data.size=16", *augment])
     res = finetune(cfg, data=tmp_path / "vol.npz", out_dir=tmp_path / "run")
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["preprocess"]["dims"] == 3
     assert res.metrics["test"]["auc"] > 0.9
@@ -160,6 +161,36 @@ def test_volume_augmentation_is_one_in_plane_transform_per_volume():
     for v in range(2):  # every slice of a volume moved the same way
         assert all(torch.equal(out[v, 0, 0], out[v, 0, k]) for k in range(1, 4))
     assert not torch.equal(out[0, 0, 0], out[1, 0, 0])  # but volumes differ
+
+
+def test_rotate_3d_moves_content_across_slices_where_in_plane_does_not():
+    from medtransfer.config import AugmentConfig, load_config
+    from medtransfer.train.augment import augment_batch
+
+    x = torch.zeros(4, 1, 9, 16, 16)
+    x[:, :, 4, 4:12, 4:12] = 1.0  # one bright square in the middle slice only
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    flat = AugmentConfig(rotate_degrees=25, scale=0, brightness=0, contrast=0)
+    in_plane = augment_batch(x, flat, gen())
+    assert in_plane[:, :, [0, 1, 2, 3, 5, 6, 7, 8]].abs().sum() == 0  # each slice stays in its slice
+    rotated = augment_batch(x, AugmentConfig(rotate_degrees=25, scale=0, brightness=0, contrast=0, rotate_3d=True), gen())
+    outside = rotated[:, :, [0, 1, 2, 3, 5, 6, 7, 8]].sum(dim=(1, 2, 3, 4))
+    assert (outside > 0.05 * x[0].sum()).all()  # every volume tilted out of its slice plane
+    assert torch.allclose(rotated.sum(dim=(1, 2, 3, 4)), x.sum(dim=(1, 2, 3, 4)), rtol=0.1)  # a rotation keeps the mass
+    assert not torch.equal(rotated[0], rotated[1])  # one transform per volume
+    assert load_config("general", overrides=["augment.rotate_3d=true"]).augment.rotate_3d is True
+
+
+def test_rotate_3d_flip_is_a_left_right_mirror_of_the_volume():
+    from medtransfer.config import AugmentConfig
+    from medtransfer.train.augment import augment_batch
+
+    x = torch.rand(8, 1, 5, 6, 7)
+    out = augment_batch(x, AugmentConfig(hflip=True, rotate_degrees=0, scale=0, brightness=0, contrast=0,
+                                         rotate_3d=True), torch.Generator().manual_seed(0))
+    mirrored = [torch.allclose(o, v.flip(-1), atol=1e-5) for o, v in zip(out, x)]
+    kept = [torch.allclose(o, v, atol=1e-5) for o, v in zip(out, x)]
+    assert all(m != k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
 
 
 def test_a_dicom_series_folder_is_one_3d_sample():
