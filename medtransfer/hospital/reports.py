@@ -27,8 +27,9 @@ def report_name(unit: Unit, per_series: bool, tag: str = "") -> str:
 
 
 def report_process() -> ProcessPoolExecutor:
-    """One process that builds reports at the lowest CPU priority (highdicom takes ~10–15 ms of CPU per
-    image group): on cores the model keeps busy it takes only the gaps, and it never holds the job's GIL.
+    """One process that builds reports at the lowest CPU priority (a study's report takes tens of
+    milliseconds of CPU, about 1 ms per image group): on cores the model keeps busy it takes only the
+    gaps, and it never holds the job's GIL.
     Started with ``spawn``: the job's process has model and retrieval threads, which ``fork`` would copy
     in whatever state they are."""
     return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=lowest_cpu_priority)
