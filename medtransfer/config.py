@@ -91,6 +91,11 @@ class AugmentConfig:
     """Volumes: rotate by up to ``rotate_degrees`` about each of the three axes (for near-isotropic
     volumes) instead of about the slice axis only (the default, right for thick-slice data)."""
 
+    @property
+    def is_identity(self) -> bool:
+        """No transform at all: every magnitude 0 and no flip."""
+        return not (self.hflip or self.rotate_degrees or self.scale or self.brightness or self.contrast)
+
 
 @dataclass
 class ModelConfig:

@@ -232,3 +232,17 @@ def test_a_series_and_its_nifti_reach_a_3d_model_the_same_way_round(tmp_path):
     pre = Preprocessor(PreprocessSpec(24, 1, "tags", (0.5, 99.5), (0.5,), (0.5,), dims=3))
     torch.testing.assert_close(pre.load_volume(str(tmp_path / "same.nii.gz")), pre.load_volume(str(series)),
                                atol=1e-5, rtol=0)
+
+
+def test_augmentation_without_any_transform_is_skipped_and_draws_nothing():
+    from medtransfer.config import AugmentConfig
+    from medtransfer.train.augment import augment_batch
+
+    x = torch.rand(3, 1, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    none = AugmentConfig(rotate_degrees=0, scale=0, brightness=0, contrast=0)
+    assert none.is_identity and augment_batch(x, none, gen) is x
+    assert torch.equal(gen.get_state(), state)  # the generator is not advanced: later draws are unchanged
+    only_contrast = AugmentConfig(rotate_degrees=0, scale=0, brightness=0, contrast=0.2)
+    assert not only_contrast.is_identity and not torch.equal(augment_batch(x, only_contrast, gen), x)

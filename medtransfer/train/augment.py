@@ -15,8 +15,11 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     ``x`` is ``(N, C, H, W)`` in ``[0, 1]``; the output stays in ``[0, 1]``. Geometry is sampled
     per image; padding is zero (background). A volume batch ``(N, C, D, H, W)`` gets one transform
     per volume: by default in-plane, the same for all its slices (a rotation about the slice axis);
-    with ``cfg.rotate_3d`` a rotation about all three axes, resampled trilinearly.
+    with ``cfg.rotate_3d`` a rotation about all three axes, resampled trilinearly. A config without
+    any transform returns ``x`` itself.
     """
+    if cfg.is_identity:
+        return x
     if x.ndim == 5 and not cfg.rotate_3d:
         n, c, d, h, w = x.shape
         return augment_batch(x.reshape(n, c * d, h, w), cfg, generator).reshape(n, c, d, h, w)
