@@ -247,6 +247,38 @@ def test_part10_instance_uid_reads_the_file_meta_like_pydicom():
     assert compared > 50
 
 
+@pytest.mark.parametrize("version", ["PYNETDICOM_304", "ODD_LEN"])
+def test_part10_header_is_the_file_meta_pydicom_writes(version, tmp_path):
+    from io import BytesIO
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    from medtransfer.io.dicom import part10_header, part10_instance_uid
+
+    for sop_class, sop, syntax in [("1.2.840.10008.5.1.4.1.1.4", "1.2.3.44", "1.2.840.10008.1.2.1"),
+                                   ("1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.1", "1.2.840.10008.1.2")]:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = sop_class, sop, syntax
+        meta.ImplementationClassUID = "1.2.826.0.1.3680043.9.3811.3.0.4"  # odd length: padded
+        meta.ImplementationVersionName = version
+        expected = BytesIO()
+        expected.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(expected, meta, enforce_standard=True)
+        header = part10_header(sop_class, sop, syntax, "1.2.826.0.1.3680043.9.3811.3.0.4", version)
+        assert header == expected.getvalue()
+        assert part10_instance_uid(header) == sop
+    raw = open(bundled("CT_small.dcm"), "rb").read()  # a whole file: header + the dataset's bytes as stored
+    ct = pydicom.dcmread(bundled("CT_small.dcm"))
+    dataset_bytes = raw[144 + int.from_bytes(raw[140:144], "little"):]  # after (0002,0000) and its group
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(part10_header(ct.SOPClassUID, ct.SOPInstanceUID, ct.file_meta.TransferSyntaxUID, "1.2.3", version)
+                     + dataset_bytes)
+    back = pydicom.dcmread(path)
+    assert back.file_meta.MediaStorageSOPInstanceUID == ct.SOPInstanceUID
+    assert (back.pixel_array == ct.pixel_array).all()
+
+
 def test_part10_instance_uid_is_none_for_bytes_that_do_not_carry_one():
     from medtransfer.io.dicom import part10_instance_uid
 

@@ -26,6 +26,7 @@ from medtransfer.hospital.connection import (
     with_retries,
 )
 from medtransfer.hospital.selection import InstanceRecord
+from medtransfer.io.dicom import part10_header
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +109,16 @@ def status_text(code: int, table: Mapping[int, tuple[str, str]]) -> str:
 def write_received(event, path: Path, fsync: bool = False) -> None:
     """Write a C-STORE request's dataset as a Part 10 file, bytes as received (atomically; with
     ``fsync`` on disk before this returns)."""
-    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+    request = event.request
+    header = part10_header(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                           str(event.context.transfer_syntax), PYNETDICOM_IMPLEMENTATION_UID,
+                           PYNETDICOM_IMPLEMENTATION_VERSION)
     tmp = path.with_name(f".{path.name}.tmp{threading.get_ident()}")
     with open(tmp, "wb") as fh:
-        fh.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(fh, event.file_meta, enforce_standard=True)
-        fh.write(event.request.DataSet.getvalue())
+        fh.write(header)
+        fh.write(request.DataSet.getvalue())
         if fsync:
             fh.flush()
             os.fsync(fh.fileno())

@@ -169,6 +169,30 @@ def part10_instance_uid(data: bytes | bytearray | memoryview) -> str | None:
     return None
 
 
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b" " if vr == b"SH" else b"\x00"
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, implementation_uid: str,
+                  implementation_version: str) -> bytes:
+    """Preamble, ``DICM`` and the file meta (PS3.10 7.1) of a dataset received as bytes, encoded by hand:
+    the bytes pydicom's ``write_file_meta_info`` writes for the same values (tested), without building a
+    dataset per instance. Append the dataset's bytes, as received in that transfer syntax."""
+    body = b"".join([
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii")),
+        _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii")),
+        _meta_element(0x0010, b"UI", transfer_syntax_uid.encode("ascii")),
+        _meta_element(0x0012, b"UI", implementation_uid.encode("ascii")),
+        _meta_element(0x0013, b"SH", implementation_version.encode("ascii")),
+    ])
+    return b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
 def _float(value: Any, default: float) -> float:
     if value is None or value == "":
         return default
