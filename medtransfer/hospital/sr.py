@@ -204,7 +204,7 @@ def classification_report(identity, rows: Sequence[Mapping[str, str]], model: Mo
 
     ``sources`` maps each row's ``path`` to its instances ``(series_uid, sop_class_uid, sop_uid)``.
     highdicom builds the document with its first group; the other groups (one per image) are
-    written by :mod:`medtransfer.hospital.sr_items`, the same items at a tenth of the cost.
+    written by :mod:`medtransfer.hospital.sr_items`, the same items at a fifth of the cost (65 images).
     Returns the document as a plain pydicom dataset (read it with ``highdicom.sr.srread``).
     """
     ok = [r for r in rows if r.get("status") == "ok"]

@@ -2,15 +2,14 @@
 
 A 2D model's report has one group per predicted image. highdicom builds each item through
 validating constructors and then, in the SR document's constructor, deep-copies, re-parses and
-searches the whole content tree: about 20 ms of CPU per image, a second or more per study, more
-than retrieving and predicting the study. These functions write the same items (same attributes,
+searches the whole content tree: 6–20 ms of CPU per image (by machine), up to a second or more per
+study, more than retrieving and predicting the study. These functions write the same items (same attributes,
 values and value representations, in the same order; ``tests/test_hospital_sr.py`` checks them
 equal to highdicom's for every group of a report) for the few value types a classification group
 uses: CONTAINER, TEXT, UIDREF, NUM, CODE and IMAGE.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
