@@ -20,21 +20,15 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code
-
-from medtransfer.hospital.sr_items import (
-    ABSENT,
-    IMAGING_MEASUREMENTS,
-    MAXIMUM,
-    NO_UNITS,
-    PRESENT,
-    GroupContent,
-    measurement_group,
-)
 from medtransfer.utils.atomic import atomic_path
+
+if TYPE_CHECKING:  # pydicom and the item writer load with the first report, not with the job's modules
+    from pydicom.dataset import Dataset
+    from pydicom.sr.coding import Code
+
+    from medtransfer.hospital.sr_items import GroupContent
 
 SCHEME = "99MEDTRANSFER"
 """Private coding scheme of the class concepts (their meanings are the run's class names)."""
@@ -133,6 +127,8 @@ def _evidence(identity, refs: Sequence[tuple[str, str, str]]) -> list:
 
 
 def _class_codes(model: ModelIdentity) -> tuple[list[Code], list[Code]]:
+    from pydicom.sr.coding import Code
+
     prob = [Code(f"prob{i}", SCHEME, f"Probability of {n}"[:64]) for i, n in enumerate(model.label_names)]
     finding = [Code(f"class{i}", SCHEME, str(n)[:64]) for i, n in enumerate(model.label_names)]
     return prob, finding
@@ -143,6 +139,8 @@ def group_content(model: ModelIdentity, tracking: tuple[str, ...], probs: Sequen
                   full_algorithm: bool = True) -> GroupContent:
     """What one TID 1501 group says: per class the probability and the decision, the algorithm (with its
     parameters: sha256, backbone, classes, operating point, when ``full_algorithm``), the sources."""
+    from medtransfer.hospital.sr_items import GroupContent
+
     prob_codes, finding_codes = _class_codes(model)
     return GroupContent(
         tracking_id=tracking[-1][:64], tracking_uid=stable_uid(*tracking), algorithm_name=model.name[:64],
@@ -157,6 +155,8 @@ def highdicom_group(group: GroupContent):
     """``group`` through highdicom's TID 1501 classes (the report's first group; the reference that
     :func:`medtransfer.hospital.sr_items.measurement_group` is checked against)."""
     import highdicom as hd
+
+    from medtransfer.hospital.sr_items import ABSENT, NO_UNITS, PRESENT
 
     algorithm = hd.sr.AlgorithmIdentification(name=group.algorithm_name, version=group.algorithm_version,
                                               parameters=list(group.algorithm_parameters) or None)
@@ -184,6 +184,8 @@ def report_groups(model: ModelIdentity, ok: Sequence[Mapping[str, str]],
     """The groups of a report: for a study of several images first the study (each class's highest
     probability over its images), then one per image (3D: the series); the algorithm's parameters
     once, in the first group."""
+    from medtransfer.hospital.sr_items import MAXIMUM
+
     groups = []
     if not per_series and len(ok) > 1:
         peak = [max(_probs(r, model)[i] for r in ok) for i in range(len(model.label_names))]
@@ -207,6 +209,8 @@ def classification_report(identity, rows: Sequence[Mapping[str, str]], model: Mo
     written by :mod:`medtransfer.hospital.sr_items`, the same items at a fifth of the cost (65 images).
     Returns the document as a plain pydicom dataset (read it with ``highdicom.sr.srread``).
     """
+    from medtransfer.hospital.sr_items import measurement_group
+
     ok = [r for r in rows if r.get("status") == "ok"]
     if not ok:
         raise ValueError("no predicted row to report")
@@ -251,6 +255,8 @@ def sr_document(identity, model: ModelIdentity, groups: Sequence, refs: Sequence
 def plain_dataset(ds: Dataset) -> Dataset:
     """``ds`` with every sequence item a plain :class:`~pydicom.dataset.Dataset` (highdicom's content
     sequences accept only its own item classes); elements other than sequences are shared."""
+    from pydicom.dataset import Dataset
+
     out = Dataset()
     for elem in ds:
         if elem.VR == "SQ":
@@ -264,6 +270,8 @@ def plain_dataset(ds: Dataset) -> Dataset:
 
 def _imaging_measurements(document: Dataset) -> Dataset:
     """The report's Imaging Measurements container (TID 1500 row 6)."""
+    from medtransfer.hospital.sr_items import IMAGING_MEASUREMENTS
+
     for item in document.ContentSequence:
         if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == IMAGING_MEASUREMENTS.value:
             return item
