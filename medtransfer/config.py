@@ -27,6 +27,7 @@ from medtransfer.options import (
     BNPolicy,
     FreezeMode,
     Head,
+    HeadSolver,
     LRSchedule,
     OutsidePaths,
     PlateauMonitor,
@@ -177,6 +178,11 @@ class TrainConfig:
     head_augment is false."""
     head_augment: bool = True
     """Augment during the head-only epochs (off lets the feature cache work)."""
+    head_solver: str = field(default="sgd", metadata=_choices(HeadSolver))
+    """'sgd': head_epochs epochs of the optimizer; 'logistic': one L2-regularised logistic regression on
+    the cached features (C chosen on the validation AUC, or by 3-fold cross-validation without a
+    validation split), for a linear head on a frozen backbone: set train.head_epochs=1 (the fit is
+    the head phase's one epoch) and train.feature_cache on or auto."""
     tensorboard: bool = False
     """Also log to RUN_DIR/tensorboard (needs the tensorboard package)."""
     class_weighting: bool = True
@@ -377,8 +383,29 @@ def _check_adaptation(t: TrainConfig) -> None:
             raise ConfigError(f"train.lora_targets entry {pattern!r} is not a valid regular expression ({exc}).") from None
 
 
+def _check_head_solver(cfg: RunConfig) -> None:
+    t = cfg.train
+    if t.head_solver != HeadSolver.LOGISTIC:
+        return
+    head = t.head_epochs + (t.finetune_epochs if t.adaptation == AdaptationMode.LINEAR_PROBE else 0)
+    problems = [
+        (head != 1, f"the head phase has {head} epochs: set train.head_epochs=1"
+                    + (" and train.finetune_epochs=0 (a linear probe trains only the head)"
+                       if t.adaptation == AdaptationMode.LINEAR_PROBE else "")),
+        (cfg.model.head != Head.LINEAR, f"model.head is {cfg.model.head}: set model.head=linear"),
+        (t.feature_cache == Switch.OFF, "train.feature_cache is off: set it to auto or on"),
+        (t.head_augment, "train.head_augment is true: set it to false (the fit sees each cached feature once)"),
+        (t.adaptation == AdaptationMode.AUTO, "train.adaptation is auto: choose one mode"),
+    ]
+    found = [why for bad, why in problems if bad]
+    if found:
+        raise ConfigError("train.head_solver = logistic fits a linear head once on the frozen backbone's cached "
+                          "features, but " + "; ".join(found) + ". Or use train.head_solver=sgd.")
+
+
 def _check_together(cfg: RunConfig) -> None:
     _check_adaptation(cfg.train)
+    _check_head_solver(cfg)
     if cfg.data.val_fraction + cfg.data.test_fraction >= 0.95:
         raise ConfigError(
             "data.val_fraction + data.test_fraction must leave at least 5% of patients for training."

@@ -112,6 +112,16 @@ class Head(StrEnum):
     MLP = "mlp"
 
 
+class HeadSolver(StrEnum):
+    """How the head-only phase fits the new head (see :mod:`medtransfer.train.head_solver`)."""
+
+    SGD = "sgd"
+    """Epochs of the run's optimizer on the frozen backbone's outputs (or cached features)."""
+    LOGISTIC = "logistic"
+    """One closed-form fit: L2-regularised logistic regression on the cached, standardised features, its
+    strength chosen on the validation AUC, folded into the linear head."""
+
+
 class VolumeEncoder(StrEnum):
     """How a volume reaches a 2D backbone (see :mod:`medtransfer.transfer.volume`)."""
 

@@ -41,13 +41,15 @@ from medtransfer.data.samples import Sample, SampleTable, cap_val, check_leakage
 from medtransfer.data.samples import subsample_train
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation import labelled_results, predict_loader, write_evaluation
-from medtransfer.options import AdaptationMode, BNPolicy, FreezeMode, LRSchedule, PlateauMonitor, Switch, Task
+from medtransfer.options import AdaptationMode, BNPolicy, FreezeMode, HeadSolver, LRSchedule, PlateauMonitor, Switch
+from medtransfer.options import Task
 from medtransfer.options import UnfreezeSchedule, VolumeEncoder
 from medtransfer.run import LoadedRun, RunDirectory
 from medtransfer.run.checkpoint import model_payload
 from medtransfer.run.report import finish_report
 from medtransfer.train import callbacks as cb
 from medtransfer.train.augment import augment_batch
+from medtransfer.train.head_solver import fit_logistic_head
 from medtransfer.train.trainer import Phase, Trainer
 from medtransfer.train.validation import Validation
 from medtransfer.transfer import TaskLoss, TransferModel, class_weights, group_learning_rates, layer_groups
@@ -210,6 +212,8 @@ class Setup:
     loss_fn: nn.Module
     generator: torch.Generator
     samplers: list[DistributedSampler]
+    head_fit: dict[str, Any] | None = None
+    """The closed-form head's choice (``train.head_solver=logistic``), once fitted."""
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -295,11 +299,31 @@ def plan_phases(cfg: RunConfig, setup: Setup, validation: Validation) -> list[Ph
     head = Phase("head", head_epochs, lambda: setup.train_loader, validation.images if has_val else _no_validation,
                  prepare=images(cfg.train.head_augment))
     if cached:
+        solve = logistic_solver(cfg, setup, validation) if cfg.train.head_solver == HeadSolver.LOGISTIC else None
         head = Phase("head", head_epochs, lambda: validation.feature_loaders()["train"],
-                     validation.features if has_val else _no_validation, forward=model.head)
+                     validation.features if has_val else _no_validation, forward=model.head, solve=solve)
+    elif cfg.train.head_solver == HeadSolver.LOGISTIC:
+        raise ConfigError("train.head_solver = logistic needs the feature cache, which is off under DDP (each rank "
+                          "holds a shard). Run on one process, or use train.head_solver=sgd.")
     finetune = Phase("finetune", finetune_epochs, lambda: setup.train_loader,
                      validation.images if has_val else _no_validation, prepare=images(True))
     return [head, finetune]
+
+
+def logistic_solver(cfg: RunConfig, setup: Setup, validation: Validation) -> Any:
+    """The head phase's closed-form fit (see :mod:`medtransfer.train.head_solver`); returns the
+    training loss of the fitted head on the cached features."""
+    def solve() -> float:
+        arrays = validation.feature_arrays()
+        fit = fit_logistic_head(setup.model.head, setup.model.task, arrays["train"], arrays.get("val"),
+                                balanced=cfg.train.class_weighting)
+        setup.head_fit = {"solver": "logistic", "C": fit.C, "chosen_on": fit.chosen_on,
+                          "auc_by_C": {f"{c:g}": round(float(v), 4) for c, v in fit.scores.items()}}
+        x, y = (torch.from_numpy(a).to(setup.device) for a in arrays["train"])
+        setup.model.head.eval()
+        with torch.no_grad():
+            return float(setup.loss_fn(setup.model.head(x.float()), y))
+    return solve
 
 
 def _no_validation(epoch: int) -> dict[str, float]:
@@ -483,6 +507,8 @@ def finish(prep: Prepared, setup: Setup, run: RunDirectory, state: Any, best_epo
         metrics["adaptation"] = record
     if prep.skipped:
         metrics["skipped_images"] = prep.skipped
+    if setup.head_fit is not None:
+        metrics["head_solver"] = setup.head_fit
     if feature_seconds is not None:
         metrics["feature_cache_seconds"] = feature_seconds  # the frozen backbone's pass over train + val
     if deadline is not None:

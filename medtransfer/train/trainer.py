@@ -52,7 +52,8 @@ class Phase:
     logits (None: the trainer's network, DDP-wrapped when distributed); ``prepare`` turns a batch on
     the device into the network's input (augmentation, normalisation, memory format; None: as is);
     ``validate(epoch)`` returns the epoch's validation metrics (``{}`` on epochs without validation);
-    ``info`` is added to every history row of the phase."""
+    ``info`` is added to every history row of the phase; ``solve()``, when given, fits the model in
+    closed form in place of the epoch's optimizer steps and returns the training loss."""
 
     name: str
     epochs: int
@@ -61,6 +62,7 @@ class Phase:
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    solve: Callable[[], float] | None = None
 
 
 @dataclass
@@ -136,7 +138,7 @@ class Trainer:
         self._wrap_for_ddp()
         for sampler in self.samplers:
             sampler.set_epoch(epoch)
-        train_loss = self.train_one_epoch(phase)
+        train_loss = phase.solve() if phase.solve is not None else self.train_one_epoch(phase)
         metrics = phase.validate(epoch)
         self._emit("on_validation_end", metrics)
         row = {"epoch": epoch, "phase": phase.name, "train_loss": train_loss, **metrics,

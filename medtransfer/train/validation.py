@@ -28,6 +28,7 @@ class Validation:
         self.n_val, self.n_test = len(prep.subset("val")), len(prep.subset("test"))
         self.full_pass_seconds: float | None = None
         self._feature_loaders: dict[str, DataLoader] | None = None
+        self._stores: dict[str, FeatureStore] = {}
 
     def images(self, epoch: int = 0) -> dict[str, float]:
         s = self.setup
@@ -64,7 +65,7 @@ class Validation:
             ordered = DataLoader(train.dataset, batch_size=batch, shuffle=False, num_workers=train.num_workers,
                                  pin_memory=train.pin_memory)
             passes = [("train", ordered)] + ([("val", s.eval_loaders["val"])] if "val" in s.eval_loaders else [])
-            stores = {name: self._extract(loader, name) for name, loader in passes}
+            stores = self._stores = {name: self._extract(loader, name) for name, loader in passes}
             self.feature_seconds = sum(st.seconds for st in stores.values())
             self._feature_loaders = {
                 "train": DataLoader(stores["train"].dataset(), batch_size=batch, shuffle=True, generator=s.generator,
@@ -73,6 +74,11 @@ class Validation:
             if "val" in stores:
                 self._feature_loaders["val"] = DataLoader(stores["val"].dataset(), batch_size=batch, shuffle=False)
         return self._feature_loaders
+
+    def feature_arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{"train": (features, labels)[, "val": …]}`` of the cache, in memory (for a closed-form head)."""
+        self.feature_loaders()
+        return {name: (store.features(), store.labels()) for name, store in self._stores.items()}
 
     def _extract(self, loader: DataLoader, name: str) -> FeatureStore:
         s = self.setup
