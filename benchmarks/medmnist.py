@@ -47,11 +47,14 @@ def accuracy_argmax(pred_csv: Path) -> float:
 
 
 def run_one(npz: Path, out_root: Path, overrides: list[str] | None = None) -> dict:
-    from medtransfer.data.profile import config_for_data, plan_recipe
+    from medtransfer.backbones import get_weight_spec
+    from medtransfer.config import load_config
+    from medtransfer.data.profile import recipe_for_data
     from medtransfer.train.finetune import finetune
 
-    cfg, profile = config_for_data(npz, overrides=overrides)
-    plan = plan_recipe(profile, volume_encoder=cfg.model.volume_encoder)
+    asked = load_config("general", overrides=overrides).model.backbone  # a 3D encoder asked for: its probe recipe
+    volume_backbone = asked if get_weight_spec(asked).dims == 3 else None
+    cfg, profile, plan = recipe_for_data(npz, overrides=overrides, volume_backbone=volume_backbone)
     t0 = time.perf_counter()
     res = finetune(cfg, data=npz, out_dir=out_root / npz.stem, progress=False)
     minutes = (time.perf_counter() - t0) / 60

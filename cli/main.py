@@ -50,6 +50,15 @@ def _setup_logging(quiet: bool) -> None:
     root.propagate = False
 
 
+def _native_volume_backbone(config: Path | None, overrides: list[str]) -> str | None:
+    """The backbone asked for when it is a native 3D encoder (the data recipe then plans its frozen probe)."""
+    from medtransfer.backbones import get_weight_spec
+    from medtransfer.config import load_config
+
+    name = load_config("general", config, overrides).model.backbone
+    return name if get_weight_spec(name).dims == 3 else None
+
+
 def _fail(exc: Exception, code: int) -> "typer.Exit":
     console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code)
@@ -109,10 +118,9 @@ def finetune(
         overrides.append(f"model.backbone={backbone}")
     try:
         if modality is None and data is not None and data.suffix == ".npz":
-            from medtransfer.data.profile import config_for_data, plan_recipe
+            from medtransfer.data.profile import recipe_for_data
 
-            cfg, profile = config_for_data(data, config, overrides)
-            plan = plan_recipe(profile, volume_encoder=cfg.model.volume_encoder)
+            cfg, profile, plan = recipe_for_data(data, config, overrides, _native_volume_backbone(config, overrides))
             console.print(f"Data profile: {profile.dims}D, {profile.channels} channel(s), {profile.task} "
                           f"({profile.n_classes} classes), {profile.n_train} training images -> 'general' preset, "
                           f"{cfg.data.size} px, {cfg.train.finetune_epochs} fine-tuning epochs"

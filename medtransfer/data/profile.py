@@ -111,7 +111,10 @@ class Recipe:
     where a pass over the whole validation split every epoch would eat the training budget."""
     head_epochs: int = 2
     volume: dict[str, Any] = field(default_factory=dict)
-    """Volumes: the ``model.*`` settings of the slice encoder (see :func:`plan_volume_recipe`)."""
+    """Volumes: the ``model.*`` settings of the volume encoder (see :func:`plan_volume_recipe` and
+    :func:`plan_probe3d_recipe`)."""
+    head_solver: str = "sgd"
+    """``train.head_solver``: ``logistic`` for the 3D encoder's closed-form head."""
     reasons: list[str] = field(default_factory=list)
     """Why the recipe is what it is, in words (printed by ``medtransfer finetune``)."""
 
@@ -127,6 +130,8 @@ class Recipe:
             out.append(f"data.val_max={self.val_max}")
         if self.members > 1:
             out.append(f"train.ensemble={self.members}")
+        if self.head_solver != "sgd":
+            out.append(f"train.head_solver={self.head_solver}")
         return out
 
 
@@ -140,7 +145,8 @@ about 0.005, far below the differences between epochs, and rare classes keep doz
 
 
 def plan_recipe(profile: DataProfile, budget_minutes: float = 12.0,
-                time_limit_minutes: float = TIME_LIMIT_MINUTES, volume_encoder: str = "auto") -> Recipe:
+                time_limit_minutes: float = TIME_LIMIT_MINUTES, volume_encoder: str = "auto",
+                volume_backbone: str | None = None) -> Recipe:
     """The recipe for ``profile`` that fits ``budget_minutes`` on a 2-core CPU.
 
     Images are trained at twice their stored size (at least 64 px, at most 128 px): small
@@ -152,9 +158,16 @@ def plan_recipe(profile: DataProfile, budget_minutes: float = 12.0,
     single run varies by several AUC points between seeds, the members' mean much less).
     The estimate has run 20-50% short on measured runs (reading and caching the arrays, reports), so
     ``time_limit_minutes`` (``train.time_limit_minutes``) bounds the wall time whatever the data.
+    Volumes for ``volume_backbone`` (a pretrained native 3D encoder the user chose; None: the 2D
+    backbone) get it as a frozen feature extractor with a logistic head, when its feature pass fits the
+    budget (see :func:`plan_probe3d_recipe`).
     """
     if profile.dims == 3 and volume_encoder in ("slices", "views"):
         return plan_volume_recipe(profile, budget_minutes, time_limit_minutes, volume_encoder)
+    if profile.dims == 3 and volume_backbone is not None:
+        probe = plan_probe3d_recipe(profile, volume_backbone, budget_minutes, time_limit_minutes)
+        if probe is not None:
+            return probe
     side = max(profile.image_shape[-2:])
     size = int(min(128, max(64, 2 * side)))
     channels = profile.image_shape[0] if profile.dims == 3 else profile.channels
@@ -179,7 +192,8 @@ def plan_recipe(profile: DataProfile, budget_minutes: float = 12.0,
     members = int(min(MAX_MEMBERS, max(1, math.floor((budget_minutes * 60 - eval_s) / member_s))))
     total_s = members * member_s + (eval_s if members > 1 else 0.0)
     reasons = [f"{channels} slices as the input channels of the 2D backbone, fine-tuned (measured best on held-out "
-               "data; --set model.volume_encoder=slices or views sends them slice by slice)"] if profile.dims == 3 else []
+               "data; --set model.volume_encoder=slices or views sends them slice by slice, --backbone "
+               "i3resnet152.merlin_astra probes a pretrained 3D CT encoder)"] if profile.dims == 3 else []
     return Recipe(size, epochs, fraction, members, total_s / 60, time_limit_minutes,
                   VAL_MAX if profile.n_val > VAL_MAX else 0, reasons=reasons)
 
@@ -245,17 +259,70 @@ def plan_volume_recipe(profile: DataProfile, budget_minutes: float = 12.0,
                   reasons=reasons)
 
 
-def recipe_overrides(profile: DataProfile, budget_minutes: float = 12.0, volume_encoder: str = "auto") -> list[str]:
+PROBE3D_STAGES = 3
+"""The native 3D encoder's stages kept (stem, layer1, layer2 of a ResNet): mid-level features, which
+transferred best to small volumes (validation AUC of ``benchmarks/ct_foundation.py``'s stage probe)."""
+PROBE3D_MIN_SIDE = 48
+"""Volumes smaller than this are resampled up to it: after layer2 (stride 8) a 48³ cube keeps a 6³ map."""
+_PROBE3D_SECONDS_PER_VOXEL = 4e-7
+"""Frozen I3ResNet-152 to layer2, inference, batches of 16, 2-core CPU: 0.041 s per 48³ and 0.106 s per
+64³ volume (``benchmarks/ct_foundation.py``, 2 threads)."""
+
+
+def plan_probe3d_recipe(profile: DataProfile, backbone: str, budget_minutes: float = 12.0,
+                        time_limit_minutes: float = TIME_LIMIT_MINUTES) -> Recipe | None:
+    """Single-channel volumes through a pretrained native 3D encoder, frozen after ``PROBE3D_STAGES``
+    stages, its pooled features into a logistic regression fitted once (``train.head_solver=logistic``:
+    the regularisation chosen on the validation AUC). The volume is resampled to a cube of its largest
+    side (at least ``PROBE3D_MIN_SIDE``); where the feature passes over every split (validation twice:
+    the cache and the final report) do not fit ``FEATURE_PASS_SHARE`` of the budget, the cube shrinks,
+    down to ``PROBE3D_MIN_SIDE``; None when even that does not fit, or for data it does not serve
+    (colour or multi-label volumes)."""
+    if profile.dims != 3 or profile.channels != 1 or profile.task not in ("binary", "multiclass"):
+        return None
+    n_val = min(profile.n_val, VAL_MAX)
+    volumes = profile.n_train + 2 * n_val + profile.n_test
+    side = max(PROBE3D_MIN_SIDE, max(profile.image_shape))
+    sizes = [side] + [s for s in (128, 96, 64, PROBE3D_MIN_SIDE) if s < side]
+    budget = FEATURE_PASS_SHARE * budget_minutes * 60
+    fits = [s for s in sizes if _PROBE3D_SECONDS_PER_VOXEL * s ** 3 * volumes <= budget]
+    if not fits:
+        return None
+    size = fits[0]
+    pass_s = _PROBE3D_SECONDS_PER_VOXEL * size ** 3 * volumes
+    shape = "x".join(str(d) for d in profile.image_shape)
+    reasons = [
+        f"{shape} single-channel volumes -> {backbone} (the 3D encoder asked for), frozen after "
+        f"{PROBE3D_STAGES} stages, pooled features into a logistic regression chosen on validation",
+        f"{'resampled to' if size != max(profile.image_shape) else 'at'} {size}^3: the feature passes over {volumes} volumes (validation twice) are estimated at "
+        f"{pass_s / 60:.1f} min (at most {FEATURE_PASS_SHARE:.0%} of {budget_minutes:g} min)",
+    ]
+    volume = {"backbone": backbone, "stages": PROBE3D_STAGES}
+    return Recipe(size, 0, 1.0, 1, pass_s / 60, time_limit_minutes, VAL_MAX if profile.n_val > VAL_MAX else 0,
+                  head_epochs=1, volume=volume, reasons=reasons, head_solver="logistic")
+
+
+def recipe_overrides(profile: DataProfile, budget_minutes: float = 12.0, volume_encoder: str = "auto",
+                     volume_backbone: str | None = None) -> list[str]:
     """Config overrides for ``profile`` that fit ``budget_minutes`` of training (see :func:`plan_recipe`)."""
-    return plan_recipe(profile, budget_minutes, volume_encoder=volume_encoder).overrides()
+    return plan_recipe(profile, budget_minutes, volume_encoder=volume_encoder, volume_backbone=volume_backbone).overrides()
 
 
 def config_for_data(data: str | Path, config_file: str | Path | None = None,
-                    overrides: list[str] | None = None):
-    """The ``general`` preset with the recipe this data calls for; user settings win."""
+                    overrides: list[str] | None = None, volume_backbone: str | None = None):
+    """The ``general`` preset with the recipe this data calls for; user settings win. ``volume_backbone``:
+    the pretrained native 3D encoder the user asked for (see :func:`plan_recipe`; the caller, who can
+    read the registry, says whether the asked backbone is one)."""
+    cfg, profile, _ = recipe_for_data(data, config_file, overrides, volume_backbone)
+    return cfg, profile
+
+
+def recipe_for_data(data: str | Path, config_file: str | Path | None = None, overrides: list[str] | None = None,
+                    volume_backbone: str | None = None) -> tuple[Any, DataProfile, Recipe]:
+    """:func:`config_for_data` and the :class:`Recipe` behind it (its estimate and reasons)."""
     from medtransfer.config import load_config
 
+    asked = load_config("general", config_file, overrides)
     profile = profile_npz(data)
-    asked = load_config("general", config_file, overrides).model.volume_encoder  # the recipe plans its cost
-    recipe = recipe_overrides(profile, volume_encoder=asked)
-    return load_config("general", config_file, recipe + list(overrides or [])), profile
+    plan = plan_recipe(profile, volume_encoder=asked.model.volume_encoder, volume_backbone=volume_backbone)
+    return load_config("general", config_file, plan.overrides() + list(overrides or [])), profile, plan
