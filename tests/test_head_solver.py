@@ -9,7 +9,7 @@ from sklearn.preprocessing import StandardScaler
 
 import medtransfer.train.finetune as ft
 from medtransfer.config import load_config
-from medtransfer.data.profile import DataProfile, plan_recipe, recipe_for_data
+from medtransfer.data.profile import PROBE3D_STAGES, DataProfile, plan_recipe, recipe_for_data
 from medtransfer.errors import ConfigError
 from medtransfer.train.head_solver import C_GRID, fit_logistic_head
 from medtransfer.transfer import TransferModel
@@ -103,7 +103,7 @@ def test_the_recipe_probes_a_3d_encoder_the_user_asks_for():
     volumes = DataProfile(3, 1, (28, 28, 28), "binary", 2, 1188, 98, 298)
     probe = plan_recipe(volumes, volume_backbone="i3resnet152.merlin_astra")
     o = probe.overrides()
-    assert {"model.backbone=i3resnet152.merlin_astra", "model.stages=3", "train.head_solver=logistic",
+    assert {"model.backbone=i3resnet152.merlin_astra", "model.stages=2", "train.head_solver=logistic",
             "train.head_epochs=1", "train.finetune_epochs=0", "data.size=48"} <= set(o)
     assert "logistic regression" in probe.reasons[0] and probe.members == 1
     load_config("general", overrides=o)  # a valid configuration
@@ -118,6 +118,17 @@ def test_the_recipe_probes_a_3d_encoder_the_user_asks_for():
     assert mid.head_solver == "logistic" and mid.size < 128  # the cube shrinks to fit the budget
 
 
+def test_the_probe_keeps_the_encoder_up_to_layer2():
+    """The recipe's ``model.stages`` cuts the ResNet after ``layer2`` (512 channels, stride 8, 8, 4), the stage
+    the stage probe chose on validation, not after ``layer3`` (truncation does not count the stem)."""
+    from medtransfer.backbones import get_weight_spec, load_backbone
+
+    model, _ = load_backbone(get_weight_spec("i3resnet152.merlin_astra"), 1, "none", stages=PROBE3D_STAGES)
+    assert model.stage_names[-1] == "layer2" and model.num_features == 512
+    with torch.no_grad():
+        assert model.forward_stages(torch.zeros(1, 1, 16, 16, 16))[-1].shape == (1, 512, 2, 2, 4)
+
+
 def test_the_cli_plans_the_probe_only_for_a_native_3d_backbone(tmp_path):
     from test_pipeline import _planted_npz
 
@@ -128,6 +139,6 @@ def test_the_cli_plans_the_probe_only_for_a_native_3d_backbone(tmp_path):
     asked = ["model.backbone=tiny_cnn3d.random", "model.weights=none"]
     backbone = _native_volume_backbone(None, asked)
     cfg, _, plan = recipe_for_data(npz, overrides=asked, volume_backbone=backbone)
-    assert (cfg.model.backbone, cfg.train.head_solver, cfg.model.stages) == ("tiny_cnn3d.random", "logistic", 3)
+    assert (cfg.model.backbone, cfg.train.head_solver, cfg.model.stages) == ("tiny_cnn3d.random", "logistic", PROBE3D_STAGES)
     cfg, _, plan = recipe_for_data(npz, volume_backbone=_native_volume_backbone(None, []))
     assert cfg.train.head_solver == "sgd" and "input channels" in plan.reasons[0]

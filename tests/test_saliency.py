@@ -100,6 +100,19 @@ def test_truncated_backbone_without_its_layer_is_refused_with_a_hint():
         SaliencyExplainer(model, "gradcam", "tiny_cnn.random")
 
 
+def test_a_backbone_truncated_above_its_cam_layer_explains_its_deepest_kept_stage():
+    """The registry's layer of a truncated ResNet is an identity that never runs (its hook would
+    never fire); Grad-CAM moves to the deepest stage the model computes."""
+    from medtransfer.backbones import get_weight_spec, load_backbone
+    from medtransfer.evaluation.saliency import cam_layer_names
+
+    spec = get_weight_spec("medicalnet_resnet10.23datasets")
+    for stages, layer in ((4, spec.cam_layer), (2, "layer2")):
+        holder = torch.nn.Module()
+        holder.backbone = load_backbone(spec, 1, "none", stages=stages)[0]
+        assert cam_layer_names(holder, spec.name) == [f"backbone.{layer}"]
+
+
 def _true_positive_inputs(demo, run_dir):
     run = load_run(run_dir, "cpu")
     findings = demo_findings(demo)

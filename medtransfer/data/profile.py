@@ -259,9 +259,10 @@ def plan_volume_recipe(profile: DataProfile, budget_minutes: float = 12.0,
                   reasons=reasons)
 
 
-PROBE3D_STAGES = 3
-"""The native 3D encoder's stages kept (stem, layer1, layer2 of a ResNet): mid-level features, which
-transferred best to small volumes (validation AUC of ``benchmarks/ct_foundation.py``'s stage probe)."""
+PROBE3D_STAGES = 2
+"""``model.stages`` of the probe: a ResNet keeps its stem and ``layer1``, ``layer2`` (truncation counts
+the residual stages, not the stem): mid-level features, which transferred best to small volumes
+(validation AUC of ``benchmarks/ct_foundation.py``'s stage probe)."""
 PROBE3D_MIN_SIDE = 48
 """Volumes smaller than this are resampled up to it: after layer2 (stride 8) a 48³ cube keeps a 6³ map."""
 _PROBE3D_SECONDS_PER_VOXEL = 4e-7
@@ -292,8 +293,9 @@ def plan_probe3d_recipe(profile: DataProfile, backbone: str, budget_minutes: flo
     pass_s = _PROBE3D_SECONDS_PER_VOXEL * size ** 3 * volumes
     shape = "x".join(str(d) for d in profile.image_shape)
     reasons = [
-        f"{shape} single-channel volumes -> {backbone} (the 3D encoder asked for), frozen after "
-        f"{PROBE3D_STAGES} stages, pooled features into a logistic regression chosen on validation",
+        f"{shape} single-channel volumes -> {backbone} (the 3D encoder asked for), frozen, its first "
+        f"{PROBE3D_STAGES} residual stages kept, mean-pooled features into a logistic regression chosen on "
+        "validation",
         f"{'resampled to' if size != max(profile.image_shape) else 'at'} {size}^3: the feature passes over {volumes} volumes (validation twice) are estimated at "
         f"{pass_s / 60:.1f} min (at most {FEATURE_PASS_SHARE:.0%} of {budget_minutes:g} min)",
     ]

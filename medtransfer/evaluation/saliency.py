@@ -60,23 +60,45 @@ def cam_layer_names(model: nn.Module, backbone: str, layer: str | None = None) -
     """Names (in ``model.named_modules()``) of the Grad-CAM target layer, one per ensemble member.
 
     The layer is ``layer`` (a module name inside the backbone) or else the registry's ``cam_layer`` of
-    ``backbone``; a truncated backbone that lost it raises :class:`ConfigError` suggesting occlusion,
-    which needs no layer.
+    ``backbone``. A backbone truncated above the registry's layer (its stage replaced by an identity,
+    never run) falls back to its deepest kept stage where it names its stages; otherwise a lost layer
+    raises :class:`ConfigError` suggesting occlusion, which needs no layer.
     """
     from medtransfer.backbones import get_weight_spec
 
     spec = get_weight_spec(backbone)
-    layer = layer or spec.cam_layer
+    prefixes = [f"members.{i}." for i in range(len(model.members))] if hasattr(model, "members") else [""]
+    modules = dict(model.named_modules())
+    layer = layer or _registry_layer_kept(spec, modules.get(f"{prefixes[0]}backbone"))
     if not layer:
         raise ConfigError(f"Backbone '{spec.name}' names no Grad-CAM layer (cam_layer) in the registry; "
                           "use the occlusion method instead.")
-    prefixes = [f"members.{i}." for i in range(len(model.members))] if hasattr(model, "members") else [""]
     names = [f"{p}backbone.{layer}" for p in prefixes]
-    present = {n for n, _ in model.named_modules()}
-    if any(n not in present for n in names):
+    if any(not _runs(modules.get(n)) for n in names):
         raise ConfigError(f"The Grad-CAM layer '{layer}' of '{spec.name}' is not in this model (a truncated "
                           "backbone?); use the occlusion method instead.")
     return names
+
+
+def _runs(module: nn.Module | None) -> bool:
+    """A module the forward pass computes: present and not a truncation's identity placeholder."""
+    return module is not None and not isinstance(module, nn.Identity)
+
+
+def _registry_layer_kept(spec: Any, backbone: nn.Module | None) -> str | None:
+    """The registry's ``cam_layer`` if ``backbone`` still runs it, else its deepest kept stage (named by
+    ``stage_names``, the uniform encoder interface), else the registry's name (reported as lost)."""
+    if backbone is None or _runs(_submodule(backbone, spec.cam_layer)):
+        return spec.cam_layer
+    deepest = getattr(backbone, "stage_names", (None,))[-1]
+    return deepest if _runs(_submodule(backbone, deepest)) else spec.cam_layer
+
+
+def _submodule(module: nn.Module, name: str | None) -> nn.Module | None:
+    try:
+        return module.get_submodule(name) if name else None
+    except AttributeError:
+        return None
 
 
 def _normalise(maps: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from medtransfer.errors import MedTransferError
 from medtransfer.metrics.html_report import write_html_report
-from medtransfer.evaluation.saliency import SaliencyExplainer, gallery_image, saliency_overlay
+from medtransfer.evaluation.saliency import SaliencyExplainer, cam_layer_names, gallery_image, saliency_overlay
 from medtransfer.run.loaded import LoadedRun, load_run
 from medtransfer.utils.atomic import write_bytes_atomic, write_json_atomic
 
@@ -97,10 +97,9 @@ def write_saliency_gallery(run: LoadedRun | str | os.PathLike[str], report_dir: 
     return png
 
 
-def _layer(run: LoadedRun) -> str | None:
-    from medtransfer.backbones import get_weight_spec
-
-    return get_weight_spec(run.checkpoint["backbone"]).cam_layer
+def _layer(run: LoadedRun) -> str:
+    """The Grad-CAM layer the gallery used, as a module name inside the backbone."""
+    return cam_layer_names(run.model, run.checkpoint["backbone"])[0].split("backbone.", 1)[1]
 
 
 def finish_report(run: LoadedRun | str | os.PathLike[str], report_dir: str | os.PathLike[str] | None = None, *,
