@@ -1,6 +1,7 @@
 """One error path for every command: a :class:`~medtransfer.errors.MedTransferError` becomes its
 message and its exit code (1 job failed, 2 bad usage, 3 weights missing); anything unexpected becomes
-a short message naming the log file that holds the full traceback — never a raw traceback."""
+a short message naming the log file that holds the full traceback — never a raw traceback; a reader that
+closes the pipe early (``| head``) ends the command quietly with 141."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,8 @@ from medtransfer.cli._console import console
 from medtransfer.errors import MedTransferError
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE, as ``yes | head`` exits: the reader of the output (``| head``) closed it early."""
 
 
 def log_dir() -> Path:
@@ -46,11 +49,24 @@ def report_error(exc: BaseException) -> int:
         console.print("[bold red]interrupted[/]; outputs written so far are complete (rerun with --resume to continue).",
                       highlight=False)
         return EXIT_INTERRUPTED
+    if isinstance(exc, BrokenPipeError):
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     logged = _write_traceback(exc)
     where = f"the full traceback is in {logged}" if logged else "the traceback could not be logged"
     console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc}\n{where}; please report it "
                   "with that file.", highlight=False, markup=True, soft_wrap=True)
     return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe
+    (the recipe of Python's ``signal`` documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 class ErrorHandlingGroup(TyperGroup):

@@ -418,3 +418,15 @@ def test_an_unexpected_error_is_a_short_message_and_a_logged_traceback(trained, 
     assert result.exit_code == 1 and "unexpected error: RuntimeError: something nobody planned for" in result.output
     logs = list((tmp_path / "home" / "logs").glob("error-*.log"))
     assert len(logs) == 1 and "Traceback" in logs[0].read_text() and str(logs[0]) in " ".join(result.output.split())
+
+
+def test_a_reader_closing_the_pipe_early_ends_quietly_with_141(tmp_path):
+    """``medtransfer ... | head``: a BrokenPipeError is the reader's choice, not a bug to report. The
+    command exits 128 + SIGPIPE without a message and without a traceback log (run in its own process:
+    the handler points the real stdout at /dev/null)."""
+    code = ("import sys; from medtransfer.cli._errors import report_error; "
+            "sys.exit(report_error(BrokenPipeError(32, 'Broken pipe')))")
+    env = {**os.environ, "MEDTRANSFER_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (141, "", "")
+    assert not (tmp_path / "home" / "logs").exists()
