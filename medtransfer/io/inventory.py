@@ -55,44 +55,74 @@ def inventory(folder: str | os.PathLike[str], *, decode_check: bool = False, rec
     if not root.is_dir():
         raise MedIOError(root, "not a directory")
     files = list_files(root, recursive)
-    problems: list[Problem] = []
-    non_image: list[dict[str, Any]] = []
-    series: dict[tuple[str, str], dict[str, Any]] = {}
-    series_headers: dict[tuple[str, str], list[tuple[Path, Any]]] = defaultdict(list)
-    frames: dict[Path, int] = {}
-
+    scan = _Scan()
     for path in files:
+        scan.add(path, decode_check)
+    series = {}
+    for key, members in scan.series_headers.items():
+        series[key], series_problems = _describe_series(key, members, scan.frames, root)
+        scan.problems.extend(series_problems)
+    studies, patients = _studies_and_patients(series, scan.non_image)
+    problem_dicts = [p.to_dict() for p in scan.problems]
+    return {
+        "root": str(root),
+        "decode_check": decode_check,
+        "counts": {
+            "files": len(files),
+            "patients": len(patients),
+            "studies": len(studies),
+            "series": len(series),
+            "images": sum(len(v) for v in scan.series_headers.values()),
+            "non_image": len(scan.non_image),
+            "problems": len(problem_dicts),
+            "by_modality": dict(Counter(s["modality"] for s in series.values())),
+            "non_image_by_kind": dict(Counter(o["kind"] for o in scan.non_image)),
+            "problems_by_kind": dict(Counter(p["kind"] for p in problem_dicts)),
+        },
+        "patients": list(patients.values()),
+        "studies": list(studies.values()),
+        "series": list(series.values()),
+        "non_image": scan.non_image,
+        "problems": problem_dicts,
+    }
+
+
+class _Scan:
+    """The headers of a folder, file by file: image headers grouped by (study, series), non-image
+    objects, frame counts and the problems of single files, in the order the files were read."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.non_image: list[dict[str, Any]] = []
+        self.series_headers: dict[tuple[str, str], list[tuple[Path, Any]]] = defaultdict(list)
+        self.frames: dict[Path, int] = {}
+
+    def add(self, path: Path, decode_check: bool) -> None:
         try:
             ds = read_dicom_header(path)
         except MedIOError as exc:
             kind = "not_dicom" if isinstance(exc, NotDicomError) else "unreadable"
-            problems.append(Problem(kind, exc.reason, [str(path)]))
-            continue
+            self.problems.append(Problem(kind, exc.reason, [str(path)]))
+            return
         kind = object_kind(ds)
         if kind == "NO_PIXEL_DATA":
-            problems.append(Problem(
+            self.problems.append(Problem(
                 "no_pixel_data", f"{_uid_name(str(ds.get('SOPClassUID', '')))} object without an image", [str(path)]
             ))
-            continue
-        if kind != "image":
-            non_image.append({
-                "path": str(path),
-                "kind": kind,
-                "sop_class": _uid_name(str(ds.get("SOPClassUID", ""))) or kind,
-                "modality": str(ds.get("Modality", "")),
-                "patient_id": str(ds.get("PatientID", "")),
-                "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
-                "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
-            })
-            continue
+        elif kind != "image":
+            self.non_image.append(_non_image_entry(path, ds, kind))
+        else:
+            self._add_image(path, ds, decode_check)
+
+    def _add_image(self, path: Path, ds: Any, decode_check: bool) -> None:
         key = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")))
-        series_headers[key].append((path, ds))
-        frames[path], frames_problem = checked_frame_count(path, ds)
+        self.series_headers[key].append((path, ds))
+        self.frames[path], frames_problem = checked_frame_count(path, ds)
         if frames_problem is not None:
-            problems.append(frames_problem)
+            self.problems.append(frames_problem)
         ts = transfer_syntax(ds)
         if not decoder_available(ts):
-            problems.append(Problem(
+            self.problems.append(Problem(
                 "undecodable", f"transfer syntax {_uid_name(ts) or ts} has no installed decoder; {missing_decoder_hint(ts)}",
                 [str(path)],
             ))
@@ -102,53 +132,75 @@ def inventory(folder: str | os.PathLike[str], *, decode_check: bool = False, rec
             except NoPixelDataError:
                 pass
             except MedIOError as exc:
-                problems.append(Problem("undecodable", exc.reason, [str(exc.path)]))
+                self.problems.append(Problem("undecodable", exc.reason, [str(exc.path)]))
 
-    for key, members in series_headers.items():
-        ds0 = members[0][1]
-        geom = frame_geometry(ds0)
-        infos = [info for path, ds in members for info in slice_infos(ds, path)]
-        n_slices = sum(frames[path] for path, _ in members)
-        series_problems: list[Problem] = []
-        slice_spacing = None
-        if len(infos) > 1:
-            try:
-                ordered = order_slices(infos, geom["pixel_spacing"], geom["slice_thickness"])
-            except Exception as exc:  # geometry too broken to analyse
-                ordered = None
-                series_problems.append(Problem("inconsistent_series", f"slice geometry cannot be analysed: {exc}", [members[0][0].as_posix()]))
-            if ordered is not None:
-                series_problems.extend(ordered.problems)
-                if not any(p.kind == "no_position" for p in ordered.problems) and len(ordered.slices) > 1:
-                    slice_spacing = float(abs(ordered.affine_lps[:3, 2] @ _normal(ordered.affine_lps)))
-        for p in series_problems:
-            p.message = f"series {key[1]}: {p.message}"
-        problems.extend(series_problems)
-        syntaxes = sorted({transfer_syntax(ds) for _, ds in members})
-        photometrics = sorted({str(ds.get("PhotometricInterpretation", "")) for _, ds in members})
-        sizes = Counter((int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for _, ds in members)
-        rows, cols = sizes.most_common(1)[0][0]
-        spacing = geom["pixel_spacing"]
-        series[key] = {
-            "series_instance_uid": key[1],
-            "study_instance_uid": key[0],
-            "patient_id": str(ds0.get("PatientID", "")),
-            "modality": str(ds0.get("Modality", "")),
-            "description": str(ds0.get("SeriesDescription", "")),
-            "series_number": None if ds0.get("SeriesNumber") in (None, "") else int(ds0.get("SeriesNumber")),
-            "files": len(members),
-            "slices": n_slices,
-            "size": [rows, cols],
-            "spacing": None if spacing is None else [spacing[0], spacing[1], slice_spacing],
-            "slice_thickness": geom["slice_thickness"],
-            "transfer_syntax": syntaxes[0] if len(syntaxes) == 1 else syntaxes,
-            "transfer_syntax_name": ", ".join(_uid_name(t) or "unknown" for t in syntaxes),
-            "photometric_interpretation": photometrics[0] if len(photometrics) == 1 else photometrics,
-            "problems": [p.kind for p in series_problems],
-            "folder": str(Path(os.path.commonpath([str(p) for p, _ in members])).relative_to(root))
-            if len(members) > 1 else str(members[0][0].parent.relative_to(root)),
-        }
 
+def _non_image_entry(path: Path, ds: Any, kind: str) -> dict[str, Any]:
+    return {
+        "path": str(path),
+        "kind": kind,
+        "sop_class": _uid_name(str(ds.get("SOPClassUID", ""))) or kind,
+        "modality": str(ds.get("Modality", "")),
+        "patient_id": str(ds.get("PatientID", "")),
+        "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+        "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
+    }
+
+
+def _slice_geometry(members: list[tuple[Path, Any]], geom: dict[str, Any]) -> tuple[float | None, list[Problem]]:
+    """The slice spacing of a series from its positions (None when unknown) and its ordering problems."""
+    infos = [info for path, ds in members for info in slice_infos(ds, path)]
+    if len(infos) <= 1:
+        return None, []
+    try:
+        ordered = order_slices(infos, geom["pixel_spacing"], geom["slice_thickness"])
+    except Exception as exc:  # geometry too broken to analyse
+        return None, [Problem("inconsistent_series", f"slice geometry cannot be analysed: {exc}",
+                              [members[0][0].as_posix()])]
+    spacing = None
+    if not any(p.kind == "no_position" for p in ordered.problems) and len(ordered.slices) > 1:
+        spacing = float(abs(ordered.affine_lps[:3, 2] @ _normal(ordered.affine_lps)))
+    return spacing, list(ordered.problems)
+
+
+def _describe_series(key: tuple[str, str], members: list[tuple[Path, Any]], frames: dict[Path, int],
+                     root: Path) -> tuple[dict[str, Any], list[Problem]]:
+    """One series' entry of the inventory and its problems (messages prefixed with the series UID)."""
+    ds0 = members[0][1]
+    geom = frame_geometry(ds0)
+    slice_spacing, series_problems = _slice_geometry(members, geom)
+    for p in series_problems:
+        p.message = f"series {key[1]}: {p.message}"
+    syntaxes = sorted({transfer_syntax(ds) for _, ds in members})
+    photometrics = sorted({str(ds.get("PhotometricInterpretation", "")) for _, ds in members})
+    sizes = Counter((int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for _, ds in members)
+    rows, cols = sizes.most_common(1)[0][0]
+    spacing = geom["pixel_spacing"]
+    entry = {
+        "series_instance_uid": key[1],
+        "study_instance_uid": key[0],
+        "patient_id": str(ds0.get("PatientID", "")),
+        "modality": str(ds0.get("Modality", "")),
+        "description": str(ds0.get("SeriesDescription", "")),
+        "series_number": None if ds0.get("SeriesNumber") in (None, "") else int(ds0.get("SeriesNumber")),
+        "files": len(members),
+        "slices": sum(frames[path] for path, _ in members),
+        "size": [rows, cols],
+        "spacing": None if spacing is None else [spacing[0], spacing[1], slice_spacing],
+        "slice_thickness": geom["slice_thickness"],
+        "transfer_syntax": syntaxes[0] if len(syntaxes) == 1 else syntaxes,
+        "transfer_syntax_name": ", ".join(_uid_name(t) or "unknown" for t in syntaxes),
+        "photometric_interpretation": photometrics[0] if len(photometrics) == 1 else photometrics,
+        "problems": [p.kind for p in series_problems],
+        "folder": str(Path(os.path.commonpath([str(p) for p, _ in members])).relative_to(root))
+        if len(members) > 1 else str(members[0][0].parent.relative_to(root)),
+    }
+    return entry, series_problems
+
+
+def _studies_and_patients(series: dict[tuple[str, str], dict[str, Any]], non_image: list[dict[str, Any]]
+                          ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Studies (their series; also those holding only non-image objects) and patients (their studies)."""
     studies: dict[str, dict[str, Any]] = {}
     for (study_uid, series_uid), s in series.items():
         st = studies.setdefault(study_uid, {
@@ -165,29 +217,7 @@ def inventory(folder: str | os.PathLike[str], *, decode_check: bool = False, rec
         patients.setdefault(st["patient_id"], {"patient_id": st["patient_id"], "studies": []})["studies"].append(
             st["study_instance_uid"]
         )
-
-    problem_dicts = [p.to_dict() for p in problems]
-    return {
-        "root": str(root),
-        "decode_check": decode_check,
-        "counts": {
-            "files": len(files),
-            "patients": len(patients),
-            "studies": len(studies),
-            "series": len(series),
-            "images": sum(len(v) for v in series_headers.values()),
-            "non_image": len(non_image),
-            "problems": len(problem_dicts),
-            "by_modality": dict(Counter(s["modality"] for s in series.values())),
-            "non_image_by_kind": dict(Counter(o["kind"] for o in non_image)),
-            "problems_by_kind": dict(Counter(p["kind"] for p in problem_dicts)),
-        },
-        "patients": list(patients.values()),
-        "studies": list(studies.values()),
-        "series": list(series.values()),
-        "non_image": non_image,
-        "problems": problem_dicts,
-    }
+    return studies, patients
 
 
 def _normal(affine_lps) -> Any:
