@@ -157,12 +157,37 @@ def order_slices(
     ``missing_slice`` (gap of about 2× the usual spacing or more), ``uneven_spacing`` and
     ``gantry_tilt`` (slice positions sheared against the normal; the affine keeps the shear).
     """
-    problems: list[Problem] = []
     items = list(slices)
-    n_all = len(items)
     if not items:
         raise ValueError("order_slices needs at least one slice")
+    problems: list[Problem] = []
+    items = _keep_main_size(items, problems)
+    located = _located(items, problems)
+    spacing = list(pixel_spacing or (1.0, 1.0))
+    if not located:
+        items.sort(key=lambda s: (s.instance_number is None, s.instance_number or 0, s.label))
+        affine = np.diag([spacing[1], spacing[0], default_thickness or 1.0, 1.0])
+        return SliceOrder(items, np.arange(len(items), dtype=float) * affine[2, 2], affine, problems)
+    items = _keep_main_orientation(located, problems)
+    row_dir, col_dir, normal = _unit_directions(items[0].orientation)
+    dist = np.array([float(np.dot(s.position, normal)) for s in items])
+    order = sorted(range(len(items)), key=lambda i: (dist[i], items[i].instance_number or 0, items[i].label))
+    items, dist = _drop_duplicates([items[i] for i in order], dist[order], problems)
+    positions = np.array([s.position for s in items], dtype=float)
+    if len(items) > 1:
+        step = _slice_step(items, dist, positions, normal, problems)
+    else:
+        step = normal * float(default_thickness or 1.0)
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * spacing[1]
+    affine[:3, 1] = col_dir * spacing[0]
+    affine[:3, 2] = step
+    affine[:3, 3] = positions[0]
+    return SliceOrder(items, dist, affine, problems)
 
+
+def _keep_main_size(items: list[SliceInfo], problems: list[Problem]) -> list[SliceInfo]:
+    """The slices of the most common rows × columns (``mixed_size`` for the others)."""
     sizes = Counter((s.rows, s.columns) for s in items)
     main_size = sizes.most_common(1)[0][0]
     odd = [s for s in items if (s.rows, s.columns) != main_size]
@@ -170,11 +195,14 @@ def order_slices(
         others = ", ".join(f"{r}×{c}" for (r, c) in sizes if (r, c) != main_size)
         problems.append(Problem(
             "mixed_size",
-            f"{len(odd)} of {n_all} slices are {others} instead of {main_size[0]}×{main_size[1]}; they were left out",
+            f"{len(odd)} of {len(items)} slices are {others} instead of {main_size[0]}×{main_size[1]}; they were left out",
             [s.label for s in odd],
         ))
-        items = [s for s in items if (s.rows, s.columns) == main_size]
+    return [s for s in items if (s.rows, s.columns) == main_size]
 
+
+def _located(items: list[SliceInfo], problems: list[Problem]) -> list[SliceInfo]:
+    """The slices with a position and an orientation (``no_position`` for the others)."""
     located = [s for s in items if s.position is not None and s.orientation is not None]
     if len(located) < len(items):
         missing = [s for s in items if s not in located]
@@ -184,13 +212,11 @@ def order_slices(
             + ("ordered by InstanceNumber, geometry unknown" if not located else "they were left out"),
             [s.label for s in missing],
         ))
-    if not located:
-        items.sort(key=lambda s: (s.instance_number is None, s.instance_number or 0, s.label))
-        spacing = list(pixel_spacing or (1.0, 1.0))
-        affine = np.diag([spacing[1], spacing[0], default_thickness or 1.0, 1.0])
-        return SliceOrder(items, np.arange(len(items), dtype=float) * affine[2, 2], affine, problems)
-    items = located
+    return located
 
+
+def _keep_main_orientation(items: list[SliceInfo], problems: list[Problem]) -> list[SliceInfo]:
+    """The slices of the most common orientation (``mixed_orientation`` for the others)."""
     orientations = Counter(_orientation_key(s.orientation) for s in items)
     main_ori = orientations.most_common(1)[0][0]
     odd = [s for s in items if _orientation_key(s.orientation) != main_ori]
@@ -202,81 +228,71 @@ def order_slices(
             "they were left out",
             [s.label for s in odd],
         ))
-        items = [s for s in items if _orientation_key(s.orientation) == main_ori]
+    return [s for s in items if _orientation_key(s.orientation) == main_ori]
 
-    row_dir, col_dir, normal = _unit_directions(items[0].orientation)
-    dist = np.array([float(np.dot(s.position, normal)) for s in items])
-    order = sorted(range(len(items)), key=lambda i: (dist[i], items[i].instance_number or 0, items[i].label))
-    items = [items[i] for i in order]
-    dist = dist[order]
 
-    # Duplicates: same position along the normal (within 10 µm).
+def _drop_duplicates(items: list[SliceInfo], dist: np.ndarray, problems: list[Problem]
+                     ) -> tuple[list[SliceInfo], np.ndarray]:
+    """Sorted slices without those at the same position along the normal (within 10 µm) as an earlier
+    one (``duplicate_slice`` per group, naming the slice kept)."""
     keep = [0]
     for i in range(1, len(items)):
-        if abs(dist[i] - dist[keep[-1]]) < 0.01:
-            continue
-        keep.append(i)
-    if len(keep) < len(items):
-        groups: dict[int, list[int]] = {}
-        for i in range(len(items)):
-            k = max(j for j in keep if j <= i)
-            groups.setdefault(k, []).append(i)
-        for k, members in groups.items():
-            if len(members) > 1:
-                problems.append(Problem(
-                    "duplicate_slice",
-                    f"{len(members)} slices at the same position ({dist[k]:.2f} mm along the normal); "
-                    f"kept {items[k].label}",
-                    [items[i].label for i in members],
-                ))
-        items = [items[i] for i in keep]
-        dist = dist[keep]
+        if abs(dist[i] - dist[keep[-1]]) >= 0.01:
+            keep.append(i)
+    if len(keep) == len(items):
+        return items, dist
+    groups: dict[int, list[int]] = {}
+    for i in range(len(items)):
+        groups.setdefault(max(j for j in keep if j <= i), []).append(i)
+    for k, members in groups.items():
+        if len(members) > 1:
+            problems.append(Problem(
+                "duplicate_slice",
+                f"{len(members)} slices at the same position ({dist[k]:.2f} mm along the normal); "
+                f"kept {items[k].label}",
+                [items[i].label for i in members],
+            ))
+    return [items[i] for i in keep], dist[keep]
 
-    positions = np.array([s.position for s in items], dtype=float)
-    spacing = list(pixel_spacing or (1.0, 1.0))
-    if len(items) > 1:
-        gaps = np.diff(dist)
-        step_len = float(np.median(gaps))
-        tol = max(0.01 * step_len, 0.01)
-        for i in np.flatnonzero(gaps > 1.5 * step_len):
-            n_missing = int(round(gaps[i] / step_len)) - 1
-            problems.append(Problem(
-                "missing_slice",
-                f"gap of {gaps[i]:.3g} mm between slices at {dist[i]:.2f} and {dist[i + 1]:.2f} mm (usual spacing "
-                f"{step_len:.3g} mm): about {max(n_missing, 1)} slice(s) missing",
-                [items[i].label, items[i + 1].label],
-            ))
-        uneven = [i for i in range(len(gaps)) if abs(gaps[i] - step_len) > tol and gaps[i] <= 1.5 * step_len]
-        if uneven:
-            problems.append(Problem(
-                "uneven_spacing",
-                f"slice spacing varies from {gaps.min():.4g} to {gaps.max():.4g} mm (median {step_len:.4g} mm); "
-                "the volume uses the median",
-                [items[i + 1].label for i in uneven],
-            ))
-        steps = np.diff(positions, axis=0)
-        along = steps @ normal
-        inplane = np.linalg.norm(steps - np.outer(along, normal), axis=1)
-        angles = np.degrees(np.arctan2(inplane, np.abs(along)))
-        regular = gaps <= 1.5 * step_len
-        step = np.median(steps[regular], axis=0) if regular.any() else normal * step_len
-        step = step / max(float(np.dot(step, normal)), 1e-9) * step_len
-        if float(np.median(angles)) > 0.5:
-            problems.append(Problem(
-                "gantry_tilt",
-                f"slice positions are sheared {float(np.median(angles)):.2f}° from the slice normal (gantry tilt); "
-                "the affine keeps the shear, resample before treating voxels as orthogonal",
-                [items[0].label],
-            ))
-    else:
-        step = normal * float(default_thickness or 1.0)
 
-    affine = np.eye(4)
-    affine[:3, 0] = row_dir * spacing[1]
-    affine[:3, 1] = col_dir * spacing[0]
-    affine[:3, 2] = step
-    affine[:3, 3] = positions[0]
-    return SliceOrder(items, dist, affine, problems)
+def _slice_step(items: list[SliceInfo], dist: np.ndarray, positions: np.ndarray, normal: np.ndarray,
+                problems: list[Problem]) -> np.ndarray:
+    """The affine's slice column: the median step between regular neighbours, scaled to the median
+    spacing along the normal; reports ``missing_slice``, ``uneven_spacing`` and ``gantry_tilt``."""
+    gaps = np.diff(dist)
+    step_len = float(np.median(gaps))
+    tol = max(0.01 * step_len, 0.01)
+    for i in np.flatnonzero(gaps > 1.5 * step_len):
+        n_missing = int(round(gaps[i] / step_len)) - 1
+        problems.append(Problem(
+            "missing_slice",
+            f"gap of {gaps[i]:.3g} mm between slices at {dist[i]:.2f} and {dist[i + 1]:.2f} mm (usual spacing "
+            f"{step_len:.3g} mm): about {max(n_missing, 1)} slice(s) missing",
+            [items[i].label, items[i + 1].label],
+        ))
+    uneven = [i for i in range(len(gaps)) if abs(gaps[i] - step_len) > tol and gaps[i] <= 1.5 * step_len]
+    if uneven:
+        problems.append(Problem(
+            "uneven_spacing",
+            f"slice spacing varies from {gaps.min():.4g} to {gaps.max():.4g} mm (median {step_len:.4g} mm); "
+            "the volume uses the median",
+            [items[i + 1].label for i in uneven],
+        ))
+    steps = np.diff(positions, axis=0)
+    along = steps @ normal
+    inplane = np.linalg.norm(steps - np.outer(along, normal), axis=1)
+    angles = np.degrees(np.arctan2(inplane, np.abs(along)))
+    regular = gaps <= 1.5 * step_len
+    step = np.median(steps[regular], axis=0) if regular.any() else normal * step_len
+    step = step / max(float(np.dot(step, normal)), 1e-9) * step_len
+    if float(np.median(angles)) > 0.5:
+        problems.append(Problem(
+            "gantry_tilt",
+            f"slice positions are sheared {float(np.median(angles)):.2f}° from the slice normal (gantry tilt); "
+            "the affine keeps the shear, resample before treating voxels as orthogonal",
+            [items[0].label],
+        ))
+    return step
 
 
 @dataclass
