@@ -81,8 +81,9 @@ def cam_layer_names(model: nn.Module, backbone: str, layer: str | None = None) -
 
 
 def _runs(module: nn.Module | None) -> bool:
-    """A module the forward pass computes: present and not a truncation's identity placeholder."""
-    return module is not None and not isinstance(module, nn.Identity)
+    """A module the forward pass computes: present and not a truncation's identity placeholder (a bare
+    ``nn.Identity``; named identity taps such as the ViT's ``TokenMap`` do run)."""
+    return module is not None and type(module) is not nn.Identity
 
 
 def _registry_layer_kept(spec: Any, backbone: nn.Module | None) -> str | None:
