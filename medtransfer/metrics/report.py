@@ -122,7 +122,7 @@ def _choose_thresholds(s: Mapping[str, Any], task: str, names: list[str], method
         warnings.warn(
             f"The operating point could not be chosen on validation ({caught[0].message if caught else ''}); "
             f"using {_FALLBACK_THRESHOLD} instead. Add validation cases of both classes.",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=4)
         thresholds = np.where(np.isnan(thresholds), _FALLBACK_THRESHOLD, thresholds)
     return (float(thresholds[0]) if task == "binary" else thresholds), fallback
 
@@ -174,39 +174,15 @@ def write_classification_report(
     ``threshold`` fixes the operating point instead (e.g. the one a training run chose on its own
     validation set, when a trained model is evaluated on new data); ``val`` may then be None.
     """
-    _check_task(task)
-    if val is None and (threshold is None and task != "multiclass"):
-        raise ValueError("Without a validation set, pass the fixed operating point as threshold=.")
-    if val is None and test is None:
-        raise ValueError("Nothing to evaluate: both val and test are None.")
-    if ordinal and task != "multiclass":
-        raise ValueError("ordinal=True needs task='multiclass' (graded classes).")
-    if threshold_method not in THRESHOLD_METHODS:
-        raise ValueError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}; got {threshold_method!r}.")
+    _check_report_args(val, test, task, threshold, threshold_method, ordinal)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [str(n) for n in label_names]
     splits = {"val": _split(val, "val", task, len(names))} if val is not None else {}
     if test is not None:
         splits["test"] = _split(test, "test", task, len(names))
-
-    if task == "multiclass":
-        threshold, fallback = None, False
-        op: dict[str, Any] = {"method": "median grade (ordinal)" if ordinal else "argmax", "chosen_on": None,
-                              "threshold": None}
-    elif threshold is not None:
-        threshold = float(threshold) if task == "binary" else np.asarray(threshold, dtype=np.float64)
-        op = {"method": "fixed", "chosen_on": "given (the training run's validation set)", "fallback": False,
-              "threshold": threshold if task == "binary" else dict(zip(names, threshold.tolist()))}
-        if task == "binary":
-            op["positive_label"] = names[1]
-    else:
-        threshold, fallback = _choose_thresholds(splits["val"], task, names, threshold_method, threshold_target)
-        op = {"method": threshold_method, "target": threshold_target, "chosen_on": "val", "fallback": fallback,
-              "threshold": threshold if task == "binary" else dict(zip(names, np.asarray(threshold).tolist()))}
-        if task == "binary":
-            op["positive_label"] = names[1]
-
+    threshold, op = _operating_point(splits.get("val"), task, names, threshold, threshold_method, threshold_target,
+                                     ordinal)
     metrics: dict[str, Any] = {"task": task, "label_names": names, "val": None, "test": None}
     if ordinal:
         metrics["ordered_classes"] = True
@@ -222,17 +198,7 @@ def write_classification_report(
         rows, cols = _predictions_rows(s, names, task, threshold, ordinal)
         write_csv_atomic(out / f"predictions_{name}.csv", rows, cols)
     metrics["operating_point"] = op
-
-    calib: dict[str, Any] = {"n_bins": n_bins, "binning": "equal-width",
-                             **{f"ece_{k}": (metrics[k] or {}).get("ece") for k in ("val", "test")}}
-    if not ordinal and "logits" in splits.get("val", {}) and "logits" in splits.get("test", {}):
-        temp = fit_temperature(splits["val"]["logits"], splits["val"]["y"], task=task)
-        calibrated = apply_temperature(splits["test"]["logits"], temp, task=task)
-        calib["temperature"] = temp
-        calib["ece_test_after_temperature"] = expected_calibration_error(
-            splits["test"]["y"], calibrated, task=task, n_bins=n_bins)
-    metrics["calibration"] = calib
-
+    metrics["calibration"] = _calibration(splits, metrics, task, n_bins, ordinal)
     metrics["plots"] = _classification_plots(out, splits, task, names, metrics, history, n_boot, alpha, seed,
                                              n_bins) if plots else []
     metrics = nan_to_none(metrics)
@@ -242,6 +208,51 @@ def write_classification_report(
                                                   "task": task, "label_names": names})
     logger.info("classification report written to %s", out)
     return metrics
+
+
+def _check_report_args(val: Any, test: Any, task: str, threshold: Any, threshold_method: str, ordinal: bool) -> None:
+    _check_task(task)
+    if val is None and (threshold is None and task != "multiclass"):
+        raise ValueError("Without a validation set, pass the fixed operating point as threshold=.")
+    if val is None and test is None:
+        raise ValueError("Nothing to evaluate: both val and test are None.")
+    if ordinal and task != "multiclass":
+        raise ValueError("ordinal=True needs task='multiclass' (graded classes).")
+    if threshold_method not in THRESHOLD_METHODS:
+        raise ValueError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}; got {threshold_method!r}.")
+
+
+def _operating_point(val: Mapping[str, Any] | None, task: str, names: list[str], threshold: Any, method: str,
+                     target: float | None, ordinal: bool) -> tuple[Any, dict[str, Any]]:
+    """The decision rule applied to every split and its ``operating_point`` entry: argmax (or the median
+    grade) for multi-class, the ``threshold`` given, or one chosen on ``val``."""
+    if task == "multiclass":
+        return None, {"method": "median grade (ordinal)" if ordinal else "argmax", "chosen_on": None, "threshold": None}
+    if threshold is not None:
+        threshold = float(threshold) if task == "binary" else np.asarray(threshold, dtype=np.float64)
+        op: dict[str, Any] = {"method": "fixed", "chosen_on": "given (the training run's validation set)",
+                              "fallback": False}
+    else:
+        threshold, fallback = _choose_thresholds(val, task, names, method, target)
+        op = {"method": method, "target": target, "chosen_on": "val", "fallback": fallback}
+    op["threshold"] = threshold if task == "binary" else dict(zip(names, np.asarray(threshold).tolist()))
+    if task == "binary":
+        op["positive_label"] = names[1]
+    return threshold, op
+
+
+def _calibration(splits: Mapping[str, Any], metrics: Mapping[str, Any], task: str, n_bins: int,
+                 ordinal: bool) -> dict[str, Any]:
+    """ECE of each split, and temperature scaling fitted on val and reported on test where both have logits."""
+    calib: dict[str, Any] = {"n_bins": n_bins, "binning": "equal-width",
+                             **{f"ece_{k}": (metrics[k] or {}).get("ece") for k in ("val", "test")}}
+    if not ordinal and "logits" in splits.get("val", {}) and "logits" in splits.get("test", {}):
+        temp = fit_temperature(splits["val"]["logits"], splits["val"]["y"], task=task)
+        calibrated = apply_temperature(splits["test"]["logits"], temp, task=task)
+        calib["temperature"] = temp
+        calib["ece_test_after_temperature"] = expected_calibration_error(
+            splits["test"]["y"], calibrated, task=task, n_bins=n_bins)
+    return calib
 
 
 def _classification_plots(out: Path, splits: Mapping[str, Any], task: str, names: list[str],
