@@ -52,11 +52,36 @@ def _setup_logging(quiet: bool) -> None:
 
 def _native_volume_backbone(config: Path | None, overrides: list[str]) -> str | None:
     """The backbone asked for when it is a native 3D encoder (the data recipe then plans its frozen probe)."""
-    from medtransfer.backbones import get_weight_spec
-    from medtransfer.config import load_config
+    from medtransfer.train.choice import native_volume_backbone
 
-    name = load_config("general", config, overrides).model.backbone
-    return name if get_weight_spec(name).dims == 3 else None
+    return native_volume_backbone(config, overrides)
+
+
+def _recipe_configs(data: Path, config: Path | None, overrides: list[str], fitted_beside: bool) -> dict:
+    """The configs of the data recipe's candidates for a ``.npz`` (the recipe's own last), printed with the
+    profile and the recipe's reasons. ``fitted_beside``: False under --folds / --resume, which run one recipe."""
+    from medtransfer.train.choice import recipe_candidates
+
+    cfgs, profile, plans = recipe_candidates(data, config, overrides, fitted_beside)
+    console.print(f"Data profile: {profile.dims}D, {profile.channels} channel(s), {profile.task} ({profile.n_classes} "
+                  f"classes), {profile.n_train} training images -> 'general' preset"
+                  + ("" if len(cfgs) == 1 else f"; {len(cfgs)} candidate recipes, the best on validation is kept"))
+    for name, cfg in cfgs.items():
+        plan = plans[name]
+        console.print(("  " if len(cfgs) == 1 else f"  {name}: ") + _recipe_text(cfg, profile)
+                      + f" (recipe estimate on a 2-core CPU: {plan.estimated_minutes:.0f} min"
+                      + (f", stops by {cfg.train.time_limit_minutes:g} min" if cfg.train.time_limit_minutes else "") + ")")
+        for reason in plan.reasons:
+            console.print(f"    recipe: {reason}")
+    return cfgs
+
+
+def _recipe_text(cfg, profile) -> str:
+    return (f"{cfg.model.backbone}, {cfg.data.size} px, {cfg.train.finetune_epochs} fine-tuning epochs"
+            + (f", {cfg.data.train_fraction:.0%} of the training set" if cfg.data.train_fraction < 1 else "")
+            + (f", model selection on {cfg.data.val_max:,} of {profile.n_val:,} validation images"
+               if 0 < cfg.data.val_max < profile.n_val else "")
+            + (f", ensemble of {cfg.train.ensemble}" if cfg.train.ensemble > 1 else ""))
 
 
 def _fail(exc: Exception, code: int) -> "typer.Exit":
@@ -69,7 +94,9 @@ def finetune(
     modality: Optional[Modality] = typer.Option(
         None, "--modality", "-m",
         help="Modality preset: preprocessing, windows, augmentation, backbone, recipe. Default: xray; for a .npz "
-        "the 'general' preset with a recipe chosen from the data (2D gray/colour or 3D, task, size, CPU budget).",
+        "the 'general' preset with a recipe chosen from the data (2D gray/colour or 3D, task, size, CPU budget; "
+        "single-channel volumes: the 2D recipe and, with medtransfer[ct], a frozen 3D CT encoder's probe, "
+        "the better on validation kept).",
     ),
     data: Optional[Path] = typer.Option(
         None, "--data", "-d",
@@ -118,23 +145,11 @@ def finetune(
         overrides.append(f"model.backbone={backbone}")
     try:
         if modality is None and data is not None and data.suffix == ".npz":
-            from medtransfer.data.profile import recipe_for_data
-
-            cfg, profile, plan = recipe_for_data(data, config, overrides, _native_volume_backbone(config, overrides))
-            console.print(f"Data profile: {profile.dims}D, {profile.channels} channel(s), {profile.task} "
-                          f"({profile.n_classes} classes), {profile.n_train} training images -> 'general' preset, "
-                          f"{cfg.data.size} px, {cfg.train.finetune_epochs} fine-tuning epochs"
-                          + (f", {cfg.data.train_fraction:.0%} of the training set" if cfg.data.train_fraction < 1 else "")
-                          + (f", model selection on {cfg.data.val_max:,} of {profile.n_val:,} validation images"
-                             if 0 < cfg.data.val_max < profile.n_val else "")
-                          + (f", ensemble of {cfg.train.ensemble}" if cfg.train.ensemble > 1 else "")
-                          + f" (recipe estimate on a 2-core CPU: {plan.estimated_minutes:.0f} min"
-                          + (f", stops by {cfg.train.time_limit_minutes:g} min" if cfg.train.time_limit_minutes else "")
-                          + ")")
-            for reason in plan.reasons:
-                console.print(f"  recipe: {reason}")
+            candidates = _recipe_configs(data, config, overrides, fitted_beside=folds is None and resume is None)
+            cfg = list(candidates.values())[-1]
         else:
             cfg = load_config(modality.value if modality is not None else "xray", config, overrides)
+            candidates = {"recipe": cfg}
         from medtransfer.backbones import get_weight_spec
         from medtransfer.config import check_weights_file
 
@@ -157,8 +172,13 @@ def finetune(
                 console.print(f"{key.replace('_', ' ')} {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} ({folds} folds)")
         typer.echo(str(cv.out_dir))
         return
-    result = run_finetune(cfg, data=data, labels=labels, out_dir=out, progress=not quiet, resume=resume,
-                          overwrite=overwrite)
+    if len(candidates) > 1:
+        from medtransfer.train.choice import finetune_best
+
+        result = finetune_best(candidates, data, out_dir=out, progress=not quiet, overwrite=overwrite)
+    else:
+        result = run_finetune(cfg, data=data, labels=labels, out_dir=out, progress=not quiet, resume=resume,
+                              overwrite=overwrite)
     m = result.metrics
     val_auc = (m.get("val") or {}).get("auc")
     members = m.get("members")

@@ -18,6 +18,7 @@ from medtransfer.backbones.registry import WeightSpec, get_weight_spec, list_wei
 from medtransfer.backbones.sources import (
     WEIGHT_SUFFIXES,
     CacheSource,
+    FileSource,
     HubSource,
     PipSource,
     ShardedPipSource,
@@ -241,6 +242,13 @@ def export_weights(name: str, to: str | os.PathLike[str]) -> Path:
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, manifest_path)
     return dest
+
+
+def available_offline(spec: WeightSpec) -> bool:
+    """Whether the weight loads without a download: in the cache, a file, or an installed pip package."""
+    local = (FileSource, PipSource, ShardedPipSource)
+    return CacheSource().available(spec.name) or any(isinstance(s, local) and s.available(spec.name)
+                                                     for s in spec.sources)
 
 
 def where_available(spec: WeightSpec) -> str:

@@ -191,9 +191,9 @@ def plan_recipe(profile: DataProfile, budget_minutes: float = 12.0,
     member_s = val_s + eval_s + per_eval * n + epochs * (per_image * n + val_s)
     members = int(min(MAX_MEMBERS, max(1, math.floor((budget_minutes * 60 - eval_s) / member_s))))
     total_s = members * member_s + (eval_s if members > 1 else 0.0)
-    reasons = [f"{channels} slices as the input channels of the 2D backbone, fine-tuned (measured best on held-out "
-               "data; --set model.volume_encoder=slices or views sends them slice by slice, --backbone "
-               "i3resnet152.merlin_astra probes a pretrained 3D CT encoder)"] if profile.dims == 3 else []
+    reasons = [f"{channels} slices as the input channels of the 2D backbone, fine-tuned (the best of the 2D "
+               "encoders on held-out data; --set model.volume_encoder=slices or views sends them slice by slice)"
+               ] if profile.dims == 3 else []
     return Recipe(size, epochs, fraction, members, total_s / 60, time_limit_minutes,
                   VAL_MAX if profile.n_val > VAL_MAX else 0, reasons=reasons)
 
@@ -304,6 +304,36 @@ def plan_probe3d_recipe(profile: DataProfile, backbone: str, budget_minutes: flo
                   head_epochs=1, volume=volume, reasons=reasons, head_solver="logistic")
 
 
+def plan_candidates(profile: DataProfile, budget_minutes: float = 12.0, volume_encoder: str = "auto",
+                    volume_backbone: str | None = None, probe_backbone: str | None = None,
+                    probe_note: str = "") -> dict[str, Recipe]:
+    """The recipes worth fitting for ``profile``, cheapest first, the recipe of :func:`plan_recipe` last;
+    more than one when the data alone cannot say which is better, and the run keeps the one with the
+    highest validation AUC (:mod:`medtransfer.train.choice`).
+
+    Single-channel volumes, where the user chose neither the encoder nor the backbone, get the 2D
+    ``channels`` recipe and, where ``probe_backbone`` (a pretrained native 3D encoder the caller found
+    installed) fits the budget, its frozen probe (:func:`plan_probe3d_recipe`): which of the two transfers
+    better depends on what the volumes show, not on their size, and the probe costs a fraction of the
+    fine-tuning. Anything else: the one recipe of :func:`plan_recipe`; ``probe_note`` (why there is no
+    probe backbone) joins its reasons where the data would have taken one.
+    """
+    primary = plan_recipe(profile, budget_minutes, volume_encoder=volume_encoder, volume_backbone=volume_backbone)
+    if profile.dims != 3 or volume_encoder != "auto" or volume_backbone is not None:
+        return {"recipe": primary}
+    if probe_backbone is None:
+        if profile.channels == 1 and probe_note:
+            primary.reasons.append(probe_note)
+        return {"recipe": primary}
+    probe = plan_probe3d_recipe(profile, probe_backbone, budget_minutes)
+    if probe is None:
+        return {"recipe": primary}
+    both = "; fitted on the training split beside the other candidate, the higher validation AUC is kept"
+    probe.reasons[0] += both
+    primary.reasons[0] += both
+    return {"probe3d": probe, "channels": primary}
+
+
 def recipe_overrides(profile: DataProfile, budget_minutes: float = 12.0, volume_encoder: str = "auto",
                      volume_backbone: str | None = None) -> list[str]:
     """Config overrides for ``profile`` that fit ``budget_minutes`` of training (see :func:`plan_recipe`)."""
@@ -322,9 +352,21 @@ def config_for_data(data: str | Path, config_file: str | Path | None = None,
 def recipe_for_data(data: str | Path, config_file: str | Path | None = None, overrides: list[str] | None = None,
                     volume_backbone: str | None = None) -> tuple[Any, DataProfile, Recipe]:
     """:func:`config_for_data` and the :class:`Recipe` behind it (its estimate and reasons)."""
+    cfgs, profile, plans = recipes_for_data(data, config_file, overrides, volume_backbone)
+    return cfgs["recipe"], profile, plans["recipe"]  # without a probe backbone: the one recipe
+
+
+def recipes_for_data(data: str | Path, config_file: str | Path | None = None, overrides: list[str] | None = None,
+                     volume_backbone: str | None = None, probe_backbone: str | None = None, probe_note: str = ""
+                     ) -> tuple[dict[str, Any], DataProfile, dict[str, Recipe]]:
+    """The config of each candidate recipe (:func:`plan_candidates`), the profile and the recipes; user
+    settings win over every recipe."""
     from medtransfer.config import load_config
 
     asked = load_config("general", config_file, overrides)
     profile = profile_npz(data)
-    plan = plan_recipe(profile, volume_encoder=asked.model.volume_encoder, volume_backbone=volume_backbone)
-    return load_config("general", config_file, plan.overrides() + list(overrides or [])), profile, plan
+    plans = plan_candidates(profile, volume_encoder=asked.model.volume_encoder, volume_backbone=volume_backbone,
+                            probe_backbone=probe_backbone, probe_note=probe_note)
+    cfgs = {name: load_config("general", config_file, plan.overrides() + list(overrides or []))
+            for name, plan in plans.items()}
+    return cfgs, profile, plans

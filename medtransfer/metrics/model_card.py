@@ -177,6 +177,8 @@ def render_model_card(info: Mapping[str, Any]) -> str:
               f"- **licence**: {_fmt(licence)}",
               f"- **sha256**: {_fmt(weights.get('sha256'))}"]
     lines += ["", "## Training", ""] + _kv_lines(info.get("training"))
+    if info.get("recipe_selection"):
+        lines += ["", "## How the recipe was chosen", "", str(info["recipe_selection"])]
     lines += ["", "## Metrics", ""] + _metrics_section(metrics)
     lines += ["", "## Operating point", ""] + _operating_point_section(op)
     lines += ["", "## Calibration", ""] + _kv_lines(calibration)
@@ -191,7 +193,8 @@ def write_model_card(path: str | os.PathLike, *, info: Mapping[str, Any]) -> Pat
     ``model_name, task, label_names, modality, created, medtransfer_version, intended_use`` (extra text; the
     research-use / not-a-medical-device statement is always present), ``data`` =
     ``{source, licence, splits: {split: {n_patients, n_images}}}``, ``preprocessing`` (str, list or dict), ``volume_encoder`` (how volumes reach a 2D backbone),
-    ``weights`` = ``{architecture, name, source, licence, sha256}``, ``training`` (dict), ``metrics`` (the dict
+    ``weights`` = ``{architecture, name, source, licence, sha256}``, ``training`` (dict), ``recipe_selection``
+    (str: which of the data recipe's candidates was kept, and why), ``metrics`` (the dict
     returned by :func:`medtransfer.metrics.report.write_classification_report` or a segmentation summary),
     ``operating_point`` and ``calibration`` (taken from ``metrics`` when absent), ``limitations`` (list of str,
     listed before the limitations derived from the metrics).

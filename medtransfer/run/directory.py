@@ -72,6 +72,10 @@ class RunDirectory:
         if not last.is_file() and (self.path / "members").is_dir():
             raise DataError(f"Cannot resume '{self.path}' as a whole: it is an ensemble (train.ensemble). Resume an "
                             f"unfinished member with --resume {self.path / 'members' / '<i>'}.")
+        if not last.is_file() and (self.path / "candidates").is_dir():
+            raise DataError(f"Cannot resume '{self.path}' as a whole: it fitted the data recipe's candidates "
+                            "(candidates/<name>) to keep the best on validation, which a restart must redo. Run it "
+                            f"again into a new folder, or resume one candidate with --resume {self.path / 'candidates'}/<name>.")
         if not last.is_file():
             raise DataError(f"Cannot resume '{self.path}': it has no last.pt (written after each finished epoch). "
                             "Pass the --out folder of a run that finished at least one epoch.")

@@ -106,8 +106,13 @@ def _table(table: SampleTable, samples: list[Any]) -> SampleTable:
     return SampleTable(samples, list(table.label_names), table.source, table.arrays, table.task)
 
 
+def without_test(table: SampleTable) -> SampleTable:
+    """``table`` less its test split (for fits that choose among candidates)."""
+    return _table(table, [s for s in table.samples if s.split != "test"])
+
+
 def _without_test(prep: Prepared) -> Prepared:
-    table = _table(prep.table, [s for s in prep.table.samples if s.split != "test"])
+    table = without_test(prep.table)
     return replace(prep, table=table, splits=split_report(table))
 
 

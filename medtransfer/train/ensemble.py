@@ -83,18 +83,25 @@ def _train_members(prep: Prepared, run: RunDirectory, progress: bool, deadline: 
     return members
 
 
+def predict_splits(prep: Prepared, model: torch.nn.Module, pre: Any, device: torch.device) -> dict[str, Any]:
+    """A saved model's labelled probabilities on the validation and test splits (those the table holds)."""
+    results = {}
+    for name in ("val", "test"):
+        if prep.subset(name):
+            loader = DataLoader(ImageSet(prep.table, prep.subset(name), pre, cache=False),
+                                batch_size=prep.cfg.train.batch_size, shuffle=False,
+                                num_workers=prep.cfg.data.num_workers)
+            results[name] = labelled_results(prep.subset(name), predict_loader(model, loader, pre, device)[0])
+    return results
+
+
 def _evaluate_ensemble(prep: Prepared, run: RunDirectory, members: list[FinetuneResult], deadline: float | None,
                        t_start: float) -> FinetuneResult:
     cfg = prep.cfg
     loaded = [load_run(r.run_dir, cfg.train.device) for r in members]
     model = EnsembleModel([r.model for r in loaded])  # members come back in eval mode
     pre, device = loaded[0].pre, loaded[0].device
-    results = {}
-    for name in ("val", "test"):
-        if prep.subset(name):
-            loader = DataLoader(ImageSet(prep.table, prep.subset(name), pre, cache=False),
-                                batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-            results[name] = labelled_results(prep.subset(name), predict_loader(model, loader, pre, device)[0])
+    results = predict_splits(prep, model, pre, device)
     history = [{"member": i, **row} for i, r in enumerate(members) for row in r.history]
     run.write_rows("history.csv", history)
     report = members[0].load_report
