@@ -47,17 +47,16 @@ def accuracy_argmax(pred_csv: Path) -> float:
 
 
 def run_one(npz: Path, out_root: Path, overrides: list[str] | None = None) -> dict:
-    from medtransfer.backbones import get_weight_spec
-    from medtransfer.config import load_config
-    from medtransfer.data.profile import recipe_for_data
-    from medtransfer.train.finetune import finetune
+    from medtransfer.train.choice import finetune_best, recipe_candidates
 
-    asked = load_config("general", overrides=overrides).model.backbone  # a 3D encoder asked for: its probe recipe
-    volume_backbone = asked if get_weight_spec(asked).dims == 3 else None
-    cfg, profile, plan = recipe_for_data(npz, overrides=overrides, volume_backbone=volume_backbone)
+    # As `medtransfer finetune --data FILE.npz`: the recipe's candidates, the best on validation kept.
+    cfgs, profile, plans = recipe_candidates(npz, overrides=overrides)
     t0 = time.perf_counter()
-    res = finetune(cfg, data=npz, out_dir=out_root / npz.stem, progress=False)
+    res = finetune_best(cfgs, npz, out_dir=out_root / npz.stem)
     minutes = (time.perf_counter() - t0) / 60
+    selection = res.metrics.get("recipe_selection")
+    chosen = selection["chosen"] if selection else next(iter(cfgs))
+    cfg, plan = cfgs[chosen], plans[chosen]
     test = res.metrics["test"]
     return {
         "test_auc": test["auc"],
@@ -79,6 +78,8 @@ def run_one(npz: Path, out_root: Path, overrides: list[str] | None = None) -> di
         # What train.time_limit_minutes cut (epochs or members), if anything.
         "time_limit": res.metrics.get("time_limit"),
         "published": PUBLISHED.get(npz.stem),
+        # Where the recipe fitted several candidates: each one's validation AUC and why one was kept.
+        "recipe_selection": selection,
     }
 
 
