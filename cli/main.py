@@ -159,35 +159,47 @@ def finetune(
         raise _fail(exc, 2) from None
     if data is None:
         console.print("Using the built-in [bold]SYNTHETIC[/] demo data (not patient data).")
-    from medtransfer.train.finetune import finetune as run_finetune
-
     if folds is not None:
-        from medtransfer.train.folds import finetune_folds
-
-        cv = finetune_folds(cfg, folds, data=data, labels=labels, out_dir=out, progress=not quiet, overwrite=overwrite)
-        for f in cv.summary["folds"]:
-            console.print(f"fold {f['fold']}: val AUC {f['val_auc']:.3f}, test AUC {f['test_auc'] or float('nan'):.3f}")
-        for key in ("val_auc", "test_auc"):
-            if key in cv.summary:
-                console.print(f"{key.replace('_', ' ')} {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} ({folds} folds)")
-        typer.echo(str(cv.out_dir))
+        typer.echo(str(_run_folds(cfg, folds, data, labels, out, quiet, overwrite)))
         return
     if len(candidates) > 1:
         from medtransfer.train.choice import finetune_best
 
         result = finetune_best(candidates, data, out_dir=out, progress=not quiet, overwrite=overwrite)
     else:
+        from medtransfer.train.finetune import finetune as run_finetune
+
         result = run_finetune(cfg, data=data, labels=labels, out_dir=out, progress=not quiet, resume=resume,
                               overwrite=overwrite)
-    m = result.metrics
+    _print_run_summary(result.metrics)
+    typer.echo(str(result.run_dir))
+
+
+def _run_folds(cfg, folds: int, data: Path | None, labels: Path | None, out: Path | None, quiet: bool,
+               overwrite: bool) -> Path:
+    """``--folds K``: the K patient-grouped folds, each fold's AUCs and their mean ± sd printed."""
+    from medtransfer.train.folds import finetune_folds
+
+    cv = finetune_folds(cfg, folds, data=data, labels=labels, out_dir=out, progress=not quiet, overwrite=overwrite)
+    for f in cv.summary["folds"]:
+        console.print(f"fold {f['fold']}: val AUC {f['val_auc']:.3f}, test AUC {f['test_auc'] or float('nan'):.3f}")
+    for key in ("val_auc", "test_auc"):
+        if key in cv.summary:
+            console.print(f"{key.replace('_', ' ')} {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} ({folds} folds)")
+    return cv.out_dir
+
+
+def _print_run_summary(m: dict) -> None:
+    """Minutes, best epoch or ensemble size, validation AUC, the recipe kept (if several were fitted), test."""
     val_auc = (m.get("val") or {}).get("auc")
     members = m.get("members")
     console.print(f"[bold green]done[/] in {m['minutes']:.1f} min; "
                   + (f"ensemble of {len(members)}; " if members else f"best epoch {m.get('best_epoch')}; ")
                   + (f"val AUC {val_auc:.3f}" if val_auc is not None else "val AUC undefined"))
+    if m.get("recipe_selection"):
+        console.print(f"recipe kept: {m['recipe_selection']['reason']}", highlight=False)
     if m.get("test"):
         _print_test_summary(m)
-    typer.echo(str(result.run_dir))
 
 
 def _print_test_summary(m: dict) -> None:

@@ -116,8 +116,9 @@ def test_the_cli_fits_the_candidates_unless_the_user_chose_the_backbone(volumes_
     args = ["finetune", "--data", str(volumes_npz), "-q", *[x for o in FAST for x in ("--set", o)]]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    assert "2 candidate recipes, the best on validation is kept" in result.output
-    assert "probe3d: tiny_cnn3d.random" in result.output
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "2 candidate recipes, the best on validation is kept" in said
+    assert "probe3d: tiny_cnn3d.random" in said and "recipe kept: " in said
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["recipe_selection"]["chosen"] in ("probe3d", "channels")
     chosen = CliRunner().invoke(app, [*args, "--backbone", "tiny_cnn.random", "--out", str(tmp_path / "own")])
     assert chosen.exit_code == 0, chosen.output
@@ -130,3 +131,15 @@ def test_candidates_are_not_fitted_under_torchrun(volumes_npz, tmp_path, monkeyp
     with pytest.raises(ConfigError, match="model.volume_encoder=channels"):
         choice.finetune_best(cfgs, volumes_npz, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_cross_validation_folds_run_the_one_recipe(volumes_npz, tmp_path):
+    from medtransfer.cli.main import app
+
+    out = tmp_path / "cv"
+    result = CliRunner().invoke(app, ["finetune", "--data", str(volumes_npz), "-q", "--folds", "2", "--out", str(out),
+                                      *[x for o in FAST for x in ("--set", o)]])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "candidate" not in said and "fold 1: val AUC" in said and "(2 folds)" in said
+    assert (out / "folds.json").exists() and not (out / "candidates").exists()
