@@ -140,8 +140,11 @@ def _val_auc(res: FinetuneResult) -> float:
 
 def choose(fits: dict[str, FinetuneResult], refused: dict[str, str] | None = None) -> tuple[str, str]:
     """The candidate with the highest validation AUC (ties: fewer minutes) and the reason, in words."""
-    ranked = sorted(fits, key=lambda n: (-(_val_auc(fits[n]) if not math.isnan(_val_auc(fits[n])) else -1.0),
-                                         fits[n].metrics["minutes"]))
+    def rank(name: str) -> tuple[float, float]:  # an undefined AUC (one class in val) ranks last
+        auc = _val_auc(fits[name])
+        return (1.0 if math.isnan(auc) else -auc, fits[name].metrics["minutes"])
+
+    ranked = sorted(fits, key=rank)
     best = ranked[0]
     reason = f"{best} has the highest validation AUC, {_auc_text(fits[best])}"
     reason += "".join(f"; {n} {_auc_text(fits[n])}" for n in ranked[1:])
